@@ -1,0 +1,1 @@
+//! The `whet` command line.

@@ -1,0 +1,5 @@
+//! whet-engine: the headless trainer behind the `whet` binary.
+//!
+//! The CLI lives in `cli`; everything it needs from configs comes from whet-shared.
+
+pub mod cli;

@@ -1,0 +1,1 @@
+//! whet-shared: the config schema shared by the engine, the server and the studio.
