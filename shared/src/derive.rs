@@ -1,0 +1,258 @@
+//! Derived figures: what ms-swift and transformers' Trainer will compute from a config — world
+//! size, effective batch, the auto values, steps, warm-up, evaluations and saves — plus memory
+//! per GPU and disk. Step arithmetic follows transformers 5.x exactly:
+//!
+//! * each rank sees ceil(rows / world) rows (a distributed sampler pads by repeating) in
+//!   ceil(that / per_device_batch) batches — equal to ceil(rows / (batch · world));
+//! * `set_initial_training_values`: updates per epoch = ceil(batches / accumulation), at least 1;
+//!   total = max_steps if > 0, else ceil(num_train_epochs · updates per epoch);
+//! * warm-up = warmup_steps if > 0, else ceil(total · warmup_ratio);
+//! * ms-swift saves (and evaluates) once more at the last step when it is not a multiple of the
+//!   interval.
+
+use serde::Serialize;
+
+use crate::config::{IntervalStrategy, JobConfig, TunerType, ZeroSettings};
+use crate::dataset_spec::DatasetSpec;
+use crate::gpus::{self, Gpu};
+use crate::memory::{self, MemoryEstimate, Sharding};
+use crate::models::{self, ModelFacts};
+
+/// What `check` knows besides the config.
+#[derive(Debug, Clone)]
+pub struct CheckContext {
+    /// Facts of the model; `None` looks the model up in the built-in catalog.
+    pub model_facts: Option<ModelFacts>,
+    /// Rows in the training data, when known (else from `#N` specs).
+    pub dataset_rows: Option<u64>,
+    /// The GPU to judge memory against.
+    pub gpu: &'static Gpu,
+}
+
+impl Default for CheckContext {
+    fn default() -> Self {
+        CheckContext {
+            model_facts: None,
+            dataset_rows: None,
+            gpu: gpus::default_gpu(),
+        }
+    }
+}
+
+impl CheckContext {
+    pub fn facts_for(&self, config: &JobConfig) -> Option<ModelFacts> {
+        self.model_facts
+            .clone()
+            .or_else(|| config.sft.model.as_deref().and_then(models::lookup))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GpuSummary {
+    pub id: &'static str,
+    pub name: &'static str,
+    pub memory_gib: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Derived {
+    pub world_size: u64,
+    pub effective_batch_size: u64,
+    pub gradient_accumulation_steps: u64,
+    pub learning_rate: f64,
+    pub eval_strategy: &'static str,
+    pub eval_steps: Option<u64>,
+    pub save_strategy: &'static str,
+    pub model_type: Option<String>,
+    pub template: Option<String>,
+    pub output_dir: String,
+    pub dataloader_num_workers: i64,
+    pub train_rows: Option<u64>,
+    pub val_rows: Option<u64>,
+    pub steps_per_epoch: Option<u64>,
+    pub total_steps: Option<u64>,
+    pub warmup_steps: Option<u64>,
+    pub num_evals: Option<u64>,
+    pub num_saves: Option<u64>,
+    pub memory: Option<MemoryEstimate>,
+    pub checkpoint_gib: Option<f64>,
+    pub checkpoint_weights_gib: Option<f64>,
+    pub checkpoint_optimizer_gib: Option<f64>,
+    pub disk_gib: Option<f64>,
+    pub gpu: GpuSummary,
+}
+
+/// Data-parallel ranks: processes per node times nodes.
+pub fn world_size(config: &JobConfig) -> u64 {
+    let per_node = config.launch.nproc_per_node.unwrap_or(1).max(1) as u64;
+    per_node * config.launch.nnodes.max(1) as u64
+}
+
+/// ms-swift's automatic accumulation: enough to reach a total batch of 16.
+pub fn gradient_accumulation_steps(config: &JobConfig) -> u64 {
+    match config.sft.gradient_accumulation_steps {
+        Some(n) if n > 0 => n as u64,
+        _ => {
+            let batch = config.sft.per_device_train_batch_size.max(1) as f64;
+            (16.0 / batch / world_size(config) as f64).ceil().max(1.0) as u64
+        }
+    }
+}
+
+pub fn learning_rate(config: &JobConfig) -> f64 {
+    config.sft.learning_rate.unwrap_or(if config.sft.tuner_type == TunerType::Full {
+        1e-5
+    } else {
+        1e-4
+    })
+}
+
+/// Whether any validation data exists (ms-swift turns evaluation off silently when not).
+pub fn has_validation_source(config: &JobConfig) -> bool {
+    !config.sft.val_dataset.is_empty() || config.sft.split_dataset_ratio > 0.0
+}
+
+/// `eval_strategy` after ms-swift's rules: unset follows save_strategy; no data forces `no`.
+pub fn eval_strategy(config: &JobConfig) -> IntervalStrategy {
+    let requested = config.sft.eval_strategy.unwrap_or(config.sft.save_strategy);
+    if has_validation_source(config) {
+        requested
+    } else {
+        IntervalStrategy::No
+    }
+}
+
+/// `output/<last part of the model id>` when output_dir is unset.
+pub fn output_dir(config: &JobConfig) -> String {
+    match &config.sft.output_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            let model = config.sft.model.as_deref().unwrap_or("model");
+            let suffix = model.trim_end_matches('/').rsplit('/').next().unwrap_or(model);
+            format!("output/{suffix}")
+        }
+    }
+}
+
+/// The sum of `#N` over specs when every spec has one.
+fn rows_from_specs(specs: &[String], field: &str) -> Option<u64> {
+    if specs.is_empty() {
+        return None;
+    }
+    specs
+        .iter()
+        .map(|s| DatasetSpec::parse(s, field).ok().and_then(|spec| spec.sample))
+        .sum()
+}
+
+/// Steps of one interval strategy: every `every` steps plus the forced final one.
+fn count_events(strategy: IntervalStrategy, every: u64, total: u64, updates_per_epoch: u64) -> u64 {
+    match strategy {
+        IntervalStrategy::No => 0,
+        IntervalStrategy::Steps if every > 0 => total / every + u64::from(total % every != 0),
+        IntervalStrategy::Steps => 0,
+        IntervalStrategy::Epoch => total.div_ceil(updates_per_epoch.max(1)),
+    }
+}
+
+pub fn derive(config: &JobConfig, facts: Option<&ModelFacts>, dataset_rows: Option<u64>, gpu: &'static Gpu) -> Derived {
+    let sft = &config.sft;
+    let world = world_size(config);
+    let accumulation = gradient_accumulation_steps(config);
+    let batch = sft.per_device_train_batch_size.max(1) as u64;
+    let eval = eval_strategy(config);
+    let eval_steps = sft.eval_steps.filter(|s| *s > 0).unwrap_or(sft.save_steps).max(0) as u64;
+
+    // --- rows
+    let rows = dataset_rows.or_else(|| rows_from_specs(&sft.dataset, "dataset"));
+    let (train_rows, val_rows) = match rows {
+        Some(n) if sft.val_dataset.is_empty() && sft.split_dataset_ratio > 0.0 => {
+            let val = ((n as f64 * sft.split_dataset_ratio) as u64).max(1).min(n);
+            (Some(n - val), Some(val))
+        }
+        Some(n) => (Some(n), rows_from_specs(&sft.val_dataset, "val_dataset")),
+        None => (None, rows_from_specs(&sft.val_dataset, "val_dataset")),
+    };
+
+    // --- steps (transformers' arithmetic)
+    let (steps_per_epoch, total_steps) = match (train_rows, sft.max_steps > 0) {
+        (_, true) => {
+            let per_epoch = train_rows.map(|rows| {
+                let batches = rows.div_ceil(batch * world);
+                batches.div_ceil(accumulation).max(1)
+            });
+            (per_epoch, Some(sft.max_steps as u64))
+        }
+        (Some(rows), false) if !sft.streaming => {
+            let batches_per_rank = rows.div_ceil(batch * world);
+            let per_epoch = batches_per_rank.div_ceil(accumulation).max(1);
+            let total = (sft.num_train_epochs.max(0.0) * per_epoch as f64).ceil() as u64;
+            (Some(per_epoch), Some(total))
+        }
+        _ => (None, None),
+    };
+    let warmup_steps = total_steps.map(|total| {
+        if sft.warmup_steps > 0 {
+            sft.warmup_steps as u64
+        } else {
+            (total as f64 * sft.warmup_ratio.max(0.0)).ceil() as u64
+        }
+    });
+    let per_epoch = steps_per_epoch.unwrap_or(total_steps.unwrap_or(1));
+    let num_evals = total_steps.map(|t| count_events(eval, eval_steps, t, per_epoch));
+    let num_saves = total_steps.map(|t| count_events(sft.save_strategy, sft.save_steps.max(0) as u64, t, per_epoch));
+
+    // --- memory and disk
+    let zero = sft.zero().unwrap_or_else(ZeroSettings::none);
+    let memory = facts.map(|f| {
+        memory::estimate(
+            sft,
+            f,
+            Sharding {
+                world_size: world,
+                zero,
+                deepspeed: sft.deepspeed.is_some(),
+            },
+        )
+    });
+    let checkpoint = facts.map(|f| memory::checkpoint_size(sft, f));
+    let kept = num_saves.map(|saves| match sft.save_total_limit {
+        Some(limit) if limit >= 1 => saves.min(limit as u64),
+        _ => saves,
+    });
+    let disk_gib = match (&checkpoint, kept) {
+        (Some(c), Some(kept)) => Some(c.total_gib * kept as f64),
+        _ => None,
+    };
+
+    Derived {
+        world_size: world,
+        effective_batch_size: batch * world * accumulation,
+        gradient_accumulation_steps: accumulation,
+        learning_rate: learning_rate(config),
+        eval_strategy: eval.as_str(),
+        eval_steps: (eval == IntervalStrategy::Steps).then_some(eval_steps),
+        save_strategy: sft.save_strategy.as_str(),
+        model_type: sft.model_type.clone().or_else(|| facts.map(|f| f.model_type.clone())),
+        template: sft.template.clone().or_else(|| facts.map(|f| f.template.clone())),
+        output_dir: output_dir(config),
+        dataloader_num_workers: sft.dataloader_num_workers.unwrap_or(1),
+        train_rows,
+        val_rows,
+        steps_per_epoch,
+        total_steps,
+        warmup_steps,
+        num_evals,
+        num_saves,
+        memory,
+        checkpoint_gib: checkpoint.as_ref().map(|c| c.total_gib),
+        checkpoint_weights_gib: checkpoint.as_ref().map(|c| c.weights_gib),
+        checkpoint_optimizer_gib: checkpoint.as_ref().map(|c| c.optimizer_gib),
+        disk_gib,
+        gpu: GpuSummary {
+            id: gpu.id,
+            name: gpu.name,
+            memory_gib: gpu.memory_gib,
+        },
+    }
+}
