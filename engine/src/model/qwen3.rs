@@ -29,6 +29,8 @@ pub enum ModelError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    #[error("checkpoint has tensors config.json does not account for: {names}; does config.json match the weights (e.g. attention_bias, tie_word_embeddings, num_experts)?")]
+    UnexpectedTensors { names: String },
     #[error("no weights in {dir}: expected model.safetensors or model.safetensors.index.json")]
     NoWeights { dir: String },
     #[error("cannot read {path}: {message}")]
@@ -331,7 +333,8 @@ impl Mlp {
         let total = (self.gate_proj.weight.sum_all()?
             + self.up_proj.weight.sum_all()?
             + self.down_proj.weight.sum_all()?)?;
-        total.affine(0.0, 0.0)
+        // Not affine(0, 0): candle prunes a zero-multiplier affine from the backward graph.
+        &total * total.zeros_like()?
     }
 }
 
@@ -528,8 +531,9 @@ impl Model {
         Self::from_tensors(config, tensors, options)
     }
 
-    /// Builds the model from named checkpoint tensors (any float dtype). Tensors the model does
-    /// not use (e.g. a tied `lm_head.weight`) are ignored.
+    /// Builds the model from named checkpoint tensors (any float dtype). A tensor the config
+    /// does not account for is an error, except a tied checkpoint's `lm_head.weight` and
+    /// rotary `inv_freq` buffers.
     pub fn from_tensors(
         config: ModelConfig,
         tensors: HashMap<String, Tensor>,
@@ -580,6 +584,19 @@ impl Model {
                 Init::Normal,
             )?)
         };
+        if let Some(leftover) = pb.checkpoint {
+            // A tied checkpoint may still carry lm_head.weight, and old ones rotary buffers.
+            let mut unexpected: Vec<String> = leftover
+                .into_keys()
+                .filter(|name| name != "lm_head.weight" && !name.ends_with("rotary_emb.inv_freq"))
+                .collect();
+            if !unexpected.is_empty() {
+                unexpected.sort();
+                return Err(ModelError::UnexpectedTensors {
+                    names: unexpected.join(", "),
+                });
+            }
+        }
         Ok(Self {
             config,
             options,
@@ -793,4 +810,89 @@ pub fn router_aux_loss(
     let f = Tensor::from_vec(f, num_experts, first.device())?;
     let p = (prob_sum / real_rows)?;
     (f * p)?.sum_all()? * num_experts as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grad::{loss_and_gradients, Batch, LossOptions};
+
+    fn tiny_moe_config() -> ModelConfig {
+        ModelConfig::from_json_str(
+            r#"{"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+            "vocab_size": 32, "rope_theta": 10000.0, "num_experts": 8, "num_experts_per_tok": 1,
+            "moe_intermediate_size": 8, "norm_topk_prob": false, "mlp_only_layers": [1]}"#,
+        )
+        .unwrap()
+    }
+
+    fn tiny_batch() -> Batch {
+        let device = Device::Cpu;
+        Batch {
+            input_ids: Tensor::new(&[[3u32, 5, 7]], &device).unwrap(),
+            attention_mask: Tensor::new(&[[1u32, 1, 1]], &device).unwrap(),
+            labels: Tensor::new(&[[3i64, 5, 7]], &device).unwrap(),
+        }
+    }
+
+    #[test]
+    fn experts_no_token_chose_get_a_zero_gradient() {
+        let model = Model::random(tiny_moe_config(), 3, ModelOptions::default()).unwrap();
+        // Layer 1 is mlp-only: a dense MLP, no router.
+        assert!(matches!(model.layers()[1].mlp, FeedForward::Dense(_)));
+        let (_, grads) = loss_and_gradients(
+            &model,
+            &tiny_batch(),
+            &LossOptions::for_model(model.config()),
+        )
+        .unwrap();
+        assert_eq!(grads.num_present(), model.parameters().len());
+        // 3 tokens, top-1 of 8 experts: at least 5 experts are idle and their gradient is 0.
+        let idle = (0..8)
+            .filter(|e| {
+                let name = format!("model.layers.0.mlp.experts.{e}.up_proj.weight");
+                let g = grads.get_by_name(&name).unwrap();
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0
+            })
+            .count();
+        assert!(idle >= 5, "only {idle} idle experts");
+    }
+
+    #[test]
+    fn checkpoint_must_match_the_config() {
+        let model = Model::random(tiny_moe_config(), 3, ModelOptions::default()).unwrap();
+        let mut tensors: HashMap<String, Tensor> =
+            model.state_dict(DType::F32).unwrap().into_iter().collect();
+        tensors.insert(
+            "model.layers.0.self_attn.q_proj.bias".into(),
+            Tensor::zeros(16, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let err = Model::from_tensors(tiny_moe_config(), tensors.clone(), ModelOptions::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("q_proj.bias"), "{err}");
+
+        tensors.remove("model.layers.0.self_attn.q_proj.bias");
+        tensors.remove("model.layers.0.mlp.experts.7.down_proj.weight");
+        let err = Model::from_tensors(tiny_moe_config(), tensors.clone(), ModelOptions::default())
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("experts.7.down_proj.weight"),
+            "{err}"
+        );
+
+        tensors.insert(
+            "model.layers.0.mlp.experts.7.down_proj.weight".into(),
+            Tensor::zeros((8, 16), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let err =
+            Model::from_tensors(tiny_moe_config(), tensors, ModelOptions::default()).unwrap_err();
+        assert!(matches!(err, ModelError::ShapeMismatch { .. }), "{err}");
+    }
 }
