@@ -490,3 +490,54 @@ fn saved_checkpoints_reload_single_and_sharded() {
         std::fs::remove_dir_all(d).ok();
     }
 }
+
+#[test]
+fn optimizer_state_resumes_exactly() {
+    let batch = load_batch();
+    let schedule = LrSchedule {
+        kind: ScheduleKind::Cosine,
+        base_lr: 1e-3,
+        warmup_steps: 1,
+        total_steps: 10,
+    };
+    let config = AdamWConfig {
+        weight_decay: 0.1,
+        ..AdamWConfig::default()
+    };
+    let train_step = |model: &Model, optimizer: &mut AdamW, step: usize| {
+        let options = LossOptions::for_model(model.config());
+        let (_, mut grads) = loss_and_gradients(model, &batch, &options).unwrap();
+        clip_grad_norm(&mut grads, 1.0).unwrap();
+        optimizer.step(&grads, schedule.lr(step)).unwrap();
+    };
+
+    let straight = load_model("moe");
+    let mut optimizer = AdamW::new(straight.parameters(), config).unwrap();
+    for step in 1..=3 {
+        train_step(&straight, &mut optimizer, step);
+    }
+
+    let dir = temp_dir("resume");
+    let first = load_model("moe");
+    let mut optimizer = AdamW::new(first.parameters(), config).unwrap();
+    for step in 1..=2 {
+        train_step(&first, &mut optimizer, step);
+    }
+    std::fs::copy(
+        model_dir("moe").join("config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    first
+        .save_safetensors(dir.join("model.safetensors"), DType::F32)
+        .unwrap();
+    optimizer.save(dir.join("optimizer.safetensors")).unwrap();
+
+    let resumed = Model::from_pretrained(&dir, ModelOptions::default()).unwrap();
+    let mut optimizer = AdamW::new(resumed.parameters(), config).unwrap();
+    optimizer.load(dir.join("optimizer.safetensors")).unwrap();
+    assert_eq!(optimizer.step_count(), 2);
+    train_step(&resumed, &mut optimizer, 3);
+    assert_same_parameters(&straight, &resumed);
+    std::fs::remove_dir_all(dir).ok();
+}

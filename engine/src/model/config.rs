@@ -61,7 +61,9 @@ pub struct MoeConfig {
 }
 
 /// Everything about a Qwen model that changes its math, normalised from either key style.
-#[derive(Debug, Clone, PartialEq)]
+/// Deserialising it from a config.json runs the same checks as [`ModelConfig::from_json_str`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "RawConfig")]
 pub struct ModelConfig {
     pub architecture: Architecture,
     pub vocab_size: usize,
@@ -166,6 +168,14 @@ pub fn parse_dtype(name: &str) -> Option<DType> {
         "bfloat16" | "bf16" => Some(DType::BF16),
         "float16" | "fp16" | "half" => Some(DType::F16),
         _ => None,
+    }
+}
+
+impl TryFrom<RawConfig> for ModelConfig {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        Self::from_raw(raw)
     }
 }
 
@@ -400,6 +410,8 @@ impl ModelConfig {
 
 impl MoeConfig {
     /// transformers' rule: not listed in mlp_only_layers, and hit by decoder_sparse_step.
+    // `%` rather than is_multiple_of, which needs a newer Rust than the workspace's 1.85.
+    #[allow(clippy::manual_is_multiple_of)]
     pub fn is_sparse_layer(&self, layer: usize) -> bool {
         !self.mlp_only_layers.contains(&layer) && (layer + 1) % self.decoder_sparse_step == 0
     }
@@ -423,6 +435,17 @@ mod tests {
         assert_eq!(cfg.torch_dtype, Some(DType::F32));
         assert!(cfg.qk_norm && !cfg.qkv_bias && !cfg.o_proj_bias);
         assert!(cfg.moe.is_none());
+    }
+
+    #[test]
+    fn serde_runs_the_same_checks() {
+        let cfg: ModelConfig = serde_json::from_str(V5_DENSE).unwrap();
+        assert_eq!(cfg, ModelConfig::from_json_str(V5_DENSE).unwrap());
+        let bad = V5_DENSE.replace("\"silu\"", "\"gelu\"");
+        let err = serde_json::from_str::<ModelConfig>(&bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hidden_act"), "{err}");
     }
 
     #[test]
