@@ -33,7 +33,7 @@ pub enum ModelError {
     UnexpectedTensors { names: String },
     #[error("no weights in {dir}: expected model.safetensors or model.safetensors.index.json")]
     NoWeights { dir: String },
-    #[error("cannot read {path}: {message}")]
+    #[error("cannot read or write {path}: {message}")]
     Read { path: String, message: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -706,6 +706,74 @@ impl Model {
             state,
             [("format".to_string(), "pt".to_string())].into(),
         )
+    }
+
+    /// Writes the weights into `dir` as `save_pretrained` does: one `model.safetensors`, or,
+    /// when they exceed `max_shard_bytes`, `model-0000i-of-0000n.safetensors` shards plus
+    /// `model.safetensors.index.json`. Returns the files written.
+    pub fn save_pretrained_weights(
+        &self,
+        dir: impl AsRef<Path>,
+        dtype: DType,
+        max_shard_bytes: usize,
+    ) -> std::result::Result<Vec<std::path::PathBuf>, ModelError> {
+        let dir = dir.as_ref();
+        let state = self.state_dict(dtype)?;
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let total_size: usize = state.iter().map(|(_, t)| bytes(t)).sum();
+        if total_size <= max_shard_bytes {
+            let path = dir.join("model.safetensors");
+            self.save_safetensors(&path, dtype)?;
+            return Ok(vec![path]);
+        }
+        // Greedy in checkpoint order, as transformers shards: a tensor larger than the limit
+        // gets a shard of its own.
+        let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+        let mut current = 0usize;
+        for (name, tensor) in state {
+            let size = bytes(&tensor);
+            let last = shards.last_mut().expect("one shard at least");
+            if !last.is_empty() && current + size > max_shard_bytes {
+                shards.push(Vec::new());
+                current = 0;
+            }
+            current += size;
+            shards
+                .last_mut()
+                .expect("one shard at least")
+                .push((name, tensor));
+        }
+        let count = shards.len();
+        let mut weight_map = serde_json::Map::new();
+        let mut written = Vec::with_capacity(count + 1);
+        for (i, shard) in shards.into_iter().enumerate() {
+            let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+            for (name, _) in &shard {
+                weight_map.insert(name.clone(), file.clone().into());
+            }
+            let path = dir.join(&file);
+            write_safetensors(
+                &path,
+                shard,
+                [("format".to_string(), "pt".to_string())].into(),
+            )?;
+            written.push(path);
+        }
+        let index = serde_json::json!({
+            "metadata": {"total_size": total_size},
+            "weight_map": weight_map,
+        });
+        let path = dir.join("model.safetensors.index.json");
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&index).expect("valid JSON"),
+        )
+        .map_err(|e| ModelError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        written.push(path);
+        Ok(written)
     }
 }
 
