@@ -1,0 +1,8 @@
+//! The models whet trains: their configuration ([`config`]) and the Qwen2/Qwen3/Qwen3-MoE
+//! network ([`qwen3`]) with its parameters, loading and saving.
+
+pub mod config;
+pub mod qwen3;
+
+pub use config::{Architecture, ConfigError, ModelConfig, MoeConfig};
+pub use qwen3::{Model, ModelError, ModelOptions, ModelOutput};

@@ -1,0 +1,966 @@
+//! The Qwen3 decoder (also Qwen3-MoE and Qwen2/2.5, which differ only by flags in
+//! [`ModelConfig`]), built for training: every parameter is a `candle_core::Var` in f32 (the
+//! master copy) keyed by its Hugging Face tensor name, and the forward pass uses only the
+//! differentiable ops of [`crate::ops`], casting weights to the compute dtype on the way in so
+//! that gradients flow back to the f32 masters.
+//!
+//! This module owns the network's math (attention, MLP, sparse MoE block, router aux loss),
+//! loading a model folder's safetensors (single file or sharded with an index), listing the
+//! parameters by name and saving them back in the Hugging Face layout.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use super::config::{ConfigError, ModelConfig};
+use crate::ops;
+
+/// Failures while building, loading or saving a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("checkpoint has no tensor `{name}`; is the model folder complete and does config.json match it?")]
+    MissingTensor { name: String },
+    #[error("checkpoint tensor `{name}` has shape {found:?}, config.json implies {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("checkpoint has tensors config.json does not account for: {names}; does config.json match the weights (e.g. attention_bias, tie_word_embeddings, num_experts)?")]
+    UnexpectedTensors { names: String },
+    #[error("no weights in {dir}: expected model.safetensors or model.safetensors.index.json")]
+    NoWeights { dir: String },
+    #[error("cannot read or write {path}: {message}")]
+    Read { path: String, message: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Where the model lives and how it computes.
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    pub device: Device,
+    /// Dtype of activations and of the weights as used in the forward pass (F32, BF16 or F16).
+    pub compute_dtype: DType,
+    /// Dtype of the trainable `Var`s (the master weights). F32 unless memory forbids it.
+    pub master_dtype: DType,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            compute_dtype: DType::F32,
+            master_dtype: DType::F32,
+        }
+    }
+}
+
+/// What a forward pass returns.
+#[derive(Debug, Clone)]
+pub struct ModelOutput {
+    /// (batch, seq, vocab) in the compute dtype.
+    pub logits: Tensor,
+    /// One (batch * seq, num_experts) tensor per sparse MoE layer, before the softmax.
+    pub router_logits: Vec<Tensor>,
+}
+
+/// How parameters are initialised when there is no checkpoint (tests, the demo model).
+#[derive(Debug, Clone, Copy)]
+enum Init {
+    /// N(0, std), the projections and embeddings.
+    Normal,
+    /// RMSNorm weights.
+    Ones,
+    /// Biases.
+    Zeros,
+}
+
+/// Hands out the model's parameters while it is built, from a checkpoint or at random, and
+/// records them in order under their Hugging Face names.
+struct ParamBuilder {
+    checkpoint: Option<HashMap<String, Tensor>>,
+    random: RandomNormal,
+    init_std: f64,
+    options: ModelOptions,
+    params: Vec<(String, Var)>,
+}
+
+impl ParamBuilder {
+    fn get(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+    ) -> std::result::Result<Var, ModelError> {
+        let tensor = match &mut self.checkpoint {
+            Some(tensors) => {
+                let tensor = tensors
+                    .remove(name)
+                    .ok_or_else(|| ModelError::MissingTensor {
+                        name: name.to_string(),
+                    })?;
+                if tensor.dims() != shape {
+                    return Err(ModelError::ShapeMismatch {
+                        name: name.to_string(),
+                        expected: shape.to_vec(),
+                        found: tensor.dims().to_vec(),
+                    });
+                }
+                tensor.to_device(&self.options.device)?
+            }
+            None => {
+                let n: usize = shape.iter().product();
+                let values: Vec<f32> = match init {
+                    Init::Normal => (0..n)
+                        .map(|_| (self.random.next() * self.init_std) as f32)
+                        .collect(),
+                    Init::Ones => vec![1.0; n],
+                    Init::Zeros => vec![0.0; n],
+                };
+                Tensor::from_vec(values, shape, &self.options.device)?
+            }
+        };
+        let var = Var::from_tensor(&tensor.to_dtype(self.options.master_dtype)?)?;
+        self.params.push((name.to_string(), var.clone()));
+        Ok(var)
+    }
+
+    fn linear(
+        &mut self,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> std::result::Result<Linear, ModelError> {
+        let weight = self.get(
+            &format!("{prefix}.weight"),
+            &[out_dim, in_dim],
+            Init::Normal,
+        )?;
+        let bias = if bias {
+            Some(self.get(&format!("{prefix}.bias"), &[out_dim], Init::Zeros)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    fn norm(&mut self, name: &str, dim: usize) -> std::result::Result<Var, ModelError> {
+        self.get(name, &[dim], Init::Ones)
+    }
+}
+
+/// Standard normal samples from a seeded generator (splitmix64 + Box-Muller), so that random
+/// models are reproducible on every device.
+struct RandomNormal {
+    state: u64,
+}
+
+impl RandomNormal {
+    fn uniform(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^= z >> 31;
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn next(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+/// `y = x W^T (+ b)`; the weight is cast to the input's dtype so its master copy stays f32.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Var,
+    bias: Option<Var>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let mut out_shape = x.dims().to_vec();
+        let rows = x.elem_count() / in_dim;
+        *out_shape
+            .last_mut()
+            .expect("linear input has a feature dim") = out_dim;
+        let weight = self.weight.to_dtype(x.dtype())?;
+        // (…, in) -> (rows, in) x (in, out) -> (…, out)
+        let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.to_dtype(x.dtype())?)?,
+            None => y,
+        };
+        y.reshape(out_shape)
+    }
+}
+
+/// Per-forward constants shared by every layer: the rotary tables and the attention bias.
+#[derive(Debug, Clone)]
+pub struct ForwardContext {
+    rotary: ops::RotaryEmbedding,
+    /// (batch, 1, seq, seq) f32: 0 where attention is allowed, f32::MIN elsewhere.
+    attention_bias: Tensor,
+}
+
+/// Grouped-query self-attention with Qwen3's per-head q/k RMSNorm applied before RoPE.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<Var>,
+    k_norm: Option<Var>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    rms_norm_eps: f64,
+}
+
+impl Attention {
+    fn new(
+        cfg: &ModelConfig,
+        prefix: &str,
+        pb: &mut ParamBuilder,
+    ) -> std::result::Result<Self, ModelError> {
+        let (hidden, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+        let q_proj = pb.linear(&format!("{prefix}.q_proj"), hidden, q_dim, cfg.qkv_bias)?;
+        let k_proj = pb.linear(&format!("{prefix}.k_proj"), hidden, kv_dim, cfg.qkv_bias)?;
+        let v_proj = pb.linear(&format!("{prefix}.v_proj"), hidden, kv_dim, cfg.qkv_bias)?;
+        let o_proj = pb.linear(&format!("{prefix}.o_proj"), q_dim, hidden, cfg.o_proj_bias)?;
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (
+                Some(pb.norm(&format!("{prefix}.q_norm.weight"), hd)?),
+                Some(pb.norm(&format!("{prefix}.k_norm.weight"), hd)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            q_norm,
+            k_norm,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: hd,
+            rms_norm_eps: cfg.rms_norm_eps,
+        })
+    }
+
+    /// Projects to (batch, heads, seq, head_dim), normalising each head first when the model has
+    /// a q/k norm.
+    fn heads(&self, proj: &Linear, norm: Option<&Var>, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let h = proj.forward(x)?.reshape((b, t, heads, self.head_dim))?;
+        let h = match norm {
+            Some(w) => ops::rms_norm(&h, w, self.rms_norm_eps)?,
+            None => h,
+        };
+        // (b, t, heads, hd) -> (b, heads, t, hd)
+        h.transpose(1, 2)?.contiguous()
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let group = nh / nkv;
+        let q = ctx
+            .rotary
+            .apply(&self.heads(&self.q_proj, self.q_norm.as_ref(), x, nh)?)?;
+        let k = ctx
+            .rotary
+            .apply(&self.heads(&self.k_proj, self.k_norm.as_ref(), x, nkv)?)?;
+        let v = self.heads(&self.v_proj, None, x, nkv)?;
+
+        // GQA without copying k/v: query heads g*group..(g+1)*group share kv head g, so stack
+        // each group's queries along the sequence axis.
+        // (b, nh, t, hd) -> (b, nkv, group * t, hd)
+        let q = q.reshape((b, nkv, group * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        // (b, nkv, group * t, t) -> (b, nh, t, t); softmax in f32 like transformers' eager path.
+        let scores = scores.reshape((b, nh, t, t))?.to_dtype(DType::F32)?;
+        let probs = ops::softmax_last_dim(&scores.broadcast_add(&ctx.attention_bias)?)?;
+        let probs = probs.to_dtype(x.dtype())?.reshape((b, nkv, group * t, t))?;
+        // (b, nkv, group * t, hd) -> (b, nh, t, hd) -> (b, t, nh * hd)
+        let attended = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
+        let attended = attended.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&attended)
+    }
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(
+        prefix: &str,
+        hidden: usize,
+        intermediate: usize,
+        pb: &mut ParamBuilder,
+    ) -> std::result::Result<Self, ModelError> {
+        Ok(Self {
+            gate_proj: pb.linear(&format!("{prefix}.gate_proj"), hidden, intermediate, false)?,
+            up_proj: pb.linear(&format!("{prefix}.up_proj"), hidden, intermediate, false)?,
+            down_proj: pb.linear(&format!("{prefix}.down_proj"), intermediate, hidden, false)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gated = (ops::silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&gated)
+    }
+
+    /// A zero that depends on every weight, so an expert no token chose still gets an
+    /// (all-zero) gradient, as transformers' fused expert tensors do.
+    fn zero_touching_weights(&self) -> Result<Tensor> {
+        let total = (self.gate_proj.weight.sum_all()?
+            + self.up_proj.weight.sum_all()?
+            + self.down_proj.weight.sum_all()?)?;
+        // Not affine(0, 0): candle prunes a zero-multiplier affine from the backward graph.
+        &total * total.zeros_like()?
+    }
+}
+
+/// Qwen3-MoE's sparse block: a softmax router picks the top-k experts per token; the output is
+/// the routing-weighted sum of those experts' SwiGLU MLPs. No shared expert.
+#[derive(Debug, Clone)]
+pub struct SparseMoeBlock {
+    gate: Linear,
+    experts: Vec<Mlp>,
+    num_experts_per_tok: usize,
+    norm_topk_prob: bool,
+}
+
+/// The experts each token was routed to: `indices` (rows, k) u32 and `weights` (rows, k) f32,
+/// both ordered by decreasing router probability.
+pub fn top_k_routing(probs: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+    let indices = probs
+        .arg_sort_last_dim(false)?
+        .narrow(1, 0, k)?
+        .contiguous()?;
+    let weights = probs.gather(&indices, 1)?;
+    Ok((indices, weights))
+}
+
+impl SparseMoeBlock {
+    fn new(
+        cfg: &ModelConfig,
+        prefix: &str,
+        pb: &mut ParamBuilder,
+    ) -> std::result::Result<Self, ModelError> {
+        let moe = cfg
+            .moe
+            .as_ref()
+            .expect("sparse layer in a model without MoE settings");
+        let gate = pb.linear(
+            &format!("{prefix}.gate"),
+            cfg.hidden_size,
+            moe.num_experts,
+            false,
+        )?;
+        let experts = (0..moe.num_experts)
+            .map(|e| {
+                Mlp::new(
+                    &format!("{prefix}.experts.{e}"),
+                    cfg.hidden_size,
+                    moe.moe_intermediate_size,
+                    pb,
+                )
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Self {
+            gate,
+            experts,
+            num_experts_per_tok: moe.num_experts_per_tok,
+            norm_topk_prob: moe.norm_topk_prob,
+        })
+    }
+
+    /// Returns the block's output (b, t, hidden) and the router logits (b * t, num_experts).
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t, hidden) = x.dims3()?;
+        let rows = b * t;
+        let x = x.reshape((rows, hidden))?;
+        let router_logits = self.gate.forward(&x)?;
+        let probs = ops::softmax_last_dim(&router_logits.to_dtype(DType::F32)?)?;
+        let (chosen, weights) = top_k_routing(&probs, self.num_experts_per_tok)?;
+        let weights = if self.norm_topk_prob {
+            weights.broadcast_div(&weights.sum_keepdim(1)?)?
+        } else {
+            weights
+        };
+        // (rows, k) -> (rows * k): entry row * k + slot is the weight of that token's slot-th pick.
+        let weights = weights.to_dtype(x.dtype())?.flatten_all()?;
+
+        let k = self.num_experts_per_tok;
+        let mut rows_of = vec![Vec::<u32>::new(); self.experts.len()];
+        let mut slots_of = vec![Vec::<u32>::new(); self.experts.len()];
+        for (row, picks) in chosen.to_vec2::<u32>()?.iter().enumerate() {
+            for (slot, &expert) in picks.iter().enumerate() {
+                rows_of[expert as usize].push(row as u32);
+                slots_of[expert as usize].push((row * k + slot) as u32);
+            }
+        }
+
+        let device = x.device();
+        let mut out = Tensor::zeros((rows, hidden), x.dtype(), device)?;
+        for (e, expert) in self.experts.iter().enumerate() {
+            if rows_of[e].is_empty() {
+                out = out.broadcast_add(&expert.zero_touching_weights()?.to_dtype(x.dtype())?)?;
+                continue;
+            }
+            let token_rows = Tensor::new(rows_of[e].as_slice(), device)?;
+            let slots = Tensor::new(slots_of[e].as_slice(), device)?;
+            let expert_out = expert.forward(&x.index_select(&token_rows, 0)?)?;
+            let expert_out =
+                expert_out.broadcast_mul(&weights.index_select(&slots, 0)?.unsqueeze(1)?)?;
+            // index_add, not scatter_add: candle's scatter_add backward breaks for partial indices.
+            out = out.index_add(&token_rows, &expert_out, 0)?;
+        }
+        Ok((out.reshape((b, t, hidden))?, router_logits))
+    }
+}
+
+/// The MLP half of a decoder layer.
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    Dense(Mlp),
+    Sparse(SparseMoeBlock),
+}
+
+/// One pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    input_layernorm: Var,
+    self_attn: Attention,
+    post_attention_layernorm: Var,
+    mlp: FeedForward,
+    rms_norm_eps: f64,
+}
+
+impl DecoderLayer {
+    fn new(
+        cfg: &ModelConfig,
+        index: usize,
+        pb: &mut ParamBuilder,
+    ) -> std::result::Result<Self, ModelError> {
+        let prefix = format!("model.layers.{index}");
+        let input_layernorm =
+            pb.norm(&format!("{prefix}.input_layernorm.weight"), cfg.hidden_size)?;
+        let self_attn = Attention::new(cfg, &format!("{prefix}.self_attn"), pb)?;
+        let post_attention_layernorm = pb.norm(
+            &format!("{prefix}.post_attention_layernorm.weight"),
+            cfg.hidden_size,
+        )?;
+        let mlp = if cfg.is_sparse_layer(index) {
+            FeedForward::Sparse(SparseMoeBlock::new(cfg, &format!("{prefix}.mlp"), pb)?)
+        } else {
+            FeedForward::Dense(Mlp::new(
+                &format!("{prefix}.mlp"),
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                pb,
+            )?)
+        };
+        Ok(Self {
+            input_layernorm,
+            self_attn,
+            post_attention_layernorm,
+            mlp,
+            rms_norm_eps: cfg.rms_norm_eps,
+        })
+    }
+
+    /// Returns the layer output and, for a sparse layer, its router logits.
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardContext) -> Result<(Tensor, Option<Tensor>)> {
+        let normed = ops::rms_norm(x, &self.input_layernorm, self.rms_norm_eps)?;
+        let x = (x + self.self_attn.forward(&normed, ctx)?)?;
+        let normed = ops::rms_norm(&x, &self.post_attention_layernorm, self.rms_norm_eps)?;
+        let (mlp_out, router_logits) = match &self.mlp {
+            FeedForward::Dense(mlp) => (mlp.forward(&normed)?, None),
+            FeedForward::Sparse(moe) => {
+                let (out, logits) = moe.forward(&normed)?;
+                (out, Some(logits))
+            }
+        };
+        Ok(((x + mlp_out)?, router_logits))
+    }
+}
+
+/// A causal language model: embeddings, decoder layers, final norm, output projection.
+#[derive(Debug, Clone)]
+pub struct Model {
+    config: ModelConfig,
+    options: ModelOptions,
+    embed_tokens: Var,
+    layers: Vec<DecoderLayer>,
+    norm: Var,
+    /// None when the output projection is tied to `embed_tokens`.
+    lm_head: Option<Var>,
+    /// Every trainable parameter under its Hugging Face name, in checkpoint order.
+    parameters: Vec<(String, Var)>,
+}
+
+impl Model {
+    /// Loads `<dir>/config.json` and the weights (`model.safetensors` or the shards named by
+    /// `model.safetensors.index.json`).
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        options: ModelOptions,
+    ) -> std::result::Result<Self, ModelError> {
+        let dir = dir.as_ref();
+        let config = ModelConfig::from_model_dir(dir)?;
+        let tensors = load_checkpoint(dir, &Device::Cpu)?;
+        Self::from_tensors(config, tensors, options)
+    }
+
+    /// Builds the model from named checkpoint tensors (any float dtype). A tensor the config
+    /// does not account for is an error, except a tied checkpoint's `lm_head.weight` and
+    /// rotary `inv_freq` buffers.
+    pub fn from_tensors(
+        config: ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        options: ModelOptions,
+    ) -> std::result::Result<Self, ModelError> {
+        Self::build(config, Some(tensors), 0, options)
+    }
+
+    /// A model with freshly initialised weights: N(0, 0.02) projections and embeddings, unit
+    /// norms, zero biases; reproducible from `seed`.
+    pub fn random(
+        config: ModelConfig,
+        seed: u64,
+        options: ModelOptions,
+    ) -> std::result::Result<Self, ModelError> {
+        Self::build(config, None, seed, options)
+    }
+
+    fn build(
+        config: ModelConfig,
+        checkpoint: Option<HashMap<String, Tensor>>,
+        seed: u64,
+        options: ModelOptions,
+    ) -> std::result::Result<Self, ModelError> {
+        let mut pb = ParamBuilder {
+            checkpoint,
+            random: RandomNormal { state: seed },
+            init_std: 0.02,
+            options: options.clone(),
+            params: Vec::new(),
+        };
+        let cfg = &config;
+        let embed_tokens = pb.get(
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, cfg.hidden_size],
+            Init::Normal,
+        )?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, i, &mut pb))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let norm = pb.norm("model.norm.weight", cfg.hidden_size)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(pb.get(
+                "lm_head.weight",
+                &[cfg.vocab_size, cfg.hidden_size],
+                Init::Normal,
+            )?)
+        };
+        if let Some(leftover) = pb.checkpoint {
+            // A tied checkpoint may still carry lm_head.weight, and old ones rotary buffers.
+            let mut unexpected: Vec<String> = leftover
+                .into_keys()
+                .filter(|name| name != "lm_head.weight" && !name.ends_with("rotary_emb.inv_freq"))
+                .collect();
+            if !unexpected.is_empty() {
+                unexpected.sort();
+                return Err(ModelError::UnexpectedTensors {
+                    names: unexpected.join(", "),
+                });
+            }
+        }
+        Ok(Self {
+            config,
+            options,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            parameters: pb.params,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn options(&self) -> &ModelOptions {
+        &self.options
+    }
+
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// Every trainable parameter under its Hugging Face tensor name, in checkpoint order; a
+    /// tied embedding appears once.
+    pub fn parameters(&self) -> &[(String, Var)] {
+        &self.parameters
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.parameters.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// The per-forward constants for a batch whose `attention_mask` is (batch, seq).
+    pub fn context(&self, attention_mask: &Tensor) -> Result<ForwardContext> {
+        let (_, seq) = attention_mask.dims2()?;
+        let device = &self.options.device;
+        Ok(ForwardContext {
+            rotary: ops::RotaryEmbedding::new(
+                self.config.head_dim,
+                self.config.rope_theta,
+                seq,
+                device,
+            )?,
+            attention_bias: ops::causal_padding_bias(&attention_mask.to_device(device)?)?,
+        })
+    }
+
+    /// Token embeddings (batch, seq) u32 -> (batch, seq, hidden) in the compute dtype.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        // Select rows of the master table first, then cast only those.
+        let x = self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .to_dtype(self.options.compute_dtype)?;
+        x.reshape((b, t, self.config.hidden_size))
+    }
+
+    /// Final norm and output projection: (batch, seq, hidden) -> (batch, seq, vocab).
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let x = ops::rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
+        let output = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        Linear {
+            weight: output.clone(),
+            bias: None,
+        }
+        .forward(&x)
+    }
+
+    /// `input_ids` and `attention_mask` are (batch, seq); the mask is 1 for real tokens.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<ModelOutput> {
+        let ctx = self.context(attention_mask)?;
+        let mut x = self.embed(input_ids)?;
+        let mut router_logits = Vec::new();
+        for layer in &self.layers {
+            let (out, logits) = layer.forward(&x, &ctx)?;
+            x = out;
+            router_logits.extend(logits);
+        }
+        Ok(ModelOutput {
+            logits: self.head(&x)?,
+            router_logits,
+        })
+    }
+
+    /// The parameters as named tensors in `dtype`, ready to write as a checkpoint.
+    pub fn state_dict(&self, dtype: DType) -> Result<Vec<(String, Tensor)>> {
+        self.parameters
+            .iter()
+            .map(|(name, var)| Ok((name.clone(), var.as_detached_tensor().to_dtype(dtype)?)))
+            .collect()
+    }
+
+    /// Writes every parameter to one Hugging Face safetensors file (names as loaded, `dtype`
+    /// e.g. the config's torch_dtype), with the `format: pt` metadata transformers expects.
+    pub fn save_safetensors(
+        &self,
+        path: impl AsRef<Path>,
+        dtype: DType,
+    ) -> std::result::Result<(), ModelError> {
+        let path = path.as_ref();
+        let state = self.state_dict(dtype)?;
+        write_safetensors(
+            path,
+            state,
+            [("format".to_string(), "pt".to_string())].into(),
+        )
+    }
+
+    /// Writes the weights into `dir` as `save_pretrained` does: one `model.safetensors`, or,
+    /// when they exceed `max_shard_bytes`, `model-0000i-of-0000n.safetensors` shards plus
+    /// `model.safetensors.index.json`. Returns the files written.
+    pub fn save_pretrained_weights(
+        &self,
+        dir: impl AsRef<Path>,
+        dtype: DType,
+        max_shard_bytes: usize,
+    ) -> std::result::Result<Vec<std::path::PathBuf>, ModelError> {
+        let dir = dir.as_ref();
+        let state = self.state_dict(dtype)?;
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let total_size: usize = state.iter().map(|(_, t)| bytes(t)).sum();
+        if total_size <= max_shard_bytes {
+            let path = dir.join("model.safetensors");
+            self.save_safetensors(&path, dtype)?;
+            return Ok(vec![path]);
+        }
+        // Greedy in checkpoint order, as transformers shards: a tensor larger than the limit
+        // gets a shard of its own.
+        let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+        let mut current = 0usize;
+        for (name, tensor) in state {
+            let size = bytes(&tensor);
+            let last = shards.last_mut().expect("one shard at least");
+            if !last.is_empty() && current + size > max_shard_bytes {
+                shards.push(Vec::new());
+                current = 0;
+            }
+            current += size;
+            shards
+                .last_mut()
+                .expect("one shard at least")
+                .push((name, tensor));
+        }
+        let count = shards.len();
+        let mut weight_map = serde_json::Map::new();
+        let mut written = Vec::with_capacity(count + 1);
+        for (i, shard) in shards.into_iter().enumerate() {
+            let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+            for (name, _) in &shard {
+                weight_map.insert(name.clone(), file.clone().into());
+            }
+            let path = dir.join(&file);
+            write_safetensors(
+                &path,
+                shard,
+                [("format".to_string(), "pt".to_string())].into(),
+            )?;
+            written.push(path);
+        }
+        let index = serde_json::json!({
+            "metadata": {"total_size": total_size},
+            "weight_map": weight_map,
+        });
+        let path = dir.join("model.safetensors.index.json");
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&index).expect("valid JSON"),
+        )
+        .map_err(|e| ModelError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        written.push(path);
+        Ok(written)
+    }
+}
+
+/// Writes named tensors (moved to the CPU) with the given metadata.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: Vec<(String, Tensor)>,
+    metadata: HashMap<String, String>,
+) -> std::result::Result<(), ModelError> {
+    let tensors = tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|e| ModelError::Read {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Reads every tensor of a model folder's safetensors checkpoint, single-file or sharded.
+pub fn load_checkpoint(
+    dir: &Path,
+    device: &Device,
+) -> std::result::Result<HashMap<String, Tensor>, ModelError> {
+    let read = |path: &Path| {
+        candle_core::safetensors::load(path, device).map_err(|e| ModelError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    };
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return read(&single);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.exists() {
+        return Err(ModelError::NoWeights {
+            dir: dir.display().to_string(),
+        });
+    }
+    let bad_index = |message: String| ModelError::Read {
+        path: index.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(&index).map_err(|e| bad_index(e.to_string()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad_index(e.to_string()))?;
+    let weight_map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad_index("no `weight_map` object".into()))?;
+    let shards: BTreeSet<&str> = weight_map.values().filter_map(|v| v.as_str()).collect();
+    let mut tensors = HashMap::new();
+    for shard in shards {
+        tensors.extend(read(&dir.join(shard))?);
+    }
+    Ok(tensors)
+}
+
+/// Switch-Transformer load-balancing loss over the router logits of all MoE layers pooled
+/// together, padding excluded: `num_experts * sum_e f_e * P_e`, where `f_e` is the share of
+/// (token, layer) rows' top-k picks that chose `e` (a count, not differentiated) and `P_e` the
+/// mean router probability of `e` over the same rows.
+///
+/// `router_logits`: one (batch * seq, num_experts) tensor per MoE layer; `attention_mask`
+/// (batch, seq), nonzero for real tokens. Returns an f32 scalar.
+pub fn router_aux_loss(
+    router_logits: &[Tensor],
+    attention_mask: &Tensor,
+    top_k: usize,
+) -> Result<Tensor> {
+    let first = router_logits
+        .first()
+        .expect("aux loss needs at least one MoE layer");
+    let (rows, num_experts) = first.dims2()?;
+    let real = attention_mask
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .ne(0f32)?;
+    let real_host: Vec<u8> = real.to_vec1()?;
+    let real = real.to_dtype(DType::F32)?.unsqueeze(1)?;
+
+    let mut picks = vec![0f64; num_experts];
+    let mut real_rows = 0usize;
+    let mut prob_sum = Tensor::zeros(num_experts, DType::F32, first.device())?;
+    for logits in router_logits {
+        let probs = ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+        let (chosen, _) = top_k_routing(&probs.detach(), top_k)?;
+        for (row, experts) in chosen.to_vec2::<u32>()?.iter().enumerate() {
+            if real_host[row] != 0 {
+                for &e in experts {
+                    picks[e as usize] += 1.0;
+                }
+            }
+        }
+        real_rows += real_host.iter().filter(|&&r| r != 0).count();
+        prob_sum = (prob_sum + probs.broadcast_mul(&real)?.sum(0)?)?;
+    }
+    debug_assert_eq!(rows, real_host.len());
+    let real_rows = real_rows.max(1) as f64;
+    let f: Vec<f32> = picks.iter().map(|&c| (c / real_rows) as f32).collect();
+    let f = Tensor::from_vec(f, num_experts, first.device())?;
+    let p = (prob_sum / real_rows)?;
+    (f * p)?.sum_all()? * num_experts as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grad::{loss_and_gradients, Batch, LossOptions};
+
+    fn tiny_moe_config() -> ModelConfig {
+        ModelConfig::from_json_str(
+            r#"{"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+            "vocab_size": 32, "rope_theta": 10000.0, "num_experts": 8, "num_experts_per_tok": 1,
+            "moe_intermediate_size": 8, "norm_topk_prob": false, "mlp_only_layers": [1]}"#,
+        )
+        .unwrap()
+    }
+
+    fn tiny_batch() -> Batch {
+        let device = Device::Cpu;
+        Batch {
+            input_ids: Tensor::new(&[[3u32, 5, 7]], &device).unwrap(),
+            attention_mask: Tensor::new(&[[1u32, 1, 1]], &device).unwrap(),
+            labels: Tensor::new(&[[3i64, 5, 7]], &device).unwrap(),
+        }
+    }
+
+    #[test]
+    fn experts_no_token_chose_get_a_zero_gradient() {
+        let model = Model::random(tiny_moe_config(), 3, ModelOptions::default()).unwrap();
+        // Layer 1 is mlp-only: a dense MLP, no router.
+        assert!(matches!(model.layers()[1].mlp, FeedForward::Dense(_)));
+        let (_, grads) = loss_and_gradients(
+            &model,
+            &tiny_batch(),
+            &LossOptions::for_model(model.config()),
+        )
+        .unwrap();
+        assert_eq!(grads.num_present(), model.parameters().len());
+        // 3 tokens, top-1 of 8 experts: at least 5 experts are idle and their gradient is 0.
+        let idle = (0..8)
+            .filter(|e| {
+                let name = format!("model.layers.0.mlp.experts.{e}.up_proj.weight");
+                let g = grads.get_by_name(&name).unwrap();
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0
+            })
+            .count();
+        assert!(idle >= 5, "only {idle} idle experts");
+    }
+
+    #[test]
+    fn checkpoint_must_match_the_config() {
+        let model = Model::random(tiny_moe_config(), 3, ModelOptions::default()).unwrap();
+        let mut tensors: HashMap<String, Tensor> =
+            model.state_dict(DType::F32).unwrap().into_iter().collect();
+        tensors.insert(
+            "model.layers.0.self_attn.q_proj.bias".into(),
+            Tensor::zeros(16, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let err = Model::from_tensors(tiny_moe_config(), tensors.clone(), ModelOptions::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("q_proj.bias"), "{err}");
+
+        tensors.remove("model.layers.0.self_attn.q_proj.bias");
+        tensors.remove("model.layers.0.mlp.experts.7.down_proj.weight");
+        let err = Model::from_tensors(tiny_moe_config(), tensors.clone(), ModelOptions::default())
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("experts.7.down_proj.weight"),
+            "{err}"
+        );
+
+        tensors.insert(
+            "model.layers.0.mlp.experts.7.down_proj.weight".into(),
+            Tensor::zeros((8, 16), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let err =
+            Model::from_tensors(tiny_moe_config(), tensors, ModelOptions::default()).unwrap_err();
+        assert!(matches!(err, ModelError::ShapeMismatch { .. }), "{err}");
+    }
+}

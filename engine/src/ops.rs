@@ -1,0 +1,346 @@
+//! Differentiable building blocks composed from candle-core ops that have a backward pass.
+//!
+//! candle-nn's fused kernels (`ops::rms_norm`, `rotary_emb::rope`, `softmax_last_dim`, `sdpa`)
+//! have no backward and silently cut the graph, so the model uses these instead. Each op here
+//! is checked against central finite differences in f64 (tests at the bottom); nothing else in
+//! the crate should compute a normalisation, softmax, rotation or loss by hand.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// The label value that contributes nothing to the loss (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// The dtype a numerically sensitive reduction runs in: f32 for half types, else unchanged.
+fn at_least_f32(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// RMSNorm over the last dimension: `weight * x / sqrt(mean(x^2) + eps)`.
+///
+/// As in transformers, the statistics and the division run in (at least) f32 and the result is
+/// cast back to the input dtype before the weight multiplies it.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let in_dtype = x.dtype();
+    let x = x.to_dtype(at_least_f32(in_dtype))?;
+    let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv_rms = (mean_square + eps)?.sqrt()?.recip()?;
+    let normed = x.broadcast_mul(&inv_rms)?.to_dtype(in_dtype)?;
+    normed.broadcast_mul(&weight.to_dtype(in_dtype)?)
+}
+
+/// SiLU (swish): `x * sigmoid(x)`; candle's unary op has a backward.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.silu()
+}
+
+/// Softmax over the last dimension. The max subtracted for stability is detached: the result
+/// does not depend on it, so neither does the gradient.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+/// Log-softmax over the last dimension, composed like [`softmax_last_dim`].
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let log_sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&log_sum_exp)
+}
+
+/// Rotary position embedding tables, rotate-half (non-interleaved) convention: dims `i` and
+/// `i + head_dim/2` form a pair rotated by `position * theta^(-2i/head_dim)`.
+#[derive(Debug, Clone)]
+pub struct RotaryEmbedding {
+    /// (max_positions, head_dim), the half-width table repeated twice as transformers does.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryEmbedding {
+    pub fn new(head_dim: usize, theta: f64, max_positions: usize, device: &Device) -> Result<Self> {
+        let half = head_dim / 2;
+        // transformers computes inv_freq, the angles and cos/sin in float32; doing the same keeps
+        // logits within float32 noise of the reference.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * head_dim);
+        let mut sin = Vec::with_capacity(max_positions * head_dim);
+        for pos in 0..max_positions {
+            for _repeat in 0..2 {
+                for f in &inv_freq {
+                    let angle = f * pos as f32;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_positions, head_dim), device)?,
+            sin: Tensor::from_vec(sin, (max_positions, head_dim), device)?,
+        })
+    }
+
+    /// Rotates `x` of shape (batch, heads, seq, head_dim) for positions 0..seq.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (_b, _h, seq, _d) = x.dims4()?;
+        let cos = self.cos.narrow(0, 0, seq)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, 0, seq)?.to_dtype(x.dtype())?;
+        apply_rotary(x, &cos, &sin)
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` with cos/sin of shape (seq, head_dim), broadcast over the
+/// leading dims of x (…, seq, head_dim).
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// The additive attention bias for causal attention with key padding: 0 where query `i` may see
+/// key `j` (`j <= i` and key `j` is real), `f32::MIN` elsewhere (as transformers' eager path,
+/// so a fully masked row softmaxes to uniform instead of NaN). Shape (batch, 1, seq, seq), f32.
+///
+/// `attention_mask` is (batch, seq) of any integer or float dtype, nonzero for real tokens.
+pub fn causal_padding_bias(attention_mask: &Tensor) -> Result<Tensor> {
+    let (batch, seq) = attention_mask.dims2()?;
+    let device = attention_mask.device();
+    let causal: Vec<u8> = (0..seq)
+        .flat_map(|i| (0..seq).map(move |j| u8::from(j <= i)))
+        .collect();
+    let causal = Tensor::from_vec(causal, (1, 1, seq, seq), device)?;
+    let real_keys = attention_mask
+        .to_dtype(DType::F32)?
+        .ne(0f32)?
+        .reshape((batch, 1, 1, seq))?;
+    let allowed = real_keys
+        .broadcast_mul(&causal)?
+        .broadcast_as((batch, 1, seq, seq))?
+        .contiguous()?;
+    let zeros = Tensor::zeros((batch, 1, seq, seq), DType::F32, device)?;
+    let blocked = Tensor::full(f32::MIN, (batch, 1, seq, seq), device)?;
+    allowed.where_cond(&zeros, &blocked)
+}
+
+/// Sum of token cross-entropies and the number of tokens it covers, so that callers can take a
+/// token-level mean over a whole (accumulated) batch.
+#[derive(Debug, Clone)]
+pub struct CrossEntropySum {
+    /// Scalar, f32 (or f64 for f64 logits).
+    pub sum: Tensor,
+    pub num_tokens: usize,
+}
+
+/// Causal-LM cross-entropy summed over labelled tokens: `logits[:, :-1]` predict
+/// `labels[:, 1:]`; labels equal to [`IGNORE_INDEX`] count for nothing. Computed in (at least)
+/// f32. `logits` (batch, seq, vocab), `labels` (batch, seq) i64, not shifted.
+pub fn causal_lm_cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<CrossEntropySum> {
+    let (batch, seq, vocab) = logits.dims3()?;
+    let logits = logits.to_dtype(at_least_f32(logits.dtype()))?;
+    // (batch, seq - 1, vocab) -> (rows, vocab)
+    let logits = logits
+        .narrow(1, 0, seq - 1)?
+        .reshape((batch * (seq - 1), vocab))?;
+    let targets = labels
+        .to_dtype(DType::I64)?
+        .narrow(1, 1, seq - 1)?
+        .reshape(batch * (seq - 1))?;
+    let labelled = targets.ge(0i64)?;
+    let num_tokens = labelled
+        .to_dtype(DType::U32)?
+        .sum_all()?
+        .to_scalar::<u32>()? as usize;
+    // Ignored rows gather column 0 and are then zeroed by the mask.
+    let safe_targets = labelled
+        .where_cond(&targets, &targets.zeros_like()?)?
+        .to_dtype(DType::U32)?
+        .unsqueeze(1)?;
+    let log_probs = log_softmax_last_dim(&logits)?;
+    let target_log_probs = log_probs.gather(&safe_targets, 1)?.squeeze(1)?;
+    let mask = labelled.to_dtype(target_log_probs.dtype())?;
+    let sum = (target_log_probs * mask)?.sum_all()?.neg()?;
+    Ok(CrossEntropySum { sum, num_tokens })
+}
+
+/// Token-mean causal-LM loss (transformers' `ForCausalLMLoss` without `num_items_in_batch`).
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let ce = causal_lm_cross_entropy_sum(logits, labels)?;
+    ce.sum / ce.num_tokens.max(1) as f64
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// Deterministic pseudo-random values in [-1, 1) for tests (splitmix64).
+    pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f64> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_add(0x9E3779B97F4A7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+                z ^= z >> 31;
+                (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Compares the autograd gradient of the scalar `f(x)` with central finite differences.
+    fn check_gradient(shape: &[usize], seed: u64, f: impl Fn(&Tensor) -> Result<Tensor>) {
+        let n: usize = shape.iter().product();
+        let values = test_values(n, seed);
+        let x = Var::from_vec(values.clone(), shape, &Device::Cpu).unwrap();
+        let loss = f(x.as_tensor()).unwrap();
+        let grads = loss.backward().unwrap();
+        let analytic: Vec<f64> = grads
+            .get(x.as_tensor())
+            .expect("no gradient reached the input")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let eval = |v: Vec<f64>| {
+            let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+            f(&t).unwrap().to_scalar::<f64>().unwrap()
+        };
+        let h = 1e-6;
+        for i in 0..n {
+            let mut plus = values.clone();
+            plus[i] += h;
+            let mut minus = values.clone();
+            minus[i] -= h;
+            let numeric = (eval(plus) - eval(minus)) / (2.0 * h);
+            let err = (numeric - analytic[i]).abs();
+            assert!(
+                err <= 1e-6 + 1e-5 * numeric.abs(),
+                "entry {i}: analytic {} vs numeric {numeric}",
+                analytic[i]
+            );
+        }
+    }
+
+    /// A fixed random projection so that a tensor-valued op gets a generic upstream gradient.
+    fn project(y: &Tensor, seed: u64) -> Result<Tensor> {
+        let w = Tensor::from_vec(test_values(y.elem_count(), seed), y.shape(), y.device())?;
+        (y * w)?.sum_all()
+    }
+
+    #[test]
+    fn rms_norm_gradient() {
+        let weight = Tensor::from_vec(test_values(6, 7), 6, &Device::Cpu).unwrap();
+        check_gradient(&[2, 3, 6], 1, |x| project(&rms_norm(x, &weight, 1e-6)?, 2));
+        // and with respect to the weight
+        let x = Tensor::from_vec(test_values(36, 3), (2, 3, 6), &Device::Cpu).unwrap();
+        check_gradient(&[6], 4, |w| project(&rms_norm(&x, w, 1e-6)?, 5));
+    }
+
+    #[test]
+    fn rms_norm_value() {
+        let x = Tensor::new(&[[3f32, 4.0]], &Device::Cpu).unwrap();
+        let w = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let y: Vec<Vec<f32>> = rms_norm(&x, &w, 0.0).unwrap().to_vec2().unwrap();
+        let rms = (12.5f32).sqrt();
+        assert!((y[0][0] - 3.0 / rms).abs() < 1e-6 && (y[0][1] - 8.0 / rms).abs() < 1e-6);
+    }
+
+    #[test]
+    fn silu_and_softmax_gradients() {
+        check_gradient(&[3, 5], 11, |x| project(&silu(x)?, 12));
+        check_gradient(&[3, 5], 13, |x| project(&softmax_last_dim(x)?, 14));
+        check_gradient(&[3, 5], 15, |x| project(&log_softmax_last_dim(x)?, 16));
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let x = Tensor::new(&[[1000f32, 1001.0, 999.0]], &Device::Cpu).unwrap();
+        let total: f32 = softmax_last_dim(&x)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!((total - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rotary_gradient_and_rotation() {
+        let rope = RotaryEmbedding::new(8, 10000.0, 16, &Device::Cpu).unwrap();
+        let cos = rope
+            .cos
+            .narrow(0, 0, 4)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let sin = rope
+            .sin
+            .narrow(0, 0, 4)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        check_gradient(&[1, 2, 4, 8], 21, |x| {
+            project(&apply_rotary(x, &cos, &sin)?, 22)
+        });
+        // Position 0 is the identity; a rotation keeps each pair's norm.
+        let x = Tensor::from_vec(test_values(32, 23), (1, 1, 4, 8), &Device::Cpu).unwrap();
+        let y = apply_rotary(&x, &cos, &sin).unwrap();
+        let (xv, yv): (Vec<f64>, Vec<f64>) = (
+            x.flatten_all().unwrap().to_vec1().unwrap(),
+            y.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        for d in 0..8 {
+            assert!((xv[d] - yv[d]).abs() < 1e-7);
+        }
+        for pos in 0..4 {
+            for i in 0..4 {
+                let (a, b) = (xv[pos * 8 + i], xv[pos * 8 + i + 4]);
+                let (c, d) = (yv[pos * 8 + i], yv[pos * 8 + i + 4]);
+                assert!(((a * a + b * b) - (c * c + d * d)).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn mask_is_causal_and_hides_padding() {
+        let mask = Tensor::new(&[[1u32, 1, 0], [1, 1, 1]], &Device::Cpu).unwrap();
+        let bias = causal_padding_bias(&mask).unwrap();
+        let row0: Vec<Vec<f32>> = bias.get(0).unwrap().get(0).unwrap().to_vec2().unwrap();
+        let row1: Vec<Vec<f32>> = bias.get(1).unwrap().get(0).unwrap().to_vec2().unwrap();
+        let m = f32::MIN;
+        assert_eq!(row0, vec![vec![0., m, m], vec![0., 0., m], vec![0., 0., m]]);
+        assert_eq!(
+            row1,
+            vec![vec![0., m, m], vec![0., 0., m], vec![0., 0., 0.]]
+        );
+    }
+
+    #[test]
+    fn cross_entropy_gradient_and_value() {
+        let labels = Tensor::new(&[[7i64, 1, -100, 4], [-100, 0, 3, -100]], &Device::Cpu).unwrap();
+        check_gradient(&[2, 4, 5], 31, |x| causal_lm_loss(x, &labels));
+
+        // Value: mean over the 4 labelled shifted positions of -log_softmax(logits)[target].
+        let values = test_values(40, 32);
+        let logits = Tensor::from_vec(values.clone(), (2, 4, 5), &Device::Cpu).unwrap();
+        let ce = causal_lm_cross_entropy_sum(&logits, &labels).unwrap();
+        assert_eq!(ce.num_tokens, 4);
+        let nll = |b: usize, t: usize, target: usize| {
+            let row = &values[(b * 4 + t) * 5..(b * 4 + t + 1) * 5];
+            let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
+            lse - row[target]
+        };
+        let expected = nll(0, 0, 1) + nll(0, 2, 4) + nll(1, 0, 0) + nll(1, 1, 3);
+        let got = ce.sum.to_scalar::<f64>().unwrap();
+        assert!((got - expected).abs() < 1e-12, "{got} vs {expected}");
+    }
+}

@@ -1,0 +1,486 @@
+//! The optimizer side of a training step: AdamW exactly as `torch.optim.AdamW` computes it
+//! (with transformers' Trainer parameter groups: no weight decay on biases and norm weights),
+//! global-norm gradient clipping as `torch.nn.utils.clip_grad_norm_`, and the learning-rate
+//! schedules of transformers' `get_scheduler`.
+//!
+//! The optimizer state (step count, exp_avg, exp_avg_sq per parameter) round-trips through a
+//! safetensors file for exact resume.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use crate::grad::Gradients;
+
+/// Whether transformers' Trainer puts a parameter in the weight-decay group: everything except
+/// biases and norm weights (its rule matches `bias`, `layernorm`, `rmsnorm`, a `norm` path
+/// component and components ending in `_norm`).
+pub fn applies_weight_decay(name: &str) -> bool {
+    let lower = name.to_lowercase();
+    if lower.contains("bias") || lower.contains("layernorm") || lower.contains("rmsnorm") {
+        return false;
+    }
+    !lower
+        .split('.')
+        .any(|part| part == "norm" || part.ends_with("_norm"))
+}
+
+/// AdamW hyper-parameters (the learning rate comes with each step, from the scheduler).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ParamState {
+    name: String,
+    var: Var,
+    decays: bool,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+}
+
+/// AdamW with decoupled weight decay, per element at step `s` with learning rate `lr`:
+/// `p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g^2;
+///  p -= lr/(1-b1^s) * m / (sqrt(v)/sqrt(1-b2^s) + eps)`.
+#[derive(Debug)]
+pub struct AdamW {
+    config: AdamWConfig,
+    step: u64,
+    states: Vec<ParamState>,
+}
+
+/// What went wrong restoring optimizer state.
+#[derive(Debug, thiserror::Error)]
+pub enum OptimizerStateError {
+    #[error("cannot read optimizer state {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("optimizer state {path} does not match the model: {message}")]
+    Mismatch { path: String, message: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl AdamW {
+    /// One state per parameter, in the order of `params` (which gradients must follow).
+    pub fn new(params: &[(String, Var)], config: AdamWConfig) -> Result<Self> {
+        let states = params
+            .iter()
+            .map(|(name, var)| {
+                // Moments in f32 at least, whatever the master dtype.
+                let dtype = if var.dtype() == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+                Ok(ParamState {
+                    name: name.clone(),
+                    var: var.clone(),
+                    decays: applies_weight_decay(name),
+                    exp_avg: Tensor::zeros(var.shape(), dtype, var.device())?,
+                    exp_avg_sq: Tensor::zeros(var.shape(), dtype, var.device())?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config,
+            step: 0,
+            states,
+        })
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// One update with learning rate `lr`. A parameter without a gradient is updated as if its
+    /// gradient were zero (moments decay, weight decay applies), which is what torch does for
+    /// an MoE expert that no token chose, since transformers stores experts in fused tensors.
+    pub fn step(&mut self, grads: &Gradients, lr: f64) -> Result<()> {
+        assert_eq!(
+            grads.len(),
+            self.states.len(),
+            "gradients were computed for other parameters"
+        );
+        self.step += 1;
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.config;
+        let bias_correction1 = 1.0 - beta1.powi(self.step as i32);
+        let bias_correction2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
+        let step_size = lr / bias_correction1;
+        for (i, state) in self.states.iter_mut().enumerate() {
+            debug_assert_eq!(grads.name(i), state.name);
+            let dtype = state.exp_avg.dtype();
+            let grad = match grads.get(i) {
+                Some(g) => g.to_dtype(dtype)?,
+                None => state.exp_avg.zeros_like()?,
+            };
+            let mut param = state.var.as_detached_tensor().to_dtype(dtype)?;
+            if state.decays && weight_decay != 0.0 {
+                param = param.affine(1.0 - lr * weight_decay, 0.0)?;
+            }
+            // torch: exp_avg.lerp_(grad, 1 - beta1), i.e. m + (1 - b1) * (g - m).
+            state.exp_avg =
+                (&state.exp_avg + (&grad - &state.exp_avg)?.affine(1.0 - beta1, 0.0)?)?;
+            state.exp_avg_sq =
+                (state.exp_avg_sq.affine(beta2, 0.0)? + grad.sqr()?.affine(1.0 - beta2, 0.0)?)?;
+            let scalar = |v: f64| Tensor::new(v, state.var.device())?.to_dtype(dtype);
+            let denom = state
+                .exp_avg_sq
+                .sqrt()?
+                .broadcast_div(&scalar(bias_correction2_sqrt)?)?
+                .affine(1.0, eps)?;
+            let update = (&state.exp_avg / denom)?.affine(-step_size, 0.0)?;
+            state
+                .var
+                .set(&(param + update)?.to_dtype(state.var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// The state as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`) plus metadata
+    /// (`step`, and the hyper-parameters for the record).
+    pub fn state_tensors(&self) -> (Vec<(String, Tensor)>, HashMap<String, String>) {
+        let mut tensors = Vec::with_capacity(2 * self.states.len());
+        for s in &self.states {
+            tensors.push((format!("{}.exp_avg", s.name), s.exp_avg.clone()));
+            tensors.push((format!("{}.exp_avg_sq", s.name), s.exp_avg_sq.clone()));
+        }
+        let metadata = HashMap::from([
+            ("format".to_string(), "whet-adamw".to_string()),
+            ("step".to_string(), self.step.to_string()),
+            ("beta1".to_string(), self.config.beta1.to_string()),
+            ("beta2".to_string(), self.config.beta2.to_string()),
+            ("eps".to_string(), self.config.eps.to_string()),
+            (
+                "weight_decay".to_string(),
+                self.config.weight_decay.to_string(),
+            ),
+        ]);
+        (tensors, metadata)
+    }
+
+    pub fn save(&self, path: impl AsRef<Path>) -> std::result::Result<(), OptimizerStateError> {
+        let path = path.as_ref();
+        let (tensors, metadata) = self.state_tensors();
+        crate::model::qwen3::write_safetensors(path, tensors, metadata).map_err(|e| {
+            OptimizerStateError::Read {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }
+        })
+    }
+
+    /// Restores the step count and moments saved by [`AdamW::save`] for the same parameters.
+    pub fn load(&mut self, path: impl AsRef<Path>) -> std::result::Result<(), OptimizerStateError> {
+        let path = path.as_ref();
+        let read_err = |message: String| OptimizerStateError::Read {
+            path: path.display().to_string(),
+            message,
+        };
+        let mismatch = |message: String| OptimizerStateError::Mismatch {
+            path: path.display().to_string(),
+            message,
+        };
+        let bytes = std::fs::read(path).map_err(|e| read_err(e.to_string()))?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| read_err(e.to_string()))?;
+        let step: u64 = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("step"))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| read_err("no `step` in the metadata".into()))?;
+        let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+        for s in &mut self.states {
+            for (suffix, slot) in [
+                ("exp_avg", &mut s.exp_avg),
+                ("exp_avg_sq", &mut s.exp_avg_sq),
+            ] {
+                let key = format!("{}.{suffix}", s.name);
+                let t = tensors
+                    .remove(&key)
+                    .ok_or_else(|| mismatch(format!("no `{key}`")))?;
+                if t.shape() != slot.shape() {
+                    return Err(mismatch(format!(
+                        "`{key}` has shape {:?}, expected {:?}",
+                        t.dims(),
+                        slot.dims()
+                    )));
+                }
+                *slot = t.to_dtype(slot.dtype())?.to_device(s.var.device())?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Scales all gradients so that their global L2 norm is at most `max_norm` and returns the norm
+/// before clipping, as `torch.nn.utils.clip_grad_norm_`: every gradient is multiplied by
+/// `min(1, max_norm / (norm + 1e-6))`. Missing gradients count as zero.
+pub fn clip_grad_norm(grads: &mut Gradients, max_norm: f64) -> Result<f64> {
+    let mut sum_sq = 0f64;
+    for (_, grad) in grads.iter() {
+        if let Some(g) = grad {
+            sum_sq += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
+    }
+    let norm = sum_sq.sqrt();
+    // torch computes the coefficient in float32; multiplying by a clamped 1.0 changes nothing.
+    let coef = ((max_norm as f32) / (norm as f32 + 1e-6)).min(1.0);
+    if coef < 1.0 {
+        grads.scale(coef as f64)?;
+    }
+    Ok(norm)
+}
+
+/// The learning-rate schedules of transformers' `get_scheduler`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ScheduleKind {
+    Linear,
+    Cosine,
+    Constant,
+    ConstantWithWarmup,
+    /// Cosine decay to `min_lr_rate * lr` instead of 0.
+    CosineWithMinLr {
+        min_lr_rate: f64,
+    },
+}
+
+/// Errors in schedule settings, naming the flag.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("lr_scheduler_type `{0}` is not supported; use linear, cosine, constant, constant_with_warmup or cosine_with_min_lr")]
+    UnknownKind(String),
+    #[error(
+        "cosine_with_min_lr needs exactly one of min_lr_rate and min_lr (in lr_scheduler_kwargs)"
+    )]
+    MinLr,
+}
+
+impl ScheduleKind {
+    /// From the flag `lr_scheduler_type`; `cosine_with_min_lr` takes `min_lr_rate`, or `min_lr`
+    /// relative to `learning_rate`.
+    pub fn parse(
+        name: &str,
+        min_lr_rate: Option<f64>,
+        min_lr: Option<f64>,
+        learning_rate: f64,
+    ) -> std::result::Result<Self, ScheduleError> {
+        Ok(match name {
+            "linear" => Self::Linear,
+            "cosine" => Self::Cosine,
+            "constant" => Self::Constant,
+            "constant_with_warmup" => Self::ConstantWithWarmup,
+            "cosine_with_min_lr" => match (min_lr_rate, min_lr) {
+                (Some(rate), None) => Self::CosineWithMinLr { min_lr_rate: rate },
+                (None, Some(min_lr)) => Self::CosineWithMinLr {
+                    min_lr_rate: min_lr / learning_rate,
+                },
+                _ => return Err(ScheduleError::MinLr),
+            },
+            other => return Err(ScheduleError::UnknownKind(other.to_string())),
+        })
+    }
+}
+
+/// A learning-rate schedule: `lr(step) = base_lr * lambda(step - 1)` for optimizer step `step`
+/// counted from 1, as a torch `LambdaLR` stepped after each optimizer step gives.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LrSchedule {
+    pub kind: ScheduleKind,
+    pub base_lr: f64,
+    pub warmup_steps: usize,
+    pub total_steps: usize,
+}
+
+impl LrSchedule {
+    /// transformers' multiplier after `current_step` scheduler steps.
+    pub fn lambda(&self, current_step: usize) -> f64 {
+        let (step, warmup, total) = (
+            current_step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
+        let warming_up = current_step < self.warmup_steps;
+        let warmup_factor = step / warmup.max(1.0);
+        let progress = (step - warmup) / (total - warmup).max(1.0);
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        match self.kind {
+            ScheduleKind::Constant => 1.0,
+            _ if warming_up => warmup_factor,
+            ScheduleKind::ConstantWithWarmup => 1.0,
+            ScheduleKind::Linear => ((total - step) / (total - warmup).max(1.0)).max(0.0),
+            ScheduleKind::Cosine => cosine.max(0.0),
+            ScheduleKind::CosineWithMinLr { min_lr_rate } => {
+                (cosine * (1.0 - min_lr_rate) + min_lr_rate).max(0.0)
+            }
+        }
+    }
+
+    /// The learning rate of optimizer step `step` (1-based).
+    pub fn lr(&self, step: usize) -> f64 {
+        self.base_lr * self.lambda(step.saturating_sub(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_decay_groups_follow_transformers() {
+        for name in [
+            "model.norm.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.0.post_attention_layernorm.weight",
+            "model.layers.0.self_attn.q_norm.weight",
+            "model.layers.0.self_attn.k_norm.weight",
+            "model.layers.0.self_attn.q_proj.bias",
+        ] {
+            assert!(!applies_weight_decay(name), "{name}");
+        }
+        for name in [
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.mlp.gate.weight",
+            "model.layers.0.mlp.experts.3.down_proj.weight",
+        ] {
+            assert!(applies_weight_decay(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn schedules_match_transformers() {
+        let s = |kind, warmup, total| LrSchedule {
+            kind,
+            base_lr: 1e-3,
+            warmup_steps: warmup,
+            total_steps: total,
+        };
+        // The fixture's cosine-with-warmup: lrs [0, 0.0005, 0.001].
+        let cosine = s(ScheduleKind::Cosine, 2, 10);
+        let lrs: Vec<f64> = (1..=3).map(|i| cosine.lr(i)).collect();
+        assert_eq!(lrs, vec![0.0, 0.0005, 0.001]);
+        assert!((cosine.lambda(6) - 0.5).abs() < 1e-12);
+        assert!(cosine.lambda(10).abs() < 1e-12);
+
+        let linear = s(ScheduleKind::Linear, 2, 10);
+        assert!((linear.lambda(6) - 0.5).abs() < 1e-12);
+        assert_eq!(linear.lambda(12), 0.0);
+
+        assert_eq!(s(ScheduleKind::Constant, 2, 10).lambda(0), 1.0);
+        let cww = s(ScheduleKind::ConstantWithWarmup, 4, 10);
+        assert_eq!(
+            (cww.lambda(1), cww.lambda(4), cww.lambda(9)),
+            (0.25, 1.0, 1.0)
+        );
+
+        let min_lr = s(
+            ScheduleKind::parse("cosine_with_min_lr", None, Some(1e-4), 1e-3).unwrap(),
+            0,
+            10,
+        );
+        assert!((min_lr.lambda(10) - 0.1).abs() < 1e-12);
+        assert!((min_lr.lambda(5) - (0.5 * 0.9 + 0.1)).abs() < 1e-12);
+        assert_eq!(
+            ScheduleKind::parse("cosine_with_min_lr", None, None, 1e-3),
+            Err(ScheduleError::MinLr)
+        );
+        assert!(ScheduleKind::parse("polynomial", None, None, 1e-3).is_err());
+    }
+
+    #[test]
+    fn adamw_matches_hand_computation_and_state_round_trips() {
+        let params = vec![
+            (
+                "w".to_string(),
+                Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap(),
+            ),
+            (
+                "norm.weight".to_string(),
+                Var::new(&[0.5f32], &Device::Cpu).unwrap(),
+            ),
+        ];
+        let config = AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(&params, config).unwrap();
+        let mut grads = Gradients::empty(&params);
+        grads.set(0, Some(Tensor::new(&[0.3f32, -0.1], &Device::Cpu).unwrap()));
+        grads.set(1, Some(Tensor::new(&[0.2f32], &Device::Cpu).unwrap()));
+        opt.step(&grads, 0.01).unwrap();
+        // Step 1: m_hat = g, v_hat = g^2, so the update is lr * sign(g) (up to eps).
+        let w: Vec<f32> = params[0].1.to_vec1().unwrap();
+        let expected0 = 1.0 * (1.0 - 0.01 * 0.1) - 0.01 * 0.3 / (0.3 + 1e-8);
+        assert!((w[0] as f64 - expected0).abs() < 1e-6, "{w:?}");
+        let n: Vec<f32> = params[1].1.to_vec1().unwrap();
+        assert!(
+            (n[0] as f64 - (0.5 - 0.01)).abs() < 1e-6,
+            "no decay on norms: {n:?}"
+        );
+
+        let dir = std::env::temp_dir().join(format!("whet-adamw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("optimizer.safetensors");
+        opt.save(&path).unwrap();
+        let mut restored = AdamW::new(&params, config).unwrap();
+        restored.load(&path).unwrap();
+        assert_eq!(restored.step_count(), 1);
+        for (a, b) in opt.states.iter().zip(&restored.states) {
+            let d = (&a.exp_avg_sq - &b.exp_avg_sq)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+        }
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn clipping_scales_to_max_norm() {
+        let params = vec![(
+            "a".to_string(),
+            Var::new(&[0f32, 0.0], &Device::Cpu).unwrap(),
+        )];
+        let mut grads = Gradients::empty(&params);
+        grads.set(0, Some(Tensor::new(&[3f32, 4.0], &Device::Cpu).unwrap()));
+        let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-9);
+        let g: Vec<f32> = grads.get(0).unwrap().to_vec1().unwrap();
+        assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,527 @@
+//! Parity with Hugging Face transformers on the tiny reference models in
+//! shared/fixtures/hf-reference: logits, losses, every gradient, the MoE router aux loss, and
+//! three AdamW steps with warmup+cosine and clipping. Models load through the same
+//! `Model::from_pretrained` a user's model folder goes through.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use whet_engine::grad::{loss_and_gradients, Batch, LossOptions};
+use whet_engine::model::qwen3::router_aux_loss;
+use whet_engine::model::{Model, ModelConfig, ModelOptions};
+use whet_engine::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
+
+fn fixtures() -> PathBuf {
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures/hf-reference"
+    ));
+    assert!(
+        dir.join("batch.json").exists(),
+        "HF reference fixtures not found at {} (expected the shared/ folder beside the repository root)",
+        dir.display()
+    );
+    dir
+}
+
+fn model_dir(kind: &str) -> PathBuf {
+    match kind {
+        "dense" => fixtures(),
+        "moe" => fixtures().join("moe"),
+        other => panic!("no fixture model {other}"),
+    }
+}
+
+fn expected_json() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn expected_tensors(file: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("expected").join(file), &Device::Cpu).unwrap()
+}
+
+fn load_batch() -> Batch {
+    let text = std::fs::read_to_string(fixtures().join("batch.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let rows = |key: &str| -> Vec<Vec<i64>> { serde_json::from_value(json[key].clone()).unwrap() };
+    let to_tensor = |rows: Vec<Vec<i64>>| {
+        let (b, t) = (rows.len(), rows[0].len());
+        Tensor::from_vec(
+            rows.into_iter().flatten().collect::<Vec<_>>(),
+            (b, t),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    Batch {
+        input_ids: to_tensor(rows("input_ids")).to_dtype(DType::U32).unwrap(),
+        attention_mask: to_tensor(rows("attention_mask"))
+            .to_dtype(DType::U32)
+            .unwrap(),
+        labels: to_tensor(rows("labels")),
+    }
+}
+
+fn load_model(kind: &str) -> Model {
+    Model::from_pretrained(model_dir(kind), ModelOptions::default()).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    d.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn assert_rel(name: &str, got: f64, expected: f64, rel: f64) {
+    let err = (got - expected).abs() / expected.abs();
+    println!("{name}: {got:.7} vs {expected:.7} (rel err {err:.2e})");
+    assert!(
+        err <= rel,
+        "{name}: {got} vs {expected}, relative error {err:.3e} > {rel:.0e}"
+    );
+}
+
+/// Every entry within `atol + rtol * |expected|`; returns the largest absolute error.
+fn assert_close(name: &str, got: &Tensor, expected: &Tensor, atol: f64, rtol: f64) -> f64 {
+    assert_eq!(got.dims(), expected.dims(), "{name}: shape");
+    let (g, e) = (values(got), values(expected));
+    let mut worst = 0f64;
+    for (i, (g, e)) in g.iter().zip(&e).enumerate() {
+        let err = (g - e).abs();
+        worst = worst.max(err);
+        assert!(err <= atol + rtol * e.abs(), "{name}[{i}]: {g} vs {e}");
+    }
+    worst
+}
+
+fn expected_f64(json: &serde_json::Value, path: &[&str]) -> f64 {
+    path.iter()
+        .fold(json, |v, k| &v[*k])
+        .as_f64()
+        .unwrap_or_else(|| panic!("expected.json lacks {path:?}"))
+}
+
+/// Logits of sample 0 at its real positions, the losses, and every gradient.
+fn check_forward_and_gradients(kind: &str) {
+    let model = load_model(kind);
+    let batch = load_batch();
+    let expected = expected_json();
+
+    let out = model
+        .forward(&batch.input_ids, &batch.attention_mask)
+        .unwrap();
+    let want_logits = expected_tensors("logits_sample0.safetensors")
+        .remove(kind)
+        .unwrap();
+    let real = want_logits.dim(0).unwrap();
+    let logits = out.logits.get(0).unwrap().narrow(0, 0, real).unwrap();
+    let err = max_abs_diff(&logits, &want_logits);
+    println!("{kind} logits sample 0: max abs err {err:.2e}");
+    assert!(err <= 1e-4, "{kind} logits: max abs error {err:.3e}");
+
+    let options = LossOptions::for_model(model.config());
+    let (report, grads) = loss_and_gradients(&model, &batch, &options).unwrap();
+    assert_eq!(report.num_label_tokens, 121);
+    if kind == "moe" {
+        assert_rel(
+            "moe ce",
+            report.ce_loss,
+            expected_f64(&expected, &["moe", "ce_loss"]),
+            1e-5,
+        );
+        let aux = report.aux_loss.expect("MoE reports an aux loss");
+        assert_rel(
+            "moe aux",
+            aux,
+            expected_f64(&expected, &["moe", "aux_loss"]),
+            1e-5,
+        );
+        assert_rel(
+            "moe total",
+            report.loss,
+            expected_f64(&expected, &["moe", "total_loss"]),
+            1e-5,
+        );
+    } else {
+        assert_rel(
+            "dense loss",
+            report.loss,
+            expected_f64(&expected, &["dense", "loss"]),
+            1e-5,
+        );
+        assert!(report.aux_loss.is_none());
+    }
+
+    // Every trainable Var received a gradient.
+    assert_eq!(
+        grads.num_present(),
+        model.parameters().len(),
+        "{kind}: parameters without gradient"
+    );
+
+    let want = expected_tensors(&format!("{kind}_grads.safetensors"));
+    assert_eq!(
+        want.len(),
+        model.parameters().len(),
+        "{kind}: parameter count vs reference"
+    );
+    let mut worst = 0f64;
+    for (name, grad) in grads.iter() {
+        let grad = grad.unwrap();
+        let reference = want
+            .get(name)
+            .unwrap_or_else(|| panic!("reference lacks gradient {name}"));
+        worst = worst.max(assert_close(
+            &format!("grad {name}"),
+            grad,
+            reference,
+            1e-5,
+            1e-3,
+        ));
+    }
+    println!(
+        "{kind} gradients: max abs err {worst:.2e} over {} tensors",
+        want.len()
+    );
+}
+
+#[test]
+fn dense_logits_loss_and_gradients_match_transformers() {
+    check_forward_and_gradients("dense");
+}
+
+#[test]
+fn moe_logits_losses_and_gradients_match_transformers() {
+    check_forward_and_gradients("moe");
+}
+
+#[test]
+fn moe_aux_loss_router_gradients_match_transformers() {
+    let model = load_model("moe");
+    let batch = load_batch();
+    let out = model
+        .forward(&batch.input_ids, &batch.attention_mask)
+        .unwrap();
+    assert_eq!(out.router_logits.len(), 2);
+    let aux = router_aux_loss(&out.router_logits, &batch.attention_mask, 2).unwrap();
+    let store = aux.backward().unwrap();
+    let want = expected_tensors("moe_aux_router_grads.safetensors");
+    assert_eq!(want.len(), 2);
+    let mut worst = 0f64;
+    for (name, var) in model.parameters() {
+        match want.get(name) {
+            Some(reference) => {
+                let grad = store
+                    .get(var.as_tensor())
+                    .expect("router weight has an aux gradient");
+                worst = worst.max(assert_close(name, grad, reference, 1e-5, 1e-3));
+            }
+            // The aux loss reaches back through the network below each router, but never the
+            // head, which lies after every router.
+            None if name == "lm_head.weight" || name == "model.norm.weight" => {
+                assert!(store.get(var.as_tensor()).is_none(), "{name}")
+            }
+            None => {}
+        }
+    }
+    println!("moe aux router gradients: max abs err {worst:.2e}");
+}
+
+/// Three steps of forward, backward, clip to 1.0, AdamW(lr 1e-3, wd 0.1) with a cosine
+/// schedule warming up over 2 of 10 steps, as transformers' Trainer runs them.
+fn check_training(kind: &str) {
+    let model = load_model(kind);
+    let batch = load_batch();
+    let expected = expected_json();
+    let train = &expected[kind]["train"];
+    let want_losses: Vec<f64> = serde_json::from_value(train["loss"].clone()).unwrap();
+    let want_norms: Vec<f64> =
+        serde_json::from_value(train["grad_norm_before_clip"].clone()).unwrap();
+    let want_lrs: Vec<f64> = serde_json::from_value(train["lr"].clone()).unwrap();
+
+    let schedule = LrSchedule {
+        kind: ScheduleKind::Cosine,
+        base_lr: 1e-3,
+        warmup_steps: 2,
+        total_steps: 10,
+    };
+    let config = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let mut optimizer = AdamW::new(model.parameters(), config).unwrap();
+    let options = LossOptions::for_model(model.config());
+    for step in 1..=3 {
+        let (report, mut grads) = loss_and_gradients(&model, &batch, &options).unwrap();
+        assert_rel(
+            &format!("{kind} step {step} loss"),
+            report.loss,
+            want_losses[step - 1],
+            1e-5,
+        );
+        let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
+        assert_rel(
+            &format!("{kind} step {step} grad norm"),
+            norm,
+            want_norms[step - 1],
+            1e-5,
+        );
+        let lr = schedule.lr(step);
+        assert!((lr - want_lrs[step - 1]).abs() < 1e-12);
+        optimizer.step(&grads, lr).unwrap();
+    }
+    let after = whet_engine::grad::evaluate(&model, &batch, &options).unwrap();
+    assert_rel(
+        &format!("{kind} loss after training"),
+        after.loss,
+        expected_f64(&expected, &[kind, "train", "loss_after_training"]),
+        1e-5,
+    );
+
+    let want = expected_tensors(&format!("{kind}_params_after_3_steps.safetensors"));
+    let (mut worst, mut over, mut total) = (0f64, 0usize, 0usize);
+    for (name, var) in model.parameters() {
+        let reference = want
+            .get(name)
+            .unwrap_or_else(|| panic!("reference lacks {name}"));
+        for (g, e) in values(var.as_tensor()).iter().zip(values(reference)) {
+            let err = (g - e).abs();
+            worst = worst.max(err);
+            over += usize::from(err > 2e-6);
+            total += 1;
+        }
+    }
+    println!(
+        "{kind} params after 3 steps: max abs err {worst:.2e}, {over} of {total} entries over 2e-6"
+    );
+    assert!(
+        worst <= 1e-4,
+        "{kind}: a parameter is {worst:.3e} off after 3 steps"
+    );
+    assert!(
+        over * 1000 <= total,
+        "{kind}: {over} of {total} entries off by more than 2e-6"
+    );
+}
+
+#[test]
+fn dense_three_training_steps_match_transformers() {
+    check_training("dense");
+}
+
+#[test]
+fn moe_three_training_steps_match_transformers() {
+    check_training("moe");
+}
+
+fn check_checkpointing_identical(model: &Model, batch: &Batch) {
+    let plain = LossOptions::for_model(model.config());
+    let checkpointed = LossOptions {
+        gradient_checkpointing: true,
+        ..plain
+    };
+    let (report_a, grads_a) = loss_and_gradients(model, batch, &plain).unwrap();
+    let (report_b, grads_b) = loss_and_gradients(model, batch, &checkpointed).unwrap();
+    assert_eq!(report_a.loss, report_b.loss);
+    assert_eq!(grads_b.num_present(), model.parameters().len());
+    let mut worst = 0f64;
+    for ((name, a), (_, b)) in grads_a.iter().zip(grads_b.iter()) {
+        let (a, b) = (
+            a.unwrap(),
+            b.unwrap_or_else(|| panic!("checkpointing lost the gradient of {name}")),
+        );
+        worst = worst.max(max_abs_diff(a, b));
+    }
+    println!(
+        "{:?} checkpointed vs plain gradients: max abs diff {worst:.2e}",
+        model.config().architecture
+    );
+    assert!(
+        worst <= 1e-6,
+        "checkpointed gradients differ by {worst:.3e}"
+    );
+}
+
+#[test]
+fn gradient_checkpointing_gives_identical_gradients() {
+    let batch = load_batch();
+    check_checkpointing_identical(&load_model("dense"), &batch);
+    check_checkpointing_identical(&load_model("moe"), &batch);
+}
+
+const QWEN2_CONFIG: &str = r#"{"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+    "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 6,
+    "num_key_value_heads": 2, "vocab_size": 512, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": true, "torch_dtype": "bfloat16", "hidden_act": "silu"}"#;
+
+#[test]
+fn qwen2_style_model_trains_every_parameter() {
+    let config = ModelConfig::from_json_str(QWEN2_CONFIG).unwrap();
+    let model = Model::random(config, 7, ModelOptions::default()).unwrap();
+    let names: Vec<&str> = model.parameters().iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains(&"model.layers.0.self_attn.q_proj.bias"));
+    assert!(!names.contains(&"model.layers.0.self_attn.o_proj.bias"));
+    assert!(!names
+        .iter()
+        .any(|n| n.contains("q_norm") || n.contains("k_norm")));
+    assert!(
+        !names.contains(&"lm_head.weight"),
+        "tied embeddings have no lm_head"
+    );
+
+    let batch = load_batch();
+    let (report, grads) =
+        loss_and_gradients(&model, &batch, &LossOptions::for_model(model.config())).unwrap();
+    assert!(
+        report.loss.is_finite() && (report.loss - (512f64).ln()).abs() < 0.5,
+        "{report:?}"
+    );
+    assert_eq!(grads.num_present(), model.parameters().len());
+    check_checkpointing_identical(&model, &batch);
+}
+
+#[test]
+fn bf16_compute_runs_with_f32_masters() {
+    let options = ModelOptions {
+        compute_dtype: DType::BF16,
+        ..ModelOptions::default()
+    };
+    let model = Model::from_pretrained(model_dir("moe"), options).unwrap();
+    let batch = load_batch();
+    let (report, grads) =
+        loss_and_gradients(&model, &batch, &LossOptions::for_model(model.config())).unwrap();
+    assert!((report.ce_loss - 6.322655).abs() < 0.05, "{report:?}");
+    assert_eq!(grads.num_present(), model.parameters().len());
+    for (_, g) in grads.iter() {
+        assert_eq!(g.unwrap().dtype(), DType::F32);
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("whet-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn assert_same_parameters(a: &Model, b: &Model) {
+    assert_eq!(a.parameters().len(), b.parameters().len());
+    for ((na, va), (nb, vb)) in a.parameters().iter().zip(b.parameters()) {
+        assert_eq!(na, nb);
+        assert_eq!(max_abs_diff(va.as_tensor(), vb.as_tensor()), 0.0, "{na}");
+    }
+}
+
+#[test]
+fn saved_checkpoints_reload_single_and_sharded() {
+    let model = load_model("moe");
+    let dir = temp_dir("save");
+    std::fs::copy(
+        model_dir("moe").join("config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    model
+        .save_safetensors(dir.join("model.safetensors"), DType::F32)
+        .unwrap();
+    let reloaded = Model::from_pretrained(&dir, ModelOptions::default()).unwrap();
+    assert_same_parameters(&model, &reloaded);
+
+    // Split over shards with an index, as large checkpoints come.
+    let sharded = temp_dir("sharded");
+    std::fs::copy(
+        model_dir("moe").join("config.json"),
+        sharded.join("config.json"),
+    )
+    .unwrap();
+    let written = model
+        .save_pretrained_weights(&sharded, DType::F32, 200_000)
+        .unwrap();
+    assert!(written.len() >= 3, "{written:?}");
+    assert!(sharded.join("model.safetensors.index.json").exists());
+    assert!(!sharded.join("model.safetensors").exists());
+    let from_shards = Model::from_pretrained(&sharded, ModelOptions::default()).unwrap();
+    assert_same_parameters(&model, &from_shards);
+
+    // bf16 save keeps names and halves the size.
+    model
+        .save_safetensors(dir.join("bf16.safetensors"), DType::BF16)
+        .unwrap();
+    let bf16 = candle_core::safetensors::load(dir.join("bf16.safetensors"), &Device::Cpu).unwrap();
+    assert!(bf16.values().all(|t| t.dtype() == DType::BF16));
+    assert_eq!(bf16.len(), model.parameters().len());
+
+    for d in [dir, sharded] {
+        std::fs::remove_dir_all(d).ok();
+    }
+}
+
+#[test]
+fn optimizer_state_resumes_exactly() {
+    let batch = load_batch();
+    let schedule = LrSchedule {
+        kind: ScheduleKind::Cosine,
+        base_lr: 1e-3,
+        warmup_steps: 1,
+        total_steps: 10,
+    };
+    let config = AdamWConfig {
+        weight_decay: 0.1,
+        ..AdamWConfig::default()
+    };
+    let train_step = |model: &Model, optimizer: &mut AdamW, step: usize| {
+        let options = LossOptions::for_model(model.config());
+        let (_, mut grads) = loss_and_gradients(model, &batch, &options).unwrap();
+        clip_grad_norm(&mut grads, 1.0).unwrap();
+        optimizer.step(&grads, schedule.lr(step)).unwrap();
+    };
+
+    let straight = load_model("moe");
+    let mut optimizer = AdamW::new(straight.parameters(), config).unwrap();
+    for step in 1..=3 {
+        train_step(&straight, &mut optimizer, step);
+    }
+
+    let dir = temp_dir("resume");
+    let first = load_model("moe");
+    let mut optimizer = AdamW::new(first.parameters(), config).unwrap();
+    for step in 1..=2 {
+        train_step(&first, &mut optimizer, step);
+    }
+    std::fs::copy(
+        model_dir("moe").join("config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    first
+        .save_safetensors(dir.join("model.safetensors"), DType::F32)
+        .unwrap();
+    optimizer.save(dir.join("optimizer.safetensors")).unwrap();
+
+    let resumed = Model::from_pretrained(&dir, ModelOptions::default()).unwrap();
+    let mut optimizer = AdamW::new(resumed.parameters(), config).unwrap();
+    optimizer.load(dir.join("optimizer.safetensors")).unwrap();
+    assert_eq!(optimizer.step_count(), 2);
+    train_step(&resumed, &mut optimizer, 3);
+    assert_same_parameters(&straight, &resumed);
+    std::fs::remove_dir_all(dir).ok();
+}
