@@ -1,3 +1,7 @@
-fn main() {
-    println!("whet");
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    whet_engine::cli::run(whet_engine::cli::Cli::parse())
 }

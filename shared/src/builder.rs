@@ -112,13 +112,18 @@ impl ConfigBuilder {
                         "`env` must be a map of environment variable names to values",
                         "`env` 必须是环境变量名到取值的映射",
                     )
-                    .with_fix("write env: {PYTORCH_CUDA_ALLOC_CONF: \"expandable_segments:True\"}", "写成 env: {PYTORCH_CUDA_ALLOC_CONF: \"expandable_segments:True\"}"),
+                    .with_fix(
+                        "write env: {PYTORCH_CUDA_ALLOC_CONF: \"expandable_segments:True\"}",
+                        "写成 env: {PYTORCH_CUDA_ALLOC_CONF: \"expandable_segments:True\"}",
+                    ),
                 ),
             }
             return;
         }
         match fields::find(key) {
-            Some(field) if section.is_none_or(|s| s == field.section) => self.set_json(field, value),
+            Some(field) if section.is_none_or(|s| s == field.section) => {
+                self.set_json(field, value)
+            }
             Some(field) => self.push(unknown_key(key, Some(field.name), section)),
             None => self.push(unknown_key(key, fields::closest(key), section)),
         }
@@ -146,7 +151,11 @@ impl ConfigBuilder {
         for (key, value) in map {
             match (nested, key.as_str()) {
                 (true, "launch" | "sft") => {
-                    let section = if key == "launch" { Section::Launch } else { Section::Sft };
+                    let section = if key == "launch" {
+                        Section::Launch
+                    } else {
+                        Section::Sft
+                    };
                     match value {
                         Value::Object(inner) => {
                             for (k, v) in inner {
@@ -172,7 +181,10 @@ impl ConfigBuilder {
             return Err(Diagnostics(self.diagnostics));
         }
         let mut root = Map::new();
-        root.insert("launch".into(), Value::Object(std::mem::take(&mut self.launch)));
+        root.insert(
+            "launch".into(),
+            Value::Object(std::mem::take(&mut self.launch)),
+        );
         root.insert("sft".into(), Value::Object(std::mem::take(&mut self.sft)));
         let deserializer = Value::Object(root);
         match serde_path_to_error::deserialize::<_, JobConfig>(deserializer) {
@@ -251,10 +263,18 @@ fn choice_value(field: &Field, choices: &[&str], text: &str) -> Result<Value, Di
         return Ok(Value::String(c.to_string()));
     }
     let list = choices.join(", ");
-    let d = wrong_value(field, text, &format!("one of {list}"), &format!("以下之一：{list}"));
+    let d = wrong_value(
+        field,
+        text,
+        &format!("one of {list}"),
+        &format!("以下之一：{list}"),
+    );
     Err(match closest_word(&lowered, choices.iter().copied()) {
         Some(c) => d.with_fix(format!("use `{c}`"), format!("改为 `{c}`")),
-        None => d.with_fix(format!("use one of {list}"), format!("使用以下之一：{list}")),
+        None => d.with_fix(
+            format!("use one of {list}"),
+            format!("使用以下之一：{list}"),
+        ),
     })
 }
 
@@ -303,7 +323,9 @@ pub fn coerce_words(field: &Field, words: &[String]) -> Result<Value, Diagnostic
             if words.iter().any(|w| w.trim().is_empty()) {
                 return Err(empty_value(field));
             }
-            Ok(Value::Array(words.iter().map(|w| Value::String(w.clone())).collect()))
+            Ok(Value::Array(
+                words.iter().map(|w| Value::String(w.clone())).collect(),
+            ))
         }
         (_, [word]) => {
             if word.trim().is_empty() && !allows_empty {
@@ -316,8 +338,16 @@ pub fn coerce_words(field: &Field, words: &[String]) -> Result<Value, Diagnostic
             Err(Diagnostic::error(
                 field.name,
                 "too_many_values",
-                format!("`--{}` takes one value but got {}: {shown}", field.name, words.len()),
-                format!("`--{}` 只接受一个值，但给出了 {} 个：{shown}", field.name, words.len()),
+                format!(
+                    "`--{}` takes one value but got {}: {shown}",
+                    field.name,
+                    words.len()
+                ),
+                format!(
+                    "`--{}` 只接受一个值，但给出了 {} 个：{shown}",
+                    field.name,
+                    words.len()
+                ),
             )
             .with_fix(
                 "quote a value that contains spaces, e.g. --system 'You are a helpful assistant.'",
@@ -365,7 +395,9 @@ pub fn coerce_json(field: &Field, value: Value) -> Result<Value, Diagnostic> {
         (Kind::Int, Value::Number(n)) => match n.as_i64() {
             Some(i) => Ok(Value::Number(i.into())),
             None => match n.as_f64() {
-                Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Value::Number((f as i64).into())),
+                Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
+                    Ok(Value::Number((f as i64).into()))
+                }
                 _ => Err(wrong_value(field, &n.to_string(), "a whole number", "整数")),
             },
         },
@@ -387,4 +419,3 @@ pub fn coerce_json(field: &Field, value: Value) -> Result<Value, Diagnostic> {
         )),
     }
 }
-

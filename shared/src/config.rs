@@ -327,7 +327,9 @@ impl ZeroSettings {
             .and_then(|s| s.as_u64())
             .ok_or("`zero_optimization.stage` is missing or not a number")?;
         if stage > 3 {
-            return Err(format!("`zero_optimization.stage` is {stage}; it must be 0–3"));
+            return Err(format!(
+                "`zero_optimization.stage` is {stage}; it must be 0–3"
+            ));
         }
         let offloaded = |key: &str| {
             zero.get(key)

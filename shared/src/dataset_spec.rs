@@ -55,7 +55,10 @@ impl DatasetSpec {
             Some((head, count)) => {
                 let n = count.trim().parse::<u64>().map_err(|_| {
                     bad(
-                        format!("`#{}` in dataset `{shown}` is not a whole number of rows", shorten(count)),
+                        format!(
+                            "`#{}` in dataset `{shown}` is not a whole number of rows",
+                            shorten(count)
+                        ),
                         format!("数据集 `{shown}` 中的 `#{}` 不是整数行数", shorten(count)),
                     )
                 })?;
@@ -74,7 +77,9 @@ impl DatasetSpec {
                 || s.starts_with("./")
                 || s.starts_with("../")
                 || s.starts_with('~')
-                || LOCAL_EXTENSIONS.iter().any(|ext| s.to_ascii_lowercase().ends_with(ext))
+                || LOCAL_EXTENSIONS
+                    .iter()
+                    .any(|ext| s.to_ascii_lowercase().ends_with(ext))
         };
         // A subset follows the last ':' unless the text is a local path (which may contain ':').
         let (id, subsets) = match rest.rsplit_once(':') {
@@ -130,7 +135,11 @@ mod tests {
 
     #[test]
     fn reads_the_seed_spec() {
-        let spec = DatasetSpec::parse("liucong/Chinese-DeepSeek-R1-Distill-data-110k#1000", "dataset").unwrap();
+        let spec = DatasetSpec::parse(
+            "liucong/Chinese-DeepSeek-R1-Distill-data-110k#1000",
+            "dataset",
+        )
+        .unwrap();
         assert_eq!(spec.id, "liucong/Chinese-DeepSeek-R1-Distill-data-110k");
         assert_eq!(spec.sample, Some(1000));
         assert!(spec.subsets.is_empty());
@@ -139,18 +148,28 @@ mod tests {
 
     #[test]
     fn reads_hub_prefix_subsets_and_paths() {
-        let spec = DatasetSpec::parse("hf::modelscope/self-cognition:qwen3/empty_think#500", "dataset").unwrap();
+        let spec = DatasetSpec::parse(
+            "hf::modelscope/self-cognition:qwen3/empty_think#500",
+            "dataset",
+        )
+        .unwrap();
         assert_eq!(spec.hub, Some(Hub::Hf));
         assert_eq!(spec.id, "modelscope/self-cognition");
         assert_eq!(spec.subsets, vec!["qwen3", "empty_think"]);
         assert_eq!(spec.sample, Some(500));
-        assert_eq!(spec.to_string(), "hf::modelscope/self-cognition:qwen3/empty_think#500");
+        assert_eq!(
+            spec.to_string(),
+            "hf::modelscope/self-cognition:qwen3/empty_think#500"
+        );
 
         let local = DatasetSpec::parse("/data/my_dataset.jsonl", "dataset").unwrap();
         assert!(local.is_local);
         assert_eq!(local.id, "/data/my_dataset.jsonl");
         let local = DatasetSpec::parse("./train.jsonl#20", "dataset").unwrap();
-        assert_eq!((local.id.as_str(), local.sample), ("./train.jsonl", Some(20)));
+        assert_eq!(
+            (local.id.as_str(), local.sample),
+            ("./train.jsonl", Some(20))
+        );
     }
 
     #[test]

@@ -100,11 +100,14 @@ pub fn gradient_accumulation_steps(config: &JobConfig) -> u64 {
 }
 
 pub fn learning_rate(config: &JobConfig) -> f64 {
-    config.sft.learning_rate.unwrap_or(if config.sft.tuner_type == TunerType::Full {
-        1e-5
-    } else {
-        1e-4
-    })
+    config
+        .sft
+        .learning_rate
+        .unwrap_or(if config.sft.tuner_type == TunerType::Full {
+            1e-5
+        } else {
+            1e-4
+        })
 }
 
 /// Whether any validation data exists (ms-swift turns evaluation off silently when not).
@@ -128,7 +131,11 @@ pub fn output_dir(config: &JobConfig) -> String {
         Some(dir) => dir.clone(),
         None => {
             let model = config.sft.model.as_deref().unwrap_or("model");
-            let suffix = model.trim_end_matches('/').rsplit('/').next().unwrap_or(model);
+            let suffix = model
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or(model);
             format!("output/{suffix}")
         }
     }
@@ -141,7 +148,11 @@ fn rows_from_specs(specs: &[String], field: &str) -> Option<u64> {
     }
     specs
         .iter()
-        .map(|s| DatasetSpec::parse(s, field).ok().and_then(|spec| spec.sample))
+        .map(|s| {
+            DatasetSpec::parse(s, field)
+                .ok()
+                .and_then(|spec| spec.sample)
+        })
         .sum()
 }
 
@@ -155,13 +166,22 @@ fn count_events(strategy: IntervalStrategy, every: u64, total: u64, updates_per_
     }
 }
 
-pub fn derive(config: &JobConfig, facts: Option<&ModelFacts>, dataset_rows: Option<u64>, gpu: &'static Gpu) -> Derived {
+pub fn derive(
+    config: &JobConfig,
+    facts: Option<&ModelFacts>,
+    dataset_rows: Option<u64>,
+    gpu: &'static Gpu,
+) -> Derived {
     let sft = &config.sft;
     let world = world_size(config);
     let accumulation = gradient_accumulation_steps(config);
     let batch = sft.per_device_train_batch_size.max(1) as u64;
     let eval = eval_strategy(config);
-    let eval_steps = sft.eval_steps.filter(|s| *s > 0).unwrap_or(sft.save_steps).max(0) as u64;
+    let eval_steps = sft
+        .eval_steps
+        .filter(|s| *s > 0)
+        .unwrap_or(sft.save_steps)
+        .max(0) as u64;
 
     // --- rows
     let rows = dataset_rows.or_else(|| rows_from_specs(&sft.dataset, "dataset"));
@@ -200,7 +220,14 @@ pub fn derive(config: &JobConfig, facts: Option<&ModelFacts>, dataset_rows: Opti
     });
     let per_epoch = steps_per_epoch.unwrap_or(total_steps.unwrap_or(1));
     let num_evals = total_steps.map(|t| count_events(eval, eval_steps, t, per_epoch));
-    let num_saves = total_steps.map(|t| count_events(sft.save_strategy, sft.save_steps.max(0) as u64, t, per_epoch));
+    let num_saves = total_steps.map(|t| {
+        count_events(
+            sft.save_strategy,
+            sft.save_steps.max(0) as u64,
+            t,
+            per_epoch,
+        )
+    });
 
     // --- memory and disk
     let zero = sft.zero().unwrap_or_else(ZeroSettings::none);
@@ -233,8 +260,14 @@ pub fn derive(config: &JobConfig, facts: Option<&ModelFacts>, dataset_rows: Opti
         eval_strategy: eval.as_str(),
         eval_steps: (eval == IntervalStrategy::Steps).then_some(eval_steps),
         save_strategy: sft.save_strategy.as_str(),
-        model_type: sft.model_type.clone().or_else(|| facts.map(|f| f.model_type.clone())),
-        template: sft.template.clone().or_else(|| facts.map(|f| f.template.clone())),
+        model_type: sft
+            .model_type
+            .clone()
+            .or_else(|| facts.map(|f| f.model_type.clone())),
+        template: sft
+            .template
+            .clone()
+            .or_else(|| facts.map(|f| f.template.clone())),
         output_dir: output_dir(config),
         dataloader_num_workers: sft.dataloader_num_workers.unwrap_or(1),
         train_rows,

@@ -90,7 +90,11 @@ impl std::fmt::Display for Diagnostic {
             Severity::Warning => "warning",
             Severity::Info => "info",
         };
-        write!(f, "{level}[{}] {}: {}", self.code, self.field, self.message_en)?;
+        write!(
+            f,
+            "{level}[{}] {}: {}",
+            self.code, self.field, self.message_en
+        )?;
         if !self.fix.is_empty() {
             write!(f, "\n  fix: {}", self.fix)?;
         }

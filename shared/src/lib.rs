@@ -27,5 +27,7 @@ pub use diagnostics::{Diagnostic, Diagnostics, Severity};
 pub use files::{parse_config_text, to_config_text, Format};
 pub use models::ModelFacts;
 pub use report::{check, CheckReport};
-pub use shell::{parse_shell, parse_shell_with, to_shell, to_shell_with, Dialect, ShellOptions};
+pub use shell::{
+    parse_shell, parse_shell_onto, parse_shell_with, to_shell, to_shell_with, Dialect, ShellOptions,
+};
 pub use validate::{validate, validate_with};

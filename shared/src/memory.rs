@@ -79,7 +79,12 @@ pub fn quantized_bytes_per_param(bits: i64, double_quant: bool) -> f64 {
 }
 
 /// Activation elements one token keeps in one decoder layer (see the module comment).
-pub fn activation_elements_per_token_layer(facts: &ModelFacts, layer: u64, seq_len: u64, eager: bool) -> f64 {
+pub fn activation_elements_per_token_layer(
+    facts: &ModelFacts,
+    layer: u64,
+    seq_len: u64,
+    eager: bool,
+) -> f64 {
     let h = facts.hidden_size as f64;
     let q = (facts.num_heads * facts.head_dim) as f64;
     let kv = (facts.num_kv_heads * facts.head_dim) as f64;
@@ -112,19 +117,32 @@ pub fn estimate(config: &SftConfig, facts: &ModelFacts, sharding: Sharding) -> M
         let base = match config.quant_bits {
             Some(bits) if config.quant_method.is_some() || config.is_qlora() => {
                 let linear = counts.linear as f64;
-                linear * quantized_bytes_per_param(bits, config.bnb_4bit_use_double_quant) + (p - linear) * b
+                linear * quantized_bytes_per_param(bits, config.bnb_4bit_use_double_quant)
+                    + (p - linear) * b
             }
             _ => p * b,
         };
         let base_on_gpu = if zero.stage >= 3 { base / n } else { base };
         weights = base_on_gpu + 4.0 * t;
-        gradients = if zero.stage >= 2 { 4.0 * t / n } else { 4.0 * t };
-        let adam = if zero.stage >= 1 { 8.0 * t / n } else { 8.0 * t };
+        gradients = if zero.stage >= 2 {
+            4.0 * t / n
+        } else {
+            4.0 * t
+        };
+        let adam = if zero.stage >= 1 {
+            8.0 * t / n
+        } else {
+            8.0 * t
+        };
         optimizer = if zero.offload_optimizer { 0.0 } else { adam };
         cpu_offload = if zero.offload_optimizer { adam } else { 0.0 };
         trainable = t as u64;
     } else {
-        let k = if dtype == TorchDtype::Float32 { 8.0 } else { 12.0 };
+        let k = if dtype == TorchDtype::Float32 {
+            8.0
+        } else {
+            12.0
+        };
         let working_set = 2.0 * counts.largest_layer as f64 * b;
         weights = match zero.stage {
             3 if zero.offload_param => working_set,
@@ -145,7 +163,10 @@ pub fn estimate(config: &SftConfig, facts: &ModelFacts, sharding: Sharding) -> M
     }
 
     // --- activations
-    let seq_len = config.max_length.filter(|l| *l > 0).map_or(DEFAULT_SEQ_LEN, |l| l as u64);
+    let seq_len = config
+        .max_length
+        .filter(|l| *l > 0)
+        .map_or(DEFAULT_SEQ_LEN, |l| l as u64);
     let batch = config.per_device_train_batch_size.max(1) as f64;
     let tokens = batch * seq_len as f64;
     let eager = config.attn_impl.as_deref() == Some("eager");
@@ -204,10 +225,18 @@ pub fn checkpoint_size(config: &SftConfig, facts: &ModelFacts) -> CheckpointSize
         (4.0 * t, 8.0 * t)
     } else {
         let p = facts.param_counts().total as f64;
-        let k = if dtype == TorchDtype::Float32 { 8.0 } else { 12.0 };
+        let k = if dtype == TorchDtype::Float32 {
+            8.0
+        } else {
+            12.0
+        };
         (p * dtype.bytes(), k * p)
     };
-    let optimizer = if config.save_only_model { 0.0 } else { optimizer };
+    let optimizer = if config.save_only_model {
+        0.0
+    } else {
+        optimizer
+    };
     CheckpointSize {
         weights_gib: weights / GIB,
         optimizer_gib: optimizer / GIB,

@@ -77,7 +77,11 @@ impl ModelFacts {
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
         let linear = h * q + 2 * h * kv + q * h;
-        let extra = if self.attention_bias { q + 2 * kv } else { 2 * self.head_dim };
+        let extra = if self.attention_bias {
+            q + 2 * kv
+        } else {
+            2 * self.head_dim
+        };
         (linear, extra)
     }
 
@@ -85,7 +89,11 @@ impl ModelFacts {
     pub fn param_counts(&self) -> ParamCounts {
         let h = self.hidden_size;
         let embed = self.vocab_size * h;
-        let embeddings = if self.tie_word_embeddings { embed } else { 2 * embed };
+        let embeddings = if self.tie_word_embeddings {
+            embed
+        } else {
+            2 * embed
+        };
         let (attention_linear, attention_extra) = self.attention_params();
         let norms = 2 * h;
         let mut total = embeddings + h; // + final norm
@@ -165,8 +173,8 @@ impl ModelFacts {
 
     /// Reads a Hugging Face config.json (both transformers 4.x and 5.x key styles).
     pub fn from_config_json(name: &str, text: &str) -> Result<ModelFacts, String> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| format!("config.json is not valid JSON: {e}"))?;
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| format!("config.json is not valid JSON: {e}"))?;
         let architecture = value
             .get("architectures")
             .and_then(|a| a.get(0))
@@ -183,11 +191,18 @@ impl ModelFacts {
             }
         };
         let int = |key: &str| value.get(key).and_then(|v| v.as_u64());
-        let need = |key: &str| int(key).ok_or_else(|| format!("config.json has no integer `{key}`"));
+        let need =
+            |key: &str| int(key).ok_or_else(|| format!("config.json has no integer `{key}`"));
         let hidden_size = need("hidden_size")?;
         let num_heads = need("num_attention_heads")?;
-        let head_dim = int("head_dim").unwrap_or(if num_heads > 0 { hidden_size / num_heads } else { 0 });
-        let num_experts = int("num_experts").or_else(|| int("num_local_experts")).unwrap_or(0);
+        let head_dim = int("head_dim").unwrap_or(if num_heads > 0 {
+            hidden_size / num_heads
+        } else {
+            0
+        });
+        let num_experts = int("num_experts")
+            .or_else(|| int("num_local_experts"))
+            .unwrap_or(0);
         let dtype = value
             .get("torch_dtype")
             .or_else(|| value.get("dtype"))
@@ -216,7 +231,11 @@ impl ModelFacts {
             intermediate_size: need("intermediate_size")?,
             vocab_size: need("vocab_size")?,
             max_position_embeddings: int("max_position_embeddings").unwrap_or(32768),
-            num_experts: if architecture == Architecture::Qwen3Moe { num_experts } else { 0 },
+            num_experts: if architecture == Architecture::Qwen3Moe {
+                num_experts
+            } else {
+                0
+            },
             num_experts_per_tok: int("num_experts_per_tok").unwrap_or(0),
             moe_intermediate_size: int("moe_intermediate_size").unwrap_or(0),
             mlp_only_layers: value
@@ -243,7 +262,8 @@ impl ModelFacts {
 /// never, the original Qwen3 models are hybrid, Qwen2.5 has its own.
 pub fn default_template(name: &str, architecture: Architecture) -> &'static str {
     let lower = name.to_ascii_lowercase();
-    if architecture == Architecture::Qwen2 || lower.contains("qwen2.5") || lower.contains("qwen2_5") {
+    if architecture == Architecture::Qwen2 || lower.contains("qwen2.5") || lower.contains("qwen2_5")
+    {
         "qwen2_5"
     } else if lower.contains("thinking-2507") {
         "qwen3_thinking"
@@ -274,21 +294,231 @@ type Shape = (
 
 /// Shapes from the models' published config.json files.
 const CATALOG: &[Shape] = &[
-    ("qwen3-0.6b", Architecture::Qwen3, 1024, 28, 16, 8, 128, 3072, 151936, 0, 0, 0, true),
-    ("qwen3-1.7b", Architecture::Qwen3, 2048, 28, 16, 8, 128, 6144, 151936, 0, 0, 0, true),
-    ("qwen3-4b", Architecture::Qwen3, 2560, 36, 32, 8, 128, 9728, 151936, 0, 0, 0, true),
-    ("qwen3-8b", Architecture::Qwen3, 4096, 36, 32, 8, 128, 12288, 151936, 0, 0, 0, false),
-    ("qwen3-14b", Architecture::Qwen3, 5120, 40, 40, 8, 128, 17408, 151936, 0, 0, 0, false),
-    ("qwen3-32b", Architecture::Qwen3, 5120, 64, 64, 8, 128, 25600, 151936, 0, 0, 0, false),
-    ("qwen3-30b-a3b", Architecture::Qwen3Moe, 2048, 48, 32, 4, 128, 6144, 151936, 128, 8, 768, false),
-    ("qwen3-235b-a22b", Architecture::Qwen3Moe, 4096, 94, 64, 4, 128, 12288, 151936, 128, 8, 1536, false),
-    ("qwen2.5-0.5b", Architecture::Qwen2, 896, 24, 14, 2, 64, 4864, 151936, 0, 0, 0, true),
-    ("qwen2.5-1.5b", Architecture::Qwen2, 1536, 28, 12, 2, 128, 8960, 151936, 0, 0, 0, true),
-    ("qwen2.5-3b", Architecture::Qwen2, 2048, 36, 16, 2, 128, 11008, 151936, 0, 0, 0, true),
-    ("qwen2.5-7b", Architecture::Qwen2, 3584, 28, 28, 4, 128, 18944, 152064, 0, 0, 0, false),
-    ("qwen2.5-14b", Architecture::Qwen2, 5120, 48, 40, 8, 128, 13824, 152064, 0, 0, 0, false),
-    ("qwen2.5-32b", Architecture::Qwen2, 5120, 64, 40, 8, 128, 27648, 152064, 0, 0, 0, false),
-    ("qwen2.5-72b", Architecture::Qwen2, 8192, 80, 64, 8, 128, 29568, 152064, 0, 0, 0, false),
+    (
+        "qwen3-0.6b",
+        Architecture::Qwen3,
+        1024,
+        28,
+        16,
+        8,
+        128,
+        3072,
+        151936,
+        0,
+        0,
+        0,
+        true,
+    ),
+    (
+        "qwen3-1.7b",
+        Architecture::Qwen3,
+        2048,
+        28,
+        16,
+        8,
+        128,
+        6144,
+        151936,
+        0,
+        0,
+        0,
+        true,
+    ),
+    (
+        "qwen3-4b",
+        Architecture::Qwen3,
+        2560,
+        36,
+        32,
+        8,
+        128,
+        9728,
+        151936,
+        0,
+        0,
+        0,
+        true,
+    ),
+    (
+        "qwen3-8b",
+        Architecture::Qwen3,
+        4096,
+        36,
+        32,
+        8,
+        128,
+        12288,
+        151936,
+        0,
+        0,
+        0,
+        false,
+    ),
+    (
+        "qwen3-14b",
+        Architecture::Qwen3,
+        5120,
+        40,
+        40,
+        8,
+        128,
+        17408,
+        151936,
+        0,
+        0,
+        0,
+        false,
+    ),
+    (
+        "qwen3-32b",
+        Architecture::Qwen3,
+        5120,
+        64,
+        64,
+        8,
+        128,
+        25600,
+        151936,
+        0,
+        0,
+        0,
+        false,
+    ),
+    (
+        "qwen3-30b-a3b",
+        Architecture::Qwen3Moe,
+        2048,
+        48,
+        32,
+        4,
+        128,
+        6144,
+        151936,
+        128,
+        8,
+        768,
+        false,
+    ),
+    (
+        "qwen3-235b-a22b",
+        Architecture::Qwen3Moe,
+        4096,
+        94,
+        64,
+        4,
+        128,
+        12288,
+        151936,
+        128,
+        8,
+        1536,
+        false,
+    ),
+    (
+        "qwen2.5-0.5b",
+        Architecture::Qwen2,
+        896,
+        24,
+        14,
+        2,
+        64,
+        4864,
+        151936,
+        0,
+        0,
+        0,
+        true,
+    ),
+    (
+        "qwen2.5-1.5b",
+        Architecture::Qwen2,
+        1536,
+        28,
+        12,
+        2,
+        128,
+        8960,
+        151936,
+        0,
+        0,
+        0,
+        true,
+    ),
+    (
+        "qwen2.5-3b",
+        Architecture::Qwen2,
+        2048,
+        36,
+        16,
+        2,
+        128,
+        11008,
+        151936,
+        0,
+        0,
+        0,
+        true,
+    ),
+    (
+        "qwen2.5-7b",
+        Architecture::Qwen2,
+        3584,
+        28,
+        28,
+        4,
+        128,
+        18944,
+        152064,
+        0,
+        0,
+        0,
+        false,
+    ),
+    (
+        "qwen2.5-14b",
+        Architecture::Qwen2,
+        5120,
+        48,
+        40,
+        8,
+        128,
+        13824,
+        152064,
+        0,
+        0,
+        0,
+        false,
+    ),
+    (
+        "qwen2.5-32b",
+        Architecture::Qwen2,
+        5120,
+        64,
+        40,
+        8,
+        128,
+        27648,
+        152064,
+        0,
+        0,
+        0,
+        false,
+    ),
+    (
+        "qwen2.5-72b",
+        Architecture::Qwen2,
+        8192,
+        80,
+        64,
+        8,
+        128,
+        29568,
+        152064,
+        0,
+        0,
+        0,
+        false,
+    ),
 ];
 
 /// The hub ids the catalog knows, for pickers and presets.
@@ -318,7 +548,11 @@ pub fn catalog_ids() -> Vec<String> {
 /// Looks a model up by hub id or folder name (`Qwen/Qwen3-30B-A3B-Thinking-2507`,
 /// `/data/models/Qwen3-8B`); case does not matter.
 pub fn lookup(model: &str) -> Option<ModelFacts> {
-    let name = model.trim_end_matches('/').rsplit('/').next()?.to_ascii_lowercase();
+    let name = model
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()?
+        .to_ascii_lowercase();
     let mut base = name.as_str();
     let mut long_context = false;
     for suffix in ["-fp8", "-awq", "-gptq-int4", "-gptq-int8"] {
@@ -334,8 +568,21 @@ pub fn lookup(model: &str) -> Option<ModelFacts> {
         base = base.strip_suffix(suffix).unwrap_or(base);
     }
     let shape = CATALOG.iter().find(|s| s.0 == base)?;
-    let (_, architecture, hidden, layers, heads, kv, head_dim, inter, vocab, experts, top_k, moe_inter, tied) =
-        *shape;
+    let (
+        _,
+        architecture,
+        hidden,
+        layers,
+        heads,
+        kv,
+        head_dim,
+        inter,
+        vocab,
+        experts,
+        top_k,
+        moe_inter,
+        tied,
+    ) = *shape;
     let max_position_embeddings = match architecture {
         Architecture::Qwen2 => 32768,
         _ if long_context => 262144,
@@ -381,8 +628,14 @@ mod tests {
             let counts = facts.param_counts();
             let total = counts.total as f64 / 1e9;
             let active = counts.active as f64 / 1e9;
-            assert!((total - total_b).abs() / total_b < 0.01, "{id}: total {total} vs {total_b}");
-            assert!((active - active_b).abs() / active_b < 0.02, "{id}: active {active} vs {active_b}");
+            assert!(
+                (total - total_b).abs() / total_b < 0.01,
+                "{id}: total {total} vs {total_b}"
+            );
+            assert!(
+                (active - active_b).abs() / active_b < 0.02,
+                "{id}: active {active} vs {active_b}"
+            );
         };
         // Figures from the model cards: Qwen3-0.6B 0.6B (0.44B non-embedding), Qwen3-8B 8.2B,
         // Qwen3-30B-A3B 30.5B total / 3.3B activated, Qwen3-235B-A22B 235B / 22B, Qwen2.5-7B 7.61B.
@@ -396,11 +649,25 @@ mod tests {
 
     #[test]
     fn picks_templates_like_ms_swift() {
-        assert_eq!(lookup("Qwen/Qwen3-30B-A3B-Thinking-2507").unwrap().template, "qwen3_thinking");
-        assert_eq!(lookup("Qwen/Qwen3-4B-Instruct-2507").unwrap().template, "qwen3_nothinking");
+        assert_eq!(
+            lookup("Qwen/Qwen3-30B-A3B-Thinking-2507").unwrap().template,
+            "qwen3_thinking"
+        );
+        assert_eq!(
+            lookup("Qwen/Qwen3-4B-Instruct-2507").unwrap().template,
+            "qwen3_nothinking"
+        );
         assert_eq!(lookup("Qwen/Qwen3-8B").unwrap().template, "qwen3");
-        assert_eq!(lookup("Qwen/Qwen2.5-7B-Instruct").unwrap().template, "qwen2_5");
-        assert_eq!(lookup("Qwen/Qwen3-30B-A3B-Thinking-2507").unwrap().max_position_embeddings, 262144);
+        assert_eq!(
+            lookup("Qwen/Qwen2.5-7B-Instruct").unwrap().template,
+            "qwen2_5"
+        );
+        assert_eq!(
+            lookup("Qwen/Qwen3-30B-A3B-Thinking-2507")
+                .unwrap()
+                .max_position_embeddings,
+            262144
+        );
         assert!(lookup("meta-llama/Llama-3-8B").is_none());
         for id in catalog_ids() {
             assert!(lookup(&id).is_some(), "{id}");
@@ -420,8 +687,16 @@ mod tests {
         assert_eq!(facts.param_counts().total, 140_160);
         let dense = v5.replace("Qwen3MoeForCausalLM", "Qwen3ForCausalLM");
         // The fixture's dense model has 139,648 parameters.
-        assert_eq!(ModelFacts::from_config_json("tiny", &dense).unwrap().param_counts().total, 139_648);
-        assert!(ModelFacts::from_config_json("x", r#"{"architectures":["LlamaForCausalLM"]}"#).is_err());
+        assert_eq!(
+            ModelFacts::from_config_json("tiny", &dense)
+                .unwrap()
+                .param_counts()
+                .total,
+            139_648
+        );
+        assert!(
+            ModelFacts::from_config_json("x", r#"{"architectures":["LlamaForCausalLM"]}"#).is_err()
+        );
         assert!(ModelFacts::from_config_json("x", "not json").is_err());
     }
 }

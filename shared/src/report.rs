@@ -37,6 +37,9 @@ pub struct FailedReport {
 
 impl FailedReport {
     pub fn new(diagnostics: Vec<Diagnostic>) -> Self {
-        FailedReport { ok: false, diagnostics }
+        FailedReport {
+            ok: false,
+            diagnostics,
+        }
     }
 }

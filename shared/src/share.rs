@@ -43,30 +43,54 @@ pub fn decode(text: &str) -> Result<JobConfig, Diagnostics> {
     let code = code.split('&').next().unwrap_or(code);
     if code.len() > MAX_ENCODED {
         return Err(bad(
-            format!("the share code is {} characters long, more than any config needs", code.len()),
+            format!(
+                "the share code is {} characters long, more than any config needs",
+                code.len()
+            ),
             format!("分享码长度为 {} 个字符，超出了任何配置所需", code.len()),
         ));
     }
     let Some(body) = code.strip_prefix(PREFIX) else {
         let version = code.split('.').next().unwrap_or("");
         return Err(bad(
-            format!("the share code does not start with `{PREFIX}` (got `{}`)", crate::diagnostics::shorten(version)),
-            format!("分享码不是以 `{PREFIX}` 开头（得到 `{}`）", crate::diagnostics::shorten(version)),
+            format!(
+                "the share code does not start with `{PREFIX}` (got `{}`)",
+                crate::diagnostics::shorten(version)
+            ),
+            format!(
+                "分享码不是以 `{PREFIX}` 开头（得到 `{}`）",
+                crate::diagnostics::shorten(version)
+            ),
         ));
     };
-    let compressed = URL_SAFE_NO_PAD
-        .decode(body)
-        .map_err(|e| bad(format!("the share code is not valid base64url: {e}"), format!("分享码不是有效的 base64url：{e}")))?;
+    let compressed = URL_SAFE_NO_PAD.decode(body).map_err(|e| {
+        bad(
+            format!("the share code is not valid base64url: {e}"),
+            format!("分享码不是有效的 base64url：{e}"),
+        )
+    })?;
     let mut json = Vec::new();
     flate2::read::DeflateDecoder::new(compressed.as_slice())
         .take(MAX_JSON + 1)
         .read_to_end(&mut json)
-        .map_err(|e| bad(format!("the share code does not inflate: {e}"), format!("分享码无法解压：{e}")))?;
+        .map_err(|e| {
+            bad(
+                format!("the share code does not inflate: {e}"),
+                format!("分享码无法解压：{e}"),
+            )
+        })?;
     if json.len() as u64 > MAX_JSON {
-        return Err(bad("the share code inflates to more than 1 MiB".into(), "分享码解压后超过 1 MiB".into()));
+        return Err(bad(
+            "the share code inflates to more than 1 MiB".into(),
+            "分享码解压后超过 1 MiB".into(),
+        ));
     }
-    let document: serde_json::Value = serde_json::from_slice(&json)
-        .map_err(|e| bad(format!("the share code does not hold JSON: {e}"), format!("分享码中不是 JSON：{e}")))?;
+    let document: serde_json::Value = serde_json::from_slice(&json).map_err(|e| {
+        bad(
+            format!("the share code does not hold JSON: {e}"),
+            format!("分享码中不是 JSON：{e}"),
+        )
+    })?;
     let mut builder = ConfigBuilder::new();
     builder.apply_document(document);
     builder.finish()

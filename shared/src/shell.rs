@@ -138,7 +138,11 @@ fn lex(script: &str) -> Result<Vec<Vec<Word>>, Diagnostic> {
             command.push(w);
         }
     }
-    fn end_command(word: &mut Option<Word>, command: &mut Vec<Word>, commands: &mut Vec<Vec<Word>>) {
+    fn end_command(
+        word: &mut Option<Word>,
+        command: &mut Vec<Word>,
+        commands: &mut Vec<Vec<Word>>,
+    ) {
         end_word(word, command);
         if !command.is_empty() {
             commands.push(std::mem::take(command));
@@ -172,7 +176,10 @@ fn lex(script: &str) -> Result<Vec<Vec<Word>>, Diagnostic> {
                         break;
                     }
                 }
-                word.pieces.push(Piece::Var { name, braced: false });
+                word.pieces.push(Piece::Var {
+                    name,
+                    braced: false,
+                });
                 true
             }
             _ => false,
@@ -203,7 +210,9 @@ fn lex(script: &str) -> Result<Vec<Vec<Word>>, Diagnostic> {
                     chars.next();
                     line += 1;
                 }
-                Some(escaped) => word.get_or_insert_with(Word::default).push_char(escaped, true),
+                Some(escaped) => word
+                    .get_or_insert_with(Word::default)
+                    .push_char(escaped, true),
                 None => {}
             },
             '\'' => {
@@ -289,7 +298,9 @@ fn lex(script: &str) -> Result<Vec<Vec<Word>>, Diagnostic> {
                     w.push_char('$', false);
                 }
             }
-            other => word.get_or_insert_with(Word::default).push_char(other, false),
+            other => word
+                .get_or_insert_with(Word::default)
+                .push_char(other, false),
         }
     }
     end_command(&mut word, &mut command, &mut commands);
@@ -314,8 +325,18 @@ pub fn parse_shell_with(
     script: &str,
     read_file: &dyn Fn(&str) -> Result<String, String>,
 ) -> Result<JobConfig, Diagnostics> {
+    parse_shell_onto(&JobConfig::default(), script, read_file)
+}
+
+/// Like `parse_shell_with`, starting from `base` instead of the defaults (flags given after a
+/// config file or script override it).
+pub fn parse_shell_onto(
+    base: &JobConfig,
+    script: &str,
+    read_file: &dyn Fn(&str) -> Result<String, String>,
+) -> Result<JobConfig, Diagnostics> {
     let commands = lex(script).map_err(Diagnostics::from)?;
-    let mut builder = ConfigBuilder::new();
+    let mut builder = ConfigBuilder::from_config(base);
     // Variables the script assigned (for `$VAR`); exported ones also go into the job's env.
     let mut vars: BTreeMap<String, String> = BTreeMap::new();
     let mut found_training_command = false;
@@ -399,15 +420,22 @@ fn training_start(words: &[(String, bool)]) -> Option<usize> {
     let is_launcher = program == "torchrun"
         || (program.starts_with("python")
             && words.get(1).is_some_and(|w| w.0 == "-m")
-            && words
-                .get(2)
-                .is_some_and(|w| w.0 == "torch.distributed.run" || w.0 == "torch.distributed.launch"));
-    let is_sft = (program == "swift" || program == "whet") && words.get(1).is_some_and(|w| w.0 == "sft");
+            && words.get(2).is_some_and(|w| {
+                w.0 == "torch.distributed.run" || w.0 == "torch.distributed.launch"
+            }));
+    let is_sft =
+        (program == "swift" || program == "whet") && words.get(1).is_some_and(|w| w.0 == "sft");
     let is_script = program.ends_with("sft.py");
     (is_launcher || is_sft || is_script).then_some(0)
 }
 
-const LAUNCHER_VALUE_OPTIONS: &[&str] = &["nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port"];
+const LAUNCHER_VALUE_OPTIONS: &[&str] = &[
+    "nproc_per_node",
+    "nnodes",
+    "node_rank",
+    "master_addr",
+    "master_port",
+];
 const LAUNCHER_IGNORED_FLAGS: &[&str] = &["no_python", "standalone"];
 const LAUNCHER_IGNORED_VALUES: &[&str] = &[
     "rdzv_backend",
@@ -446,7 +474,13 @@ fn parse_training_command(
             let takes_value = LAUNCHER_VALUE_OPTIONS.contains(&name.as_str())
                 || LAUNCHER_IGNORED_VALUES.contains(&name.as_str());
             if !takes_value {
-                let hint = closest_word(&name, LAUNCHER_VALUE_OPTIONS.iter().chain(LAUNCHER_IGNORED_FLAGS).copied());
+                let hint = closest_word(
+                    &name,
+                    LAUNCHER_VALUE_OPTIONS
+                        .iter()
+                        .chain(LAUNCHER_IGNORED_FLAGS)
+                        .copied(),
+                );
                 builder.push(
                     Diagnostic::error(
                         "launcher",
@@ -502,8 +536,14 @@ fn parse_training_command(
                 let sub = other.unwrap_or("");
                 builder.push(shell_error(
                     "shell_not_sft",
-                    format!("`{program} {}` is not a training command; whet reads `sft`", shorten(sub)),
-                    format!("`{program} {}` 不是训练命令；whet 只读取 `sft`", shorten(sub)),
+                    format!(
+                        "`{program} {}` is not a training command; whet reads `sft`",
+                        shorten(sub)
+                    ),
+                    format!(
+                        "`{program} {}` 不是训练命令；whet 只读取 `sft`",
+                        shorten(sub)
+                    ),
                     "use `swift sft ...` or `whet sft ...`",
                     "请使用 `swift sft ...` 或 `whet sft ...`",
                 ));
@@ -515,8 +555,14 @@ fn parse_training_command(
     } else {
         builder.push(shell_error(
             "shell_not_sft",
-            format!("torchrun runs `{}`, not `swift sft` or `whet sft`", shorten(program)),
-            format!("torchrun 运行的是 `{}`，而不是 `swift sft` 或 `whet sft`", shorten(program)),
+            format!(
+                "torchrun runs `{}`, not `swift sft` or `whet sft`",
+                shorten(program)
+            ),
+            format!(
+                "torchrun 运行的是 `{}`，而不是 `swift sft` 或 `whet sft`",
+                shorten(program)
+            ),
             "write `torchrun ... --no_python swift sft ...`",
             "写成 `torchrun ... --no_python swift sft ...`",
         ));
@@ -534,7 +580,10 @@ fn parse_training_command(
             }
             builder.push(shell_error(
                 "shell_unexpected_word",
-                format!("unexpected word `{}` where a --flag was expected", shorten(word)),
+                format!(
+                    "unexpected word `{}` where a --flag was expected",
+                    shorten(word)
+                ),
                 format!("此处应为 --参数，却出现了 `{}`", shorten(word)),
                 "quote a value that contains spaces, and start each flag with --",
                 "含空格的值请加引号，每个参数以 -- 开头",
@@ -604,7 +653,10 @@ fn apply_config_file(
     let Some(format) = Format::from_path(path) else {
         builder.push(shell_error(
             "config_format",
-            format!("`{}` is not a .json, .yaml, .yml or .toml file", shorten(path)),
+            format!(
+                "`{}` is not a .json, .yaml, .yml or .toml file",
+                shorten(path)
+            ),
             format!("`{}` 不是 .json、.yaml、.yml 或 .toml 文件", shorten(path)),
             "give the config file one of those extensions",
             "请使用这些扩展名之一",
@@ -631,7 +683,13 @@ fn apply_config_file(
 
 /// A readable multi-line script that `parse_shell` reads back to an equal config.
 pub fn to_shell(config: &JobConfig, dialect: Dialect) -> String {
-    to_shell_with(config, ShellOptions { dialect, all: false })
+    to_shell_with(
+        config,
+        ShellOptions {
+            dialect,
+            all: false,
+        },
+    )
 }
 
 pub fn to_shell_with(config: &JobConfig, options: ShellOptions) -> String {

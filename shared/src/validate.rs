@@ -40,23 +40,48 @@ fn positive(out: &mut Vec<Diagnostic>, field: &str, value: i64, example: &str) {
                 format!("`{field}` must be at least 1, got {value}"),
                 format!("`{field}` 必须至少为 1，当前为 {value}"),
             )
-            .with_fix(format!("set --{field} {example}"), format!("设置 --{field} {example}")),
+            .with_fix(
+                format!("set --{field} {example}"),
+                format!("设置 --{field} {example}"),
+            ),
         );
     }
 }
 
-fn in_range(out: &mut Vec<Diagnostic>, field: &str, value: f64, low: f64, high: f64, high_inclusive: bool, example: &str) {
-    let ok = value >= low && if high_inclusive { value <= high } else { value < high };
+fn in_range(
+    out: &mut Vec<Diagnostic>,
+    field: &str,
+    value: f64,
+    low: f64,
+    high: f64,
+    high_inclusive: bool,
+    example: &str,
+) {
+    let ok = value >= low
+        && if high_inclusive {
+            value <= high
+        } else {
+            value < high
+        };
     if !ok {
         let bracket = if high_inclusive { "]" } else { ")" };
         out.push(
             Diagnostic::error(
                 field,
                 "out_of_range",
-                format!("`{field}` must be in [{low}, {high}{bracket}, got {}", format_float(value)),
-                format!("`{field}` 必须在 [{low}, {high}{bracket} 之内，当前为 {}", format_float(value)),
+                format!(
+                    "`{field}` must be in [{low}, {high}{bracket}, got {}",
+                    format_float(value)
+                ),
+                format!(
+                    "`{field}` 必须在 [{low}, {high}{bracket} 之内，当前为 {}",
+                    format_float(value)
+                ),
             )
-            .with_fix(format!("set --{field} {example}"), format!("设置 --{field} {example}")),
+            .with_fix(
+                format!("set --{field} {example}"),
+                format!("设置 --{field} {example}"),
+            ),
         );
     }
 }
@@ -74,8 +99,16 @@ pub fn parse_devices(devices: &str) -> Result<Vec<u32>, Diagnostic> {
             Diagnostic::error(
                 "cuda_visible_devices",
                 "devices_invalid",
-                format!("CUDA_VISIBLE_DEVICES `{}` has `{}`, which is not a GPU index", shorten(devices), shorten(part)),
-                format!("CUDA_VISIBLE_DEVICES `{}` 中的 `{}` 不是 GPU 编号", shorten(devices), shorten(part)),
+                format!(
+                    "CUDA_VISIBLE_DEVICES `{}` has `{}`, which is not a GPU index",
+                    shorten(devices),
+                    shorten(part)
+                ),
+                format!(
+                    "CUDA_VISIBLE_DEVICES `{}` 中的 `{}` 不是 GPU 编号",
+                    shorten(devices),
+                    shorten(part)
+                ),
             )
             .with_fix(
                 "list GPU indices separated by commas, e.g. 0,1,2,3 (empty = CPU)",
@@ -153,7 +186,10 @@ fn launch_rules(config: &JobConfig, out: &mut Vec<Diagnostic>) {
                 format!("master_port {port} is not a TCP port (1–65535)"),
                 format!("master_port {port} 不是有效的 TCP 端口（1–65535）"),
             )
-            .with_fix("use the default 29500 or another free port", "使用默认的 29500 或其他空闲端口"),
+            .with_fix(
+                "use the default 29500 or another free port",
+                "使用默认的 29500 或其他空闲端口",
+            ),
         );
     } else if port < 1024 {
         out.push(
@@ -172,35 +208,69 @@ fn launch_rules(config: &JobConfig, out: &mut Vec<Diagnostic>) {
             Diagnostic::error(
                 "node_rank",
                 "node_rank_out_of_range",
-                format!("node_rank {} must be between 0 and nnodes-1 ({})", launch.node_rank, launch.nnodes - 1),
-                format!("node_rank {} 必须在 0 到 nnodes-1（{}）之间", launch.node_rank, launch.nnodes - 1),
+                format!(
+                    "node_rank {} must be between 0 and nnodes-1 ({})",
+                    launch.node_rank,
+                    launch.nnodes - 1
+                ),
+                format!(
+                    "node_rank {} 必须在 0 到 nnodes-1（{}）之间",
+                    launch.node_rank,
+                    launch.nnodes - 1
+                ),
             )
-            .with_fix("number the nodes 0, 1, ... nnodes-1", "节点编号为 0, 1, ... nnodes-1"),
+            .with_fix(
+                "number the nodes 0, 1, ... nnodes-1",
+                "节点编号为 0, 1, ... nnodes-1",
+            ),
         );
     }
     if launch.master_addr.trim().is_empty() {
-        out.push(Diagnostic::error(
-            "master_addr",
-            "empty_value",
-            "master_addr is empty",
-            "master_addr 为空",
-        ).with_fix("use 127.0.0.1 on one machine, or rank 0's address", "单机使用 127.0.0.1，多机填写 rank 0 所在机器的地址"));
+        out.push(
+            Diagnostic::error(
+                "master_addr",
+                "empty_value",
+                "master_addr is empty",
+                "master_addr 为空",
+            )
+            .with_fix(
+                "use 127.0.0.1 on one machine, or rank 0's address",
+                "单机使用 127.0.0.1，多机填写 rank 0 所在机器的地址",
+            ),
+        );
     }
     for name in launch.env.keys() {
-        let valid = name.chars().next().is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
             && name.chars().all(|c| c == '_' || c.is_ascii_alphanumeric());
         if !valid {
-            out.push(Diagnostic::error(
-                "env",
-                "env_name_invalid",
-                format!("`{}` is not a valid environment variable name", shorten(name)),
-                format!("`{}` 不是合法的环境变量名", shorten(name)),
-            ).with_fix("use letters, digits and _ (not starting with a digit)", "只用字母、数字和下划线，且不以数字开头"));
+            out.push(
+                Diagnostic::error(
+                    "env",
+                    "env_name_invalid",
+                    format!(
+                        "`{}` is not a valid environment variable name",
+                        shorten(name)
+                    ),
+                    format!("`{}` 不是合法的环境变量名", shorten(name)),
+                )
+                .with_fix(
+                    "use letters, digits and _ (not starting with a digit)",
+                    "只用字母、数字和下划线，且不以数字开头",
+                ),
+            );
         }
     }
 }
 
-fn model_rules(config: &JobConfig, facts: Option<&ModelFacts>, context: &CheckContext, out: &mut Vec<Diagnostic>) {
+fn model_rules(
+    config: &JobConfig,
+    facts: Option<&ModelFacts>,
+    context: &CheckContext,
+    out: &mut Vec<Diagnostic>,
+) {
     let sft = &config.sft;
     match sft.model.as_deref().map(str::trim) {
         None | Some("") => out.push(
@@ -234,12 +304,18 @@ fn model_rules(config: &JobConfig, facts: Option<&ModelFacts>, context: &CheckCo
         if !TEMPLATES.contains(&template.as_str()) {
             // The parser checks choices; a config built in code may still hold anything.
             let hint = closest_word(template, TEMPLATES.iter().copied()).unwrap_or("qwen3");
-            out.push(Diagnostic::error(
-                "template",
-                "template_unknown",
-                format!("template `{}` is not one whet renders", shorten(template)),
-                format!("whet 不支持模板 `{}`", shorten(template)),
-            ).with_fix(format!("use `{hint}`, or unset it to pick from the model"), format!("改为 `{hint}`，或不设置以根据模型自动选择")));
+            out.push(
+                Diagnostic::error(
+                    "template",
+                    "template_unknown",
+                    format!("template `{}` is not one whet renders", shorten(template)),
+                    format!("whet 不支持模板 `{}`", shorten(template)),
+                )
+                .with_fix(
+                    format!("use `{hint}`, or unset it to pick from the model"),
+                    format!("改为 `{hint}`，或不设置以根据模型自动选择"),
+                ),
+            );
         }
     }
     if let (Some(facts), Some(template)) = (facts, &sft.template) {
@@ -261,14 +337,28 @@ fn model_rules(config: &JobConfig, facts: Option<&ModelFacts>, context: &CheckCo
                 Diagnostic::warning(
                     "max_length",
                     "max_length_over_model",
-                    format!("max_length {max_length} is beyond what the model was trained for ({})", facts.max_position_embeddings),
-                    format!("max_length {max_length} 超过了模型支持的长度（{}）", facts.max_position_embeddings),
+                    format!(
+                        "max_length {max_length} is beyond what the model was trained for ({})",
+                        facts.max_position_embeddings
+                    ),
+                    format!(
+                        "max_length {max_length} 超过了模型支持的长度（{}）",
+                        facts.max_position_embeddings
+                    ),
                 )
-                .with_fix(format!("set --max_length {} or less", facts.max_position_embeddings), format!("设置 --max_length 不超过 {}", facts.max_position_embeddings)),
+                .with_fix(
+                    format!("set --max_length {} or less", facts.max_position_embeddings),
+                    format!("设置 --max_length 不超过 {}", facts.max_position_embeddings),
+                ),
             );
         }
     }
-    if sft.packing && !matches!(sft.attn_impl.as_deref(), Some("flash_attn" | "flash_attention_2" | "flash_attention_3")) {
+    if sft.packing
+        && !matches!(
+            sft.attn_impl.as_deref(),
+            Some("flash_attn" | "flash_attention_2" | "flash_attention_3")
+        )
+    {
         out.push(
             Diagnostic::error(
                 "packing",
@@ -276,7 +366,10 @@ fn model_rules(config: &JobConfig, facts: Option<&ModelFacts>, context: &CheckCo
                 "packing needs flash attention (ms-swift refuses it otherwise)",
                 "packing 需要 flash attention（否则 ms-swift 会报错）",
             )
-            .with_fix("add --attn_impl flash_attn, or set --packing false", "添加 --attn_impl flash_attn，或设置 --packing false"),
+            .with_fix(
+                "add --attn_impl flash_attn, or set --packing false",
+                "添加 --attn_impl flash_attn，或设置 --packing false",
+            ),
         );
     }
 }
@@ -286,7 +379,15 @@ fn tuner_rules(config: &JobConfig, out: &mut Vec<Diagnostic>) {
     if sft.is_adapter() {
         positive(out, "lora_rank", sft.lora_rank, "8");
         positive(out, "lora_alpha", sft.lora_alpha, "32");
-        in_range(out, "lora_dropout", sft.lora_dropout, 0.0, 1.0, false, "0.05");
+        in_range(
+            out,
+            "lora_dropout",
+            sft.lora_dropout,
+            0.0,
+            1.0,
+            false,
+            "0.05",
+        );
     } else if sft.quant_bits.is_some() || sft.quant_method.is_some() {
         out.push(
             Diagnostic::error(
@@ -300,8 +401,13 @@ fn tuner_rules(config: &JobConfig, out: &mut Vec<Diagnostic>) {
     }
     match (sft.quant_method.as_deref(), sft.quant_bits) {
         (Some(_), None) => out.push(
-            Diagnostic::error("quant_bits", "quant_bits_missing", "quant_method is set but quant_bits is not", "设置了 quant_method 但没有设置 quant_bits")
-                .with_fix("add --quant_bits 4", "添加 --quant_bits 4"),
+            Diagnostic::error(
+                "quant_bits",
+                "quant_bits_missing",
+                "quant_method is set but quant_bits is not",
+                "设置了 quant_method 但没有设置 quant_bits",
+            )
+            .with_fix("add --quant_bits 4", "添加 --quant_bits 4"),
         ),
         (_, Some(bits)) if bits != 4 && bits != 8 => out.push(
             Diagnostic::error(
@@ -313,8 +419,13 @@ fn tuner_rules(config: &JobConfig, out: &mut Vec<Diagnostic>) {
             .with_fix("use --quant_bits 4", "使用 --quant_bits 4"),
         ),
         (None, Some(_)) => out.push(
-            Diagnostic::error("quant_method", "quant_method_missing", "quant_bits is set but quant_method is not", "设置了 quant_bits 但没有设置 quant_method")
-                .with_fix("add --quant_method bnb", "添加 --quant_method bnb"),
+            Diagnostic::error(
+                "quant_method",
+                "quant_method_missing",
+                "quant_bits is set but quant_method is not",
+                "设置了 quant_bits 但没有设置 quant_method",
+            )
+            .with_fix("add --quant_method bnb", "添加 --quant_method bnb"),
         ),
         _ => {}
     }
@@ -324,8 +435,16 @@ fn data_rules(config: &JobConfig, out: &mut Vec<Diagnostic>) {
     let sft = &config.sft;
     if sft.dataset.is_empty() {
         out.push(
-            Diagnostic::error("dataset", "dataset_missing", "no training dataset is set", "没有设置训练数据集")
-                .with_fix("add --dataset <hub id or file.jsonl>[#N]", "添加 --dataset <Hub ID 或 file.jsonl>[#N]"),
+            Diagnostic::error(
+                "dataset",
+                "dataset_missing",
+                "no training dataset is set",
+                "没有设置训练数据集",
+            )
+            .with_fix(
+                "add --dataset <hub id or file.jsonl>[#N]",
+                "添加 --dataset <Hub ID 或 file.jsonl>[#N]",
+            ),
         );
     }
     for (field, specs) in [("dataset", &sft.dataset), ("val_dataset", &sft.val_dataset)] {
@@ -335,14 +454,25 @@ fn data_rules(config: &JobConfig, out: &mut Vec<Diagnostic>) {
             }
         }
     }
-    in_range(out, "split_dataset_ratio", sft.split_dataset_ratio, 0.0, 1.0, false, "0.01");
+    in_range(
+        out,
+        "split_dataset_ratio",
+        sft.split_dataset_ratio,
+        0.0,
+        1.0,
+        false,
+        "0.01",
+    );
     if sft.split_dataset_ratio > 0.0 && !sft.val_dataset.is_empty() {
-        out.push(Diagnostic::info(
-            "split_dataset_ratio",
-            "split_ignored",
-            "val_dataset is set, so split_dataset_ratio is ignored (ms-swift sets it to 0)",
-            "已设置 val_dataset，split_dataset_ratio 会被忽略（ms-swift 将其置为 0）",
-        ).with_fix("remove --split_dataset_ratio", "删除 --split_dataset_ratio"));
+        out.push(
+            Diagnostic::info(
+                "split_dataset_ratio",
+                "split_ignored",
+                "val_dataset is set, so split_dataset_ratio is ignored (ms-swift sets it to 0)",
+                "已设置 val_dataset，split_dataset_ratio 会被忽略（ms-swift 将其置为 0）",
+            )
+            .with_fix("remove --split_dataset_ratio", "删除 --split_dataset_ratio"),
+        );
     }
     if let Some(max_length) = sft.max_length {
         positive(out, "max_length", max_length, "4096");
@@ -350,95 +480,209 @@ fn data_rules(config: &JobConfig, out: &mut Vec<Diagnostic>) {
     positive(out, "dataset_num_proc", sft.dataset_num_proc, "1");
     if sft.streaming && sft.max_steps <= 0 {
         out.push(
-            Diagnostic::error("max_steps", "streaming_needs_max_steps", "streaming data has no length, so max_steps must be set", "流式数据没有长度，必须设置 max_steps")
-                .with_fix("add --max_steps 1000 (or set --streaming false)", "添加 --max_steps 1000（或设置 --streaming false）"),
+            Diagnostic::error(
+                "max_steps",
+                "streaming_needs_max_steps",
+                "streaming data has no length, so max_steps must be set",
+                "流式数据没有长度，必须设置 max_steps",
+            )
+            .with_fix(
+                "add --max_steps 1000 (or set --streaming false)",
+                "添加 --max_steps 1000（或设置 --streaming false）",
+            ),
         );
     }
     for field in ["model_name", "model_author"] {
-        let values = if field == "model_name" { &sft.model_name } else { &sft.model_author };
+        let values = if field == "model_name" {
+            &sft.model_name
+        } else {
+            &sft.model_author
+        };
         if values.len() > 2 {
-            out.push(Diagnostic::error(
-                field,
-                "too_many_values",
-                format!("`{field}` takes one or two values (Chinese, English), got {}", values.len()),
-                format!("`{field}` 只接受一到两个值（中文、英文），当前为 {} 个", values.len()),
-            ).with_fix(format!("write --{field} 小黄 'Xiao Huang'"), format!("写成 --{field} 小黄 'Xiao Huang'")));
+            out.push(
+                Diagnostic::error(
+                    field,
+                    "too_many_values",
+                    format!(
+                        "`{field}` takes one or two values (Chinese, English), got {}",
+                        values.len()
+                    ),
+                    format!(
+                        "`{field}` 只接受一到两个值（中文、英文），当前为 {} 个",
+                        values.len()
+                    ),
+                )
+                .with_fix(
+                    format!("write --{field} 小黄 'Xiao Huang'"),
+                    format!("写成 --{field} 小黄 'Xiao Huang'"),
+                ),
+            );
         }
     }
     if let Some(workers) = sft.dataloader_num_workers {
         if workers < 0 {
-            out.push(Diagnostic::error(
-                "dataloader_num_workers",
-                "must_not_be_negative",
-                format!("dataloader_num_workers must be 0 or more, got {workers}"),
-                format!("dataloader_num_workers 不能为负数，当前为 {workers}"),
-            ).with_fix("set --dataloader_num_workers 4", "设置 --dataloader_num_workers 4"));
+            out.push(
+                Diagnostic::error(
+                    "dataloader_num_workers",
+                    "must_not_be_negative",
+                    format!("dataloader_num_workers must be 0 or more, got {workers}"),
+                    format!("dataloader_num_workers 不能为负数，当前为 {workers}"),
+                )
+                .with_fix(
+                    "set --dataloader_num_workers 4",
+                    "设置 --dataloader_num_workers 4",
+                ),
+            );
         }
     }
 }
 
 fn training_rules(config: &JobConfig, derived: &Derived, out: &mut Vec<Diagnostic>) {
     let sft = &config.sft;
-    positive(out, "per_device_train_batch_size", sft.per_device_train_batch_size, "1");
-    positive(out, "per_device_eval_batch_size", sft.per_device_eval_batch_size, "1");
+    positive(
+        out,
+        "per_device_train_batch_size",
+        sft.per_device_train_batch_size,
+        "1",
+    );
+    positive(
+        out,
+        "per_device_eval_batch_size",
+        sft.per_device_eval_batch_size,
+        "1",
+    );
     if let Some(steps) = sft.gradient_accumulation_steps {
         positive(out, "gradient_accumulation_steps", steps, "8");
     }
     if sft.max_steps == 0 || sft.max_steps < -1 {
-        out.push(Diagnostic::error(
-            "max_steps",
-            "max_steps_invalid",
-            format!("max_steps must be -1 (use epochs) or at least 1, got {}", sft.max_steps),
-            format!("max_steps 必须为 -1（按轮数）或至少为 1，当前为 {}", sft.max_steps),
-        ).with_fix("set --max_steps -1", "设置 --max_steps -1"));
+        out.push(
+            Diagnostic::error(
+                "max_steps",
+                "max_steps_invalid",
+                format!(
+                    "max_steps must be -1 (use epochs) or at least 1, got {}",
+                    sft.max_steps
+                ),
+                format!(
+                    "max_steps 必须为 -1（按轮数）或至少为 1，当前为 {}",
+                    sft.max_steps
+                ),
+            )
+            .with_fix("set --max_steps -1", "设置 --max_steps -1"),
+        );
     }
     if sft.max_steps <= 0 && sft.num_train_epochs <= 0.0 {
-        out.push(Diagnostic::error(
-            "num_train_epochs",
-            "must_be_positive",
-            format!("num_train_epochs must be more than 0, got {}", format_float(sft.num_train_epochs)),
-            format!("num_train_epochs 必须大于 0，当前为 {}", format_float(sft.num_train_epochs)),
-        ).with_fix("set --num_train_epochs 3", "设置 --num_train_epochs 3"));
+        out.push(
+            Diagnostic::error(
+                "num_train_epochs",
+                "must_be_positive",
+                format!(
+                    "num_train_epochs must be more than 0, got {}",
+                    format_float(sft.num_train_epochs)
+                ),
+                format!(
+                    "num_train_epochs 必须大于 0，当前为 {}",
+                    format_float(sft.num_train_epochs)
+                ),
+            )
+            .with_fix("set --num_train_epochs 3", "设置 --num_train_epochs 3"),
+        );
     }
     match sft.learning_rate {
         Some(lr) if lr <= 0.0 => out.push(
             Diagnostic::error(
                 "learning_rate",
                 "must_be_positive",
-                format!("learning_rate must be more than 0, got {}", format_float(lr)),
+                format!(
+                    "learning_rate must be more than 0, got {}",
+                    format_float(lr)
+                ),
                 format!("learning_rate 必须大于 0，当前为 {}", format_float(lr)),
             )
             .with_fix(
-                if sft.is_adapter() { "set --learning_rate 1e-4" } else { "set --learning_rate 1e-5" },
-                if sft.is_adapter() { "设置 --learning_rate 1e-4" } else { "设置 --learning_rate 1e-5" },
+                if sft.is_adapter() {
+                    "set --learning_rate 1e-4"
+                } else {
+                    "set --learning_rate 1e-5"
+                },
+                if sft.is_adapter() {
+                    "设置 --learning_rate 1e-4"
+                } else {
+                    "设置 --learning_rate 1e-5"
+                },
             ),
         ),
         Some(lr) => {
-            let (low, high, usual) = if sft.is_adapter() { (1e-6, 1e-3, "1e-4 to 5e-4") } else { (1e-7, 1e-4, "1e-5 to 5e-5") };
+            let (low, high, usual) = if sft.is_adapter() {
+                (1e-6, 1e-3, "1e-4 to 5e-4")
+            } else {
+                (1e-7, 1e-4, "1e-5 to 5e-5")
+            };
             if lr < low || lr > high {
-                let kind = if sft.is_adapter() { "LoRA" } else { "full fine-tuning" };
-                let kind_zh = if sft.is_adapter() { "LoRA" } else { "全参数微调" };
+                let kind = if sft.is_adapter() {
+                    "LoRA"
+                } else {
+                    "full fine-tuning"
+                };
+                let kind_zh = if sft.is_adapter() {
+                    "LoRA"
+                } else {
+                    "全参数微调"
+                };
                 out.push(
                     Diagnostic::warning(
                         "learning_rate",
                         "learning_rate_unusual",
-                        format!("learning_rate {} is far from the usual {usual} for {kind}", format_float(lr)),
-                        format!("learning_rate {} 远离{kind_zh}常用的 {usual}", format_float(lr)),
+                        format!(
+                            "learning_rate {} is far from the usual {usual} for {kind}",
+                            format_float(lr)
+                        ),
+                        format!(
+                            "learning_rate {} 远离{kind_zh}常用的 {usual}",
+                            format_float(lr)
+                        ),
                     )
-                    .with_fix(format!("try a value in {usual}"), format!("尝试 {usual} 之间的值")),
+                    .with_fix(
+                        format!("try a value in {usual}"),
+                        format!("尝试 {usual} 之间的值"),
+                    ),
                 );
             }
         }
         None => {}
     }
-    in_range(out, "warmup_ratio", sft.warmup_ratio, 0.0, 1.0, false, "0.1");
+    in_range(
+        out,
+        "warmup_ratio",
+        sft.warmup_ratio,
+        0.0,
+        1.0,
+        false,
+        "0.1",
+    );
     if sft.warmup_steps < 0 {
-        out.push(Diagnostic::error("warmup_steps", "must_not_be_negative", "warmup_steps must be 0 or more", "warmup_steps 不能为负数").with_fix("set --warmup_steps 0", "设置 --warmup_steps 0"));
+        out.push(
+            Diagnostic::error(
+                "warmup_steps",
+                "must_not_be_negative",
+                "warmup_steps must be 0 or more",
+                "warmup_steps 不能为负数",
+            )
+            .with_fix("set --warmup_steps 0", "设置 --warmup_steps 0"),
+        );
     }
     if sft.warmup_ratio > 0.0 && sft.warmup_steps > 0 {
         out.push(
-            Diagnostic::error("warmup_steps", "warmup_both_set", "warmup_ratio and warmup_steps are both set (ms-swift 4.5+ refuses this)", "同时设置了 warmup_ratio 和 warmup_steps（ms-swift 4.5+ 会报错）")
-                .with_fix("keep one: remove --warmup_steps or --warmup_ratio", "二选一：删除 --warmup_steps 或 --warmup_ratio"),
+            Diagnostic::error(
+                "warmup_steps",
+                "warmup_both_set",
+                "warmup_ratio and warmup_steps are both set (ms-swift 4.5+ refuses this)",
+                "同时设置了 warmup_ratio 和 warmup_steps（ms-swift 4.5+ 会报错）",
+            )
+            .with_fix(
+                "keep one: remove --warmup_steps or --warmup_ratio",
+                "二选一：删除 --warmup_steps 或 --warmup_ratio",
+            ),
         );
     }
     if let (Some(warmup), Some(total)) = (derived.warmup_steps, derived.total_steps) {
@@ -455,26 +699,70 @@ fn training_rules(config: &JobConfig, derived: &Derived, out: &mut Vec<Diagnosti
     in_range(out, "adam_beta1", sft.adam_beta1, 0.0, 1.0, false, "0.9");
     in_range(out, "adam_beta2", sft.adam_beta2, 0.0, 1.0, false, "0.95");
     if sft.adam_epsilon <= 0.0 {
-        out.push(Diagnostic::error("adam_epsilon", "must_be_positive", "adam_epsilon must be more than 0", "adam_epsilon 必须大于 0").with_fix("set --adam_epsilon 1e-8", "设置 --adam_epsilon 1e-8"));
+        out.push(
+            Diagnostic::error(
+                "adam_epsilon",
+                "must_be_positive",
+                "adam_epsilon must be more than 0",
+                "adam_epsilon 必须大于 0",
+            )
+            .with_fix("set --adam_epsilon 1e-8", "设置 --adam_epsilon 1e-8"),
+        );
     }
     if sft.max_grad_norm < 0.0 {
-        out.push(Diagnostic::error("max_grad_norm", "must_not_be_negative", "max_grad_norm must be 0 (no clipping) or more", "max_grad_norm 必须大于等于 0（0 表示不裁剪）").with_fix("set --max_grad_norm 1.0", "设置 --max_grad_norm 1.0"));
+        out.push(
+            Diagnostic::error(
+                "max_grad_norm",
+                "must_not_be_negative",
+                "max_grad_norm must be 0 (no clipping) or more",
+                "max_grad_norm 必须大于等于 0（0 表示不裁剪）",
+            )
+            .with_fix("set --max_grad_norm 1.0", "设置 --max_grad_norm 1.0"),
+        );
     }
     if sft.seed < 0 || sft.data_seed < 0 {
         let field = if sft.seed < 0 { "seed" } else { "data_seed" };
-        out.push(Diagnostic::error(field, "must_not_be_negative", format!("{field} must be 0 or more"), format!("{field} 不能为负数")).with_fix(format!("set --{field} 42"), format!("设置 --{field} 42")));
+        out.push(
+            Diagnostic::error(
+                field,
+                "must_not_be_negative",
+                format!("{field} must be 0 or more"),
+                format!("{field} 不能为负数"),
+            )
+            .with_fix(format!("set --{field} 42"), format!("设置 --{field} 42")),
+        );
     }
     if sft.router_aux_loss_coef < 0.0 {
-        out.push(Diagnostic::error("router_aux_loss_coef", "must_not_be_negative", "router_aux_loss_coef must be 0 or more", "router_aux_loss_coef 不能为负数").with_fix("set --router_aux_loss_coef 0.001", "设置 --router_aux_loss_coef 0.001"));
+        out.push(
+            Diagnostic::error(
+                "router_aux_loss_coef",
+                "must_not_be_negative",
+                "router_aux_loss_coef must be 0 or more",
+                "router_aux_loss_coef 不能为负数",
+            )
+            .with_fix(
+                "set --router_aux_loss_coef 0.001",
+                "设置 --router_aux_loss_coef 0.001",
+            ),
+        );
     }
     if let Some(kwargs) = &sft.lr_scheduler_kwargs {
         if serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(kwargs).is_err() {
-            out.push(Diagnostic::error(
-                "lr_scheduler_kwargs",
-                "json_invalid",
-                format!("lr_scheduler_kwargs `{}` is not a JSON object", shorten(kwargs)),
-                format!("lr_scheduler_kwargs `{}` 不是 JSON 对象", shorten(kwargs)),
-            ).with_fix("write it as '{\"min_lr\": 1e-6}'", "写成 '{\"min_lr\": 1e-6}'"));
+            out.push(
+                Diagnostic::error(
+                    "lr_scheduler_kwargs",
+                    "json_invalid",
+                    format!(
+                        "lr_scheduler_kwargs `{}` is not a JSON object",
+                        shorten(kwargs)
+                    ),
+                    format!("lr_scheduler_kwargs `{}` 不是 JSON 对象", shorten(kwargs)),
+                )
+                .with_fix(
+                    "write it as '{\"min_lr\": 1e-6}'",
+                    "写成 '{\"min_lr\": 1e-6}'",
+                ),
+            );
         }
     }
 }
@@ -500,19 +788,47 @@ fn eval_save_rules(config: &JobConfig, derived: &Derived, out: &mut Vec<Diagnost
         positive(out, "save_steps", sft.save_steps, "50");
     }
     positive(out, "logging_steps", sft.logging_steps, "5");
-    if sft.eval_strategy == Some(IntervalStrategy::Steps) && sft.eval_steps.is_none() && derive::has_validation_source(config) {
-        out.push(Diagnostic::info(
-            "eval_steps",
-            "eval_steps_follows_save",
-            format!("eval_steps is unset, so evaluation runs every save_steps ({}) steps", sft.save_steps),
-            format!("未设置 eval_steps，将每 save_steps（{}）步评估一次", sft.save_steps),
-        ).with_fix("set --eval_steps explicitly", "显式设置 --eval_steps"));
+    if sft.eval_strategy == Some(IntervalStrategy::Steps)
+        && sft.eval_steps.is_none()
+        && derive::has_validation_source(config)
+    {
+        out.push(
+            Diagnostic::info(
+                "eval_steps",
+                "eval_steps_follows_save",
+                format!(
+                    "eval_steps is unset, so evaluation runs every save_steps ({}) steps",
+                    sft.save_steps
+                ),
+                format!(
+                    "未设置 eval_steps，将每 save_steps（{}）步评估一次",
+                    sft.save_steps
+                ),
+            )
+            .with_fix("set --eval_steps explicitly", "显式设置 --eval_steps"),
+        );
     }
     match sft.save_total_limit {
-        Some(-1) => out.push(Diagnostic::info("save_total_limit", "save_total_limit_all", "save_total_limit -1 keeps every checkpoint", "save_total_limit 为 -1 表示保留所有检查点").with_fix("leave it unset to keep all", "不设置即保留全部")),
+        Some(-1) => out.push(
+            Diagnostic::info(
+                "save_total_limit",
+                "save_total_limit_all",
+                "save_total_limit -1 keeps every checkpoint",
+                "save_total_limit 为 -1 表示保留所有检查点",
+            )
+            .with_fix("leave it unset to keep all", "不设置即保留全部"),
+        ),
         Some(limit) if limit < 1 => out.push(
-            Diagnostic::error("save_total_limit", "must_be_positive", format!("save_total_limit must be at least 1, got {limit}"), format!("save_total_limit 至少为 1，当前为 {limit}"))
-                .with_fix("set --save_total_limit 2 (best + latest), or leave it unset to keep all", "设置 --save_total_limit 2（最佳 + 最新），或不设置以全部保留"),
+            Diagnostic::error(
+                "save_total_limit",
+                "must_be_positive",
+                format!("save_total_limit must be at least 1, got {limit}"),
+                format!("save_total_limit 至少为 1，当前为 {limit}"),
+            )
+            .with_fix(
+                "set --save_total_limit 2 (best + latest), or leave it unset to keep all",
+                "设置 --save_total_limit 2（最佳 + 最新），或不设置以全部保留",
+            ),
         ),
         _ => {}
     }
@@ -531,7 +847,10 @@ fn eval_save_rules(config: &JobConfig, derived: &Derived, out: &mut Vec<Diagnost
         }
     }
     if let Some(total) = derived.total_steps {
-        if sft.save_strategy == IntervalStrategy::Steps && sft.save_steps > 0 && sft.save_steps as u64 > total {
+        if sft.save_strategy == IntervalStrategy::Steps
+            && sft.save_steps > 0
+            && sft.save_steps as u64 > total
+        {
             out.push(
                 Diagnostic::warning(
                     "save_steps",
@@ -551,18 +870,39 @@ fn eval_save_rules(config: &JobConfig, derived: &Derived, out: &mut Vec<Diagnost
         }
     }
     if sft.resume_only_model && sft.resume_from_checkpoint.is_none() {
-        out.push(Diagnostic::warning("resume_only_model", "resume_only_model_alone", "resume_only_model does nothing without resume_from_checkpoint", "未设置 resume_from_checkpoint 时 resume_only_model 不起作用").with_fix("add --resume_from_checkpoint <checkpoint dir>", "添加 --resume_from_checkpoint <检查点目录>"));
+        out.push(
+            Diagnostic::warning(
+                "resume_only_model",
+                "resume_only_model_alone",
+                "resume_only_model does nothing without resume_from_checkpoint",
+                "未设置 resume_from_checkpoint 时 resume_only_model 不起作用",
+            )
+            .with_fix(
+                "add --resume_from_checkpoint <checkpoint dir>",
+                "添加 --resume_from_checkpoint <检查点目录>",
+            ),
+        );
     }
 }
 
 fn distributed_rules(config: &JobConfig, out: &mut Vec<Diagnostic>) {
     let sft = &config.sft;
-    let Some(deepspeed) = &sft.deepspeed else { return };
+    let Some(deepspeed) = &sft.deepspeed else {
+        return;
+    };
     let zero = if deepspeed.trim_start().starts_with('{') {
         match ZeroSettings::from_json(deepspeed) {
             Ok(z) => Some(z),
             Err(message) => {
-                out.push(Diagnostic::error("deepspeed", "deepspeed_invalid", format!("the inline DeepSpeed config is unusable: {message}"), format!("内联 DeepSpeed 配置不可用：{message}")).with_fix("use a preset such as zero2", "使用 zero2 等预设"));
+                out.push(
+                    Diagnostic::error(
+                        "deepspeed",
+                        "deepspeed_invalid",
+                        format!("the inline DeepSpeed config is unusable: {message}"),
+                        format!("内联 DeepSpeed 配置不可用：{message}"),
+                    )
+                    .with_fix("use a preset such as zero2", "使用 zero2 等预设"),
+                );
                 None
             }
         }
@@ -572,28 +912,99 @@ fn distributed_rules(config: &JobConfig, out: &mut Vec<Diagnostic>) {
         None // a file: the engine reads it
     } else {
         let hint = closest_word(deepspeed, DEEPSPEED_PRESETS.iter().copied()).unwrap_or("zero2");
-        out.push(Diagnostic::error("deepspeed", "deepspeed_unknown", format!("`{}` is neither a DeepSpeed preset nor a .json file", shorten(deepspeed)), format!("`{}` 既不是 DeepSpeed 预设，也不是 .json 文件", shorten(deepspeed))).with_fix(format!("use `{hint}` (presets: {})", DEEPSPEED_PRESETS.join(", ")), format!("改为 `{hint}`（预设：{}）", DEEPSPEED_PRESETS.join(", "))));
+        out.push(
+            Diagnostic::error(
+                "deepspeed",
+                "deepspeed_unknown",
+                format!(
+                    "`{}` is neither a DeepSpeed preset nor a .json file",
+                    shorten(deepspeed)
+                ),
+                format!(
+                    "`{}` 既不是 DeepSpeed 预设，也不是 .json 文件",
+                    shorten(deepspeed)
+                ),
+            )
+            .with_fix(
+                format!("use `{hint}` (presets: {})", DEEPSPEED_PRESETS.join(", ")),
+                format!("改为 `{hint}`（预设：{}）", DEEPSPEED_PRESETS.join(", ")),
+            ),
+        );
         None
     };
     if let Some(zero) = zero {
         if zero.stage == 3 && sft.is_qlora() {
-            out.push(Diagnostic::error("deepspeed", "qlora_zero3", "QLoRA's 4-bit base cannot be sharded by ZeRO-3", "QLoRA 的 4-bit 基座无法用 ZeRO-3 分片").with_fix("use --deepspeed zero2 with QLoRA, or plain LoRA with zero3", "QLoRA 请使用 --deepspeed zero2，或改用普通 LoRA 配合 zero3"));
+            out.push(
+                Diagnostic::error(
+                    "deepspeed",
+                    "qlora_zero3",
+                    "QLoRA's 4-bit base cannot be sharded by ZeRO-3",
+                    "QLoRA 的 4-bit 基座无法用 ZeRO-3 分片",
+                )
+                .with_fix(
+                    "use --deepspeed zero2 with QLoRA, or plain LoRA with zero3",
+                    "QLoRA 请使用 --deepspeed zero2，或改用普通 LoRA 配合 zero3",
+                ),
+            );
         }
     }
     if derive::world_size(config) == 1 {
-        out.push(Diagnostic::info("deepspeed", "deepspeed_single_process", "DeepSpeed with a single process shards nothing (only offload still helps)", "只有一个进程时 DeepSpeed 无法分片（只有 offload 仍有作用）").with_fix("set --nproc_per_node to the number of GPUs, or remove --deepspeed", "将 --nproc_per_node 设为 GPU 数量，或删除 --deepspeed"));
+        out.push(
+            Diagnostic::info(
+                "deepspeed",
+                "deepspeed_single_process",
+                "DeepSpeed with a single process shards nothing (only offload still helps)",
+                "只有一个进程时 DeepSpeed 无法分片（只有 offload 仍有作用）",
+            )
+            .with_fix(
+                "set --nproc_per_node to the number of GPUs, or remove --deepspeed",
+                "将 --nproc_per_node 设为 GPU 数量，或删除 --deepspeed",
+            ),
+        );
     }
 }
 
-fn memory_rules(config: &JobConfig, facts: Option<&ModelFacts>, derived: &Derived, context: &CheckContext, out: &mut Vec<Diagnostic>) {
-    let (Some(facts), Some(estimate)) = (facts, &derived.memory) else { return };
+fn memory_rules(
+    config: &JobConfig,
+    facts: Option<&ModelFacts>,
+    derived: &Derived,
+    context: &CheckContext,
+    out: &mut Vec<Diagnostic>,
+) {
+    let (Some(facts), Some(estimate)) = (facts, &derived.memory) else {
+        return;
+    };
     let capacity = context.gpu.memory_gib;
     if estimate.per_gpu_gib <= capacity {
         return;
     }
     let remedies = oom_remedies(config, facts);
-    let list_en: Vec<String> = remedies.iter().enumerate().map(|(i, r)| format!("{}) {} (-{:.1} GiB -> {:.1} GiB)", i + 1, r.change, r.saves_gib, r.per_gpu_gib)).collect();
-    let list_zh: Vec<String> = remedies.iter().enumerate().map(|(i, r)| format!("{}) {}（减少 {:.1} GiB，约 {:.1} GiB）", i + 1, r.change, r.saves_gib, r.per_gpu_gib)).collect();
+    let list_en: Vec<String> = remedies
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            format!(
+                "{}) {} (-{:.1} GiB -> {:.1} GiB)",
+                i + 1,
+                r.change,
+                r.saves_gib,
+                r.per_gpu_gib
+            )
+        })
+        .collect();
+    let list_zh: Vec<String> = remedies
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            format!(
+                "{}) {}（减少 {:.1} GiB，约 {:.1} GiB）",
+                i + 1,
+                r.change,
+                r.saves_gib,
+                r.per_gpu_gib
+            )
+        })
+        .collect();
     out.push(
         Diagnostic::warning(
             "memory",
@@ -639,24 +1050,36 @@ pub fn oom_remedies(config: &JobConfig, facts: &ModelFacts) -> Vec<Remedy> {
         candidates.push((label, c));
     };
     if config.sft.per_device_train_batch_size > 1 {
-        let accumulation = derive::gradient_accumulation_steps(config) * config.sft.per_device_train_batch_size as u64;
-        with(format!("--per_device_train_batch_size 1 --gradient_accumulation_steps {accumulation}"), &|c| {
-            c.sft.gradient_accumulation_steps = Some(accumulation as i64);
-            c.sft.per_device_train_batch_size = 1;
-        });
+        let accumulation = derive::gradient_accumulation_steps(config)
+            * config.sft.per_device_train_batch_size as u64;
+        with(
+            format!("--per_device_train_batch_size 1 --gradient_accumulation_steps {accumulation}"),
+            &|c| {
+                c.sft.gradient_accumulation_steps = Some(accumulation as i64);
+                c.sft.per_device_train_batch_size = 1;
+            },
+        );
     }
     if config.sft.max_length.is_none_or(|l| l > 2048) {
-        with("--max_length 2048".into(), &|c| c.sft.max_length = Some(2048));
+        with("--max_length 2048".into(), &|c| {
+            c.sft.max_length = Some(2048)
+        });
     }
     if !config.sft.gradient_checkpointing {
-        with("--gradient_checkpointing true".into(), &|c| c.sft.gradient_checkpointing = true);
+        with("--gradient_checkpointing true".into(), &|c| {
+            c.sft.gradient_checkpointing = true
+        });
     }
     let zero = config.sft.zero().unwrap_or_else(ZeroSettings::none);
     if world > 1 && zero.stage < 3 && !config.sft.is_qlora() {
-        with("--deepspeed zero3".into(), &|c| c.sft.deepspeed = Some("zero3".into()));
+        with("--deepspeed zero3".into(), &|c| {
+            c.sft.deepspeed = Some("zero3".into())
+        });
     }
     if !(zero.stage == 3 && zero.offload_param) && !config.sft.is_qlora() {
-        with("--deepspeed zero3_offload".into(), &|c| c.sft.deepspeed = Some("zero3_offload".into()));
+        with("--deepspeed zero3_offload".into(), &|c| {
+            c.sft.deepspeed = Some("zero3_offload".into())
+        });
     }
     if !config.sft.is_adapter() {
         with("--tuner_type lora".into(), &|c| {
@@ -665,20 +1088,27 @@ pub fn oom_remedies(config: &JobConfig, facts: &ModelFacts) -> Vec<Remedy> {
         });
     }
     if !config.sft.is_qlora() {
-        with("--tuner_type lora --quant_method bnb --quant_bits 4 (QLoRA)".into(), &|c| {
-            c.sft.tuner_type = crate::config::TunerType::Lora;
-            c.sft.quant_method = Some("bnb".into());
-            c.sft.quant_bits = Some(4);
-            if c.sft.zero().is_some_and(|z| z.stage == 3) {
-                c.sft.deepspeed = Some("zero2".into());
-            }
-        });
+        with(
+            "--tuner_type lora --quant_method bnb --quant_bits 4 (QLoRA)".into(),
+            &|c| {
+                c.sft.tuner_type = crate::config::TunerType::Lora;
+                c.sft.quant_method = Some("bnb".into());
+                c.sft.quant_bits = Some(4);
+                if c.sft.zero().is_some_and(|z| z.stage == 3) {
+                    c.sft.deepspeed = Some("zero2".into());
+                }
+            },
+        );
     }
     let mut remedies: Vec<Remedy> = candidates
         .into_iter()
         .map(|(change, c)| {
             let per_gpu = estimate_for(&c);
-            Remedy { change, saves_gib: current - per_gpu, per_gpu_gib: per_gpu }
+            Remedy {
+                change,
+                saves_gib: current - per_gpu,
+                per_gpu_gib: per_gpu,
+            }
         })
         .filter(|r| r.saves_gib > 0.05)
         .collect();

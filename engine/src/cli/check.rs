@@ -1,0 +1,150 @@
+//! `whet check`: validate a config and print what it will do.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use whet_shared::report::FailedReport;
+use whet_shared::{check, gpus, CheckReport, Diagnostic, Severity};
+
+use super::input::{check_context, load_job, JobInput};
+
+pub const AFTER_HELP: &str =
+    "Flags are ms-swift's (`whet check --model Qwen/Qwen3-8B --dataset data.jsonl ...`), \
+and `--config FILE` reads JSON, YAML or TOML (later flags win).\n\
+Exit codes: 0 no errors, 1 errors, 2 usage.";
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Read a training script (torchrun / swift sft / whet sft); `-` reads standard input.
+    #[arg(long = "from-shell", value_name = "FILE")]
+    pub from_shell: Option<PathBuf>,
+    /// Print the report as JSON (what POST /api/check answers).
+    #[arg(long)]
+    pub json: bool,
+    /// Judge memory against this GPU (h100-80, a100-40, rtx4090-24, ...).
+    #[arg(long, value_name = "ID", default_value = "h100-80")]
+    pub gpu: String,
+    /// ms-swift flags, and `--config FILE`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "FLAGS"
+    )]
+    pub flags: Vec<String>,
+}
+
+pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let Some(gpu) = gpus::find(&args.gpu) else {
+        let ids: Vec<&str> = gpus::GPUS.iter().map(|g| g.id).collect();
+        eprintln!(
+            "error: unknown --gpu `{}`; choose one of {}",
+            args.gpu,
+            ids.join(", ")
+        );
+        return Ok(ExitCode::from(2));
+    };
+    let input = JobInput {
+        from_shell: args.from_shell,
+        flags: args.flags,
+    };
+    let config = match load_job(&input) {
+        Ok(config) => config,
+        Err(diagnostics) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&FailedReport::new(diagnostics.0))?
+                );
+            } else {
+                for d in diagnostics.iter() {
+                    eprintln!("{d}");
+                }
+            }
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let mut context = check_context(&config);
+    context.gpu = gpu;
+    let report = check(&config, &context);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_report(report: &CheckReport) {
+    let d = &report.derived;
+    let sft = &report.config.sft;
+    println!(
+        "{} — {} fine-tuning, {} rank(s)",
+        sft.model.as_deref().unwrap_or("(no model)"),
+        format!("{:?}", sft.tuner_type).to_lowercase(),
+        d.world_size
+    );
+    println!(
+        "  effective batch {} = {} per device x {} rank(s) x {} accumulation; learning rate {}",
+        d.effective_batch_size,
+        sft.per_device_train_batch_size,
+        d.world_size,
+        d.gradient_accumulation_steps,
+        whet_shared::shell::format_float(d.learning_rate)
+    );
+    let show = |v: Option<u64>| v.map_or("?".to_string(), |v| v.to_string());
+    println!(
+        "  rows {} -> {} steps per epoch, {} total, {} warm-up, {} eval(s) ({}), {} save(s)",
+        show(d.train_rows),
+        show(d.steps_per_epoch),
+        show(d.total_steps),
+        show(d.warmup_steps),
+        show(d.num_evals),
+        d.eval_strategy,
+        show(d.num_saves)
+    );
+    if let Some(m) = &d.memory {
+        println!(
+            "  memory per GPU {:.1} GiB = weights {:.1} + gradients {:.1} + optimizer {:.1} + activations {:.1} + overhead {:.1} (vs {:.1} GiB {})",
+            m.per_gpu_gib, m.weights_gib, m.gradients_gib, m.optimizer_gib, m.activations_gib, m.overhead_gib, d.gpu.memory_gib, d.gpu.name
+        );
+    }
+    if let (Some(checkpoint), Some(disk)) = (d.checkpoint_gib, d.disk_gib) {
+        println!(
+            "  checkpoint {:.1} GiB (weights {:.1} + optimizer state {:.1}); disk for kept checkpoints {:.1} GiB",
+            checkpoint,
+            d.checkpoint_weights_gib.unwrap_or(0.0),
+            d.checkpoint_optimizer_gib.unwrap_or(0.0),
+            disk
+        );
+    }
+    println!("  output {}", d.output_dir);
+    for diagnostic in &report.diagnostics {
+        print_diagnostic(diagnostic);
+    }
+    let errors = report.diagnostics.iter().filter(|d| d.is_error()).count();
+    println!(
+        "{}",
+        if errors == 0 {
+            "ok".to_string()
+        } else {
+            format!("{errors} error(s)")
+        }
+    );
+}
+
+fn print_diagnostic(d: &Diagnostic) {
+    let level = match d.severity {
+        Severity::Error => "error",
+        Severity::Warning => "warning",
+        Severity::Info => "info",
+    };
+    println!("{level}[{}] {}: {}", d.code, d.field, d.message_en);
+    if !d.fix.is_empty() {
+        println!("  fix: {}", d.fix);
+    }
+}

@@ -1,0 +1,95 @@
+//! Reading a job from the command line: `--config FILE` (JSON/YAML/TOML), `--from-shell FILE`
+//! (a training script) and ms-swift flags, later ones winning. The engine does the file I/O;
+//! whet-shared does the parsing.
+
+use std::path::{Path, PathBuf};
+
+use whet_shared::dataset_spec::DatasetSpec;
+use whet_shared::diagnostics::{Diagnostic, Diagnostics};
+use whet_shared::shell::{parse_shell_onto, quote};
+use whet_shared::{CheckContext, JobConfig, ModelFacts};
+
+/// Where a job comes from.
+#[derive(Debug, Clone, Default)]
+pub struct JobInput {
+    pub from_shell: Option<PathBuf>,
+    /// ms-swift flags, including `--config FILE`.
+    pub flags: Vec<String>,
+}
+
+fn read_text(path: &str) -> Result<String, String> {
+    let text = if path == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map_err(|e| format!("cannot read standard input: {e}"))?;
+        text
+    } else {
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read `{path}`: {e}"))?
+    };
+    Ok(text)
+}
+
+fn unreadable(path: &Path, message: String) -> Diagnostics {
+    Diagnostic::error(
+        "input",
+        "file_unreadable",
+        message.clone(),
+        format!("无法读取文件 `{}`：{message}", path.display()),
+    )
+    .with_fix("check the path and its permissions", "请检查路径和权限")
+    .into()
+}
+
+/// Parses the job: the script first (if any), then the flags on top.
+pub fn load_job(input: &JobInput) -> Result<JobConfig, Diagnostics> {
+    let mut config = JobConfig::default();
+    if let Some(path) = &input.from_shell {
+        let script = read_text(&path.to_string_lossy()).map_err(|m| unreadable(path, m))?;
+        config = parse_shell_onto(&config, &script, &read_text)?;
+    }
+    if !input.flags.is_empty() || input.from_shell.is_none() {
+        let mut script = String::from("whet sft");
+        for flag in &input.flags {
+            script.push(' ');
+            script.push_str(&quote(flag));
+        }
+        config = parse_shell_onto(&config, &script, &read_text)?;
+    }
+    Ok(config)
+}
+
+/// What `check` can learn from the disk: a local model's config.json and local jsonl row counts.
+pub fn check_context(config: &JobConfig) -> CheckContext {
+    let mut context = CheckContext::default();
+    if let Some(model) = &config.sft.model {
+        let config_json = Path::new(model).join("config.json");
+        if let Ok(text) = std::fs::read_to_string(&config_json) {
+            if let Ok(facts) = ModelFacts::from_config_json(model, &text) {
+                context.model_facts = Some(facts);
+            }
+        }
+    }
+    context.dataset_rows = local_rows(&config.sft.dataset);
+    context
+}
+
+/// Rows of the training data when every spec is a local .jsonl file (`#N` wins over the count).
+fn local_rows(specs: &[String]) -> Option<u64> {
+    if specs.is_empty() {
+        return None;
+    }
+    let mut total = 0;
+    for spec in specs {
+        let spec = DatasetSpec::parse(spec, "dataset").ok()?;
+        if let Some(n) = spec.sample {
+            total += n;
+            continue;
+        }
+        if !spec.id.ends_with(".jsonl") {
+            return None;
+        }
+        let text = std::fs::read_to_string(&spec.id).ok()?;
+        total += text.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+    }
+    Some(total)
+}
