@@ -160,7 +160,9 @@ fn rows_from_specs(specs: &[String], field: &str) -> Option<u64> {
 fn count_events(strategy: IntervalStrategy, every: u64, total: u64, updates_per_epoch: u64) -> u64 {
     match strategy {
         IntervalStrategy::No => 0,
-        IntervalStrategy::Steps if every > 0 => total / every + u64::from(total % every != 0),
+        IntervalStrategy::Steps if every > 0 => {
+            total / every + u64::from(!total.is_multiple_of(every))
+        }
         IntervalStrategy::Steps => 0,
         IntervalStrategy::Epoch => total.div_ceil(updates_per_epoch.max(1)),
     }
