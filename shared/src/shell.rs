@@ -446,6 +446,20 @@ pub fn parse_shell_onto(
     builder.finish()
 }
 
+/// Reads the arguments of `whet sft` / `whet check` as a program receives them (no shell
+/// quoting left to undo), on top of `base`.
+pub fn parse_args_onto(
+    base: &JobConfig,
+    args: &[String],
+    read_file: &dyn Fn(&str) -> Result<String, String>,
+) -> Result<JobConfig, Diagnostics> {
+    let mut builder = ConfigBuilder::from_config(base);
+    let mut words: Vec<(String, bool)> = vec![("whet".into(), false), ("sft".into(), false)];
+    words.extend(args.iter().map(|a| (a.clone(), false)));
+    parse_training_command(&words, 0, &mut builder, read_file);
+    builder.finish()
+}
+
 fn basename(word: &str) -> &str {
     word.rsplit('/').next().unwrap_or(word)
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use whet_shared::dataset_spec::DatasetSpec;
 use whet_shared::diagnostics::{Diagnostic, Diagnostics};
-use whet_shared::shell::{parse_shell_onto, quote};
+use whet_shared::shell::{parse_args_onto, parse_shell_onto};
 use whet_shared::{CheckContext, JobConfig, ModelFacts};
 
 /// Where a job comes from.
@@ -48,12 +48,7 @@ pub fn load_job(input: &JobInput) -> Result<JobConfig, Diagnostics> {
         config = parse_shell_onto(&config, &script, &read_text)?;
     }
     if !input.flags.is_empty() || input.from_shell.is_none() {
-        let mut script = String::from("whet sft");
-        for flag in &input.flags {
-            script.push(' ');
-            script.push_str(&quote(flag));
-        }
-        config = parse_shell_onto(&config, &script, &read_text)?;
+        config = parse_args_onto(&config, &input.flags, &read_text)?;
     }
     Ok(config)
 }
