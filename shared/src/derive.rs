@@ -40,6 +40,21 @@ impl Default for CheckContext {
 }
 
 impl CheckContext {
+    /// What a caller with a disk can add: the config.json of a local model folder and the row
+    /// count of local `.jsonl` datasets. `read_file` returns a file's text, or `None`.
+    /// (`whet check` and the server both call this, so they report the same figures.)
+    pub fn gather(config: &JobConfig, read_file: &dyn Fn(&str) -> Option<String>) -> CheckContext {
+        let mut context = CheckContext::default();
+        if let Some(model) = &config.sft.model {
+            let config_json = format!("{}/config.json", model.trim_end_matches('/'));
+            if let Some(text) = read_file(&config_json) {
+                context.model_facts = ModelFacts::from_config_json(model, &text).ok();
+            }
+        }
+        context.dataset_rows = local_rows(&config.sft.dataset, read_file);
+        context
+    }
+
     pub fn facts_for(&self, config: &JobConfig) -> Option<ModelFacts> {
         self.model_facts
             .clone()
@@ -139,6 +154,26 @@ pub fn output_dir(config: &JobConfig) -> String {
             format!("output/{suffix}")
         }
     }
+}
+
+/// Rows of the training data when every spec is a local `.jsonl` file or has `#N`.
+fn local_rows(specs: &[String], read_file: &dyn Fn(&str) -> Option<String>) -> Option<u64> {
+    if specs.is_empty() {
+        return None;
+    }
+    let mut total = 0;
+    for spec in specs {
+        let spec = DatasetSpec::parse(spec, "dataset").ok()?;
+        if let Some(n) = spec.sample {
+            total += n;
+        } else if spec.is_local && spec.id.ends_with(".jsonl") {
+            let text = read_file(&spec.id)?;
+            total += text.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+        } else {
+            return None;
+        }
+    }
+    Some(total)
 }
 
 /// The sum of `#N` over specs when every spec has one.

@@ -273,3 +273,28 @@ fn config_files_in_json_yaml_and_toml() {
     let err = parse_shell("whet sft --config job.yaml").unwrap_err();
     assert_eq!(err.0[0].code, "config_unreadable");
 }
+
+#[test]
+fn a_caller_with_a_disk_adds_model_facts_and_row_counts() {
+    let config = parse_shell("swift sft --model /models/tiny --dataset ./train.jsonl extra.jsonl#5 --per_device_train_batch_size 2").unwrap();
+    let files = |path: &str| {
+        match path {
+        "/models/tiny/config.json" => Some(r#"{"architectures":["Qwen3ForCausalLM"],"hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,"intermediate_size":128,"vocab_size":512,"torch_dtype":"float32"}"#.to_string()),
+        "./train.jsonl" => Some("{\"messages\":[]}\n{\"messages\":[]}\n\n{\"messages\":[]}\n".to_string()),
+        _ => None,
+    }
+    };
+    let context = CheckContext::gather(&config, &files);
+    assert_eq!(context.dataset_rows, Some(8));
+    assert_eq!(
+        context.model_facts.as_ref().unwrap().param_counts().total,
+        139_648
+    );
+    let report = check(&config, &context);
+    // 8 rows in batches of 2 = 4 batches; automatic accumulation ceil(16 / 2) = 8, so one
+    // (partial) update per epoch, three epochs.
+    assert_eq!(report.derived.gradient_accumulation_steps, 8);
+    assert_eq!(report.derived.steps_per_epoch, Some(1));
+    assert_eq!(report.derived.total_steps, Some(3));
+    assert!(report.derived.memory.is_some());
+}
