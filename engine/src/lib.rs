@@ -3,6 +3,7 @@
 //! The CLI lives in `cli`; everything it needs from configs comes from whet-shared.
 
 pub mod cli;
+pub mod dataset;
 pub mod grad;
 pub mod model;
 pub mod ops;
