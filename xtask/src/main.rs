@@ -2,6 +2,9 @@
 //!
 //! * `cargo xtask test`   — everything CI checks: whet-shared for wasm32, then the whole test suite.
 //! * `cargo xtask studio` — starts the studio with its backend on the embedded defaults.
+//! * `cargo xtask demo-data` — regenerates the demo's synthetic task in examples/demo/.
+
+mod demo_data;
 
 use std::process::{Command, ExitCode};
 
@@ -12,8 +15,11 @@ fn main() -> ExitCode {
     let result = match task.as_str() {
         "test" => test(),
         "studio" => studio(),
+        "demo-data" => demo_data::write(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo"),
+        ),
         _ => {
-            eprintln!("usage: cargo xtask <test|studio>");
+            eprintln!("usage: cargo xtask <test|studio|demo-data>");
             return ExitCode::from(2);
         }
     };
