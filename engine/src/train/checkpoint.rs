@@ -15,12 +15,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::data::SamplerState;
-use crate::model::Model;
+use crate::model::{Model, ModelConfig, ModelOptions};
 use crate::optim::AdamW;
 
 /// transformers shards checkpoints past 5 GB (`max_shard_size="5GB"`, decimal).
@@ -388,6 +388,16 @@ impl ResumePoint {
             master_weights: master.exists().then_some(master),
         })
     }
+
+    /// The checkpoint's model: its f32 masters when saved apart, else model.safetensors.
+    pub fn load_model(&self, options: ModelOptions) -> anyhow::Result<Model> {
+        if let Some(master) = &self.master_weights {
+            let config = ModelConfig::from_model_dir(&self.dir)?;
+            let tensors = candle_core::safetensors::load(master, &Device::Cpu)?;
+            return Ok(Model::from_tensors(config, tensors, options)?);
+        }
+        Ok(Model::from_pretrained(&self.dir, options)?)
+    }
 }
 
 #[cfg(test)]
@@ -419,6 +429,110 @@ mod tests {
             .starts_with("v8-"));
         assert_eq!(create_run_dir(&out, false).unwrap(), out);
         std::fs::remove_dir_all(out).ok();
+    }
+
+    fn fixture_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/hf-reference")
+    }
+
+    /// Saving a checkpoint and loading it back gives the same logits bit for bit, also when
+    /// model.safetensors is bf16 (the f32 masters come back from optimizer/).
+    #[test]
+    fn checkpoint_reload_gives_identical_logits() {
+        use crate::grad::Gradients;
+        use crate::optim::AdamWConfig;
+        use candle_core::Tensor;
+
+        let model = Model::from_pretrained(fixture_dir(), ModelOptions::default()).unwrap();
+        // One optimizer step so the weights differ from the fixture's file.
+        let mut optimizer = AdamW::new(model.parameters(), AdamWConfig::default()).unwrap();
+        let mut grads = Gradients::empty(model.parameters());
+        for (i, (_, var)) in model.parameters().iter().enumerate() {
+            grads.set(i, Some(var.as_tensor().affine(0.5, 0.01).unwrap()));
+        }
+        optimizer.step(&grads, 1e-3).unwrap();
+        let ids = Tensor::new(&[[508u32, 426, 198, 18, 220, 87, 509]], &Device::Cpu).unwrap();
+        let mask = Tensor::ones((1, 7), DType::U32, &Device::Cpu).unwrap();
+        let expected: Vec<f32> = model
+            .forward(&ids, &mask)
+            .unwrap()
+            .logits
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+
+        for save_dtype in [DType::F32, DType::BF16] {
+            let run = temp_dir(&format!("reload-{save_dtype:?}"));
+            let checkpointer = Checkpointer {
+                run_dir: run.clone(),
+                model_dir: fixture_dir(),
+                save_dtype,
+                save_only_model: false,
+                save_total_limit: None,
+            };
+            let trainer_state: TrainerState = serde_json::from_value(serde_json::json!({
+                "best_global_step": null, "best_metric": null, "best_model_checkpoint": null,
+                "epoch": 0.5, "eval_steps": 5, "global_step": 1, "is_hyper_param_search": false,
+                "is_local_process_zero": true, "is_world_process_zero": true, "log_history": [],
+                "logging_steps": 5, "max_steps": 2, "num_input_tokens_seen": 0,
+                "num_train_epochs": 1, "save_steps": 1,
+                "stateful_callbacks": TrainerState::default_callbacks(), "total_flos": 0.0,
+                "train_batch_size": 1, "trial_name": null, "trial_params": null
+            }))
+            .unwrap();
+            let training_state = TrainingState {
+                format: TRAINING_STATE_FORMAT.into(),
+                global_step: 1,
+                epoch: 0.5,
+                sampler: crate::train::data::Sampler::new(4, 1, true, 42).state(),
+                log_window: LogWindow::default(),
+                loss_sum: 0.0,
+                num_input_tokens_seen: 0,
+                total_flos: 0.0,
+            };
+            let scheduler = SchedulerState {
+                lr_scheduler_type: "cosine".into(),
+                base_lrs: vec![1e-3],
+                last_epoch: 1,
+                _last_lr: vec![1e-3],
+                num_warmup_steps: 0,
+                num_training_steps: 2,
+            };
+            let dir = checkpointer
+                .save(&CheckpointContents {
+                    step: 1,
+                    model: &model,
+                    optimizer: &optimizer,
+                    trainer_state: &trainer_state,
+                    training_state: &training_state,
+                    scheduler: &scheduler,
+                    args_json: &serde_json::json!({}),
+                })
+                .unwrap();
+            assert_eq!(dir, run.join("checkpoint-1"));
+            assert!(!run.join(".checkpoint-1.tmp").exists());
+            let resume = ResumePoint::read(&dir).unwrap();
+            assert_eq!(resume.master_weights.is_some(), save_dtype != DType::F32);
+            assert_eq!(resume.training_state.as_ref(), Some(&training_state));
+            let reloaded = resume.load_model(ModelOptions::default()).unwrap();
+            let logits: Vec<f32> = reloaded
+                .forward(&ids, &mask)
+                .unwrap()
+                .logits
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                logits
+                    .iter()
+                    .zip(&expected)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{save_dtype:?}: reloaded logits differ"
+            );
+            std::fs::remove_dir_all(run).ok();
+        }
     }
 
     #[test]

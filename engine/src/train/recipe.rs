@@ -245,12 +245,7 @@ fn load_model(
     console: &Console,
 ) -> anyhow::Result<Model> {
     if let Some(resume) = resume {
-        if let Some(master) = &resume.master_weights {
-            let config = ModelConfig::from_model_dir(&resume.dir)?;
-            let tensors = candle_core::safetensors::load(master, &Device::Cpu)?;
-            return Ok(Model::from_tensors(config, tensors, options)?);
-        }
-        return Ok(Model::from_pretrained(&resume.dir, options)?);
+        return resume.load_model(options);
     }
     let has_weights = model_dir.join("model.safetensors").exists()
         || model_dir.join("model.safetensors.index.json").exists();
