@@ -568,3 +568,89 @@ fn non_finite_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint() {
         .exists());
     assert!(!run.join("checkpoint-2").exists() && !run.join(".checkpoint-2.tmp").exists());
 }
+
+/// `whet sft` on the fixture batch (3 samples, one micro-batch per step) with the fixture's
+/// optimizer settings reproduces transformers' first three training steps: the loss, the
+/// gradient norm before clipping and the learning rate, for the dense and the MoE model (the
+/// latter with its router aux loss).
+#[test]
+fn first_steps_match_transformers_on_the_fixtures() {
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap())
+            .unwrap();
+    let batch: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("batch.json")).unwrap())
+            .unwrap();
+    for (name, folder) in [("dense", fixtures()), ("moe", fixtures().join("moe"))] {
+        let ws = Workspace::new(&format!("parity-{name}"));
+        let model = ws.root.join(format!("{name}-model"));
+        std::fs::create_dir_all(&model).unwrap();
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        let rows: Vec<String> = batch["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| serde_json::json!({ "messages": m }).to_string())
+            .collect();
+        std::fs::write(ws.root.join("batch.jsonl"), rows.join("\n") + "\n").unwrap();
+        let mut flags = ws.flags("out");
+        flags[1] = model.display().to_string();
+        flags[3] = ws.path("batch.jsonl");
+        let flags = with(
+            flags,
+            &[
+                "--template",
+                "qwen3_thinking",
+                "--per_device_train_batch_size",
+                "3",
+                "--gradient_accumulation_steps",
+                "1",
+                "--max_steps",
+                "10",
+                "--warmup_steps",
+                "2",
+                "--warmup_ratio",
+                "0",
+                "--adam_beta2",
+                "0.999",
+                "--weight_decay",
+                "0.1",
+                "--save_strategy",
+                "no",
+                "--router_aux_loss_coef",
+                if name == "moe" { "0.001" } else { "0" },
+            ],
+        );
+        check_ok(&whet(&flags));
+        let records = jsonl(&ws.run_dir("out").join("logging.jsonl"));
+        let train = &expected[name]["train"];
+        for step in 0..3 {
+            let record = &records[step];
+            let close = |key: &str, want: f64, tolerance: f64| {
+                let got = record[key].as_f64().unwrap();
+                assert!(
+                    (got - want).abs() <= tolerance * want.abs().max(1e-3),
+                    "{name} step {}: {key} {got} vs transformers {want}",
+                    step + 1
+                );
+            };
+            close("loss", train["loss"][step].as_f64().unwrap(), 1e-5);
+            close(
+                "grad_norm",
+                train["grad_norm_before_clip"][step].as_f64().unwrap(),
+                1e-4,
+            );
+            close("learning_rate", train["lr"][step].as_f64().unwrap(), 1e-9);
+            if name == "moe" {
+                close("aux_loss", train["aux_loss"][step].as_f64().unwrap(), 1e-5);
+            } else {
+                assert!(record.get("aux_loss").is_none());
+            }
+        }
+    }
+}

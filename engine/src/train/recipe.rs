@@ -997,3 +997,93 @@ pub fn train(
         best_checkpoint: trainer_state.best_model_checkpoint.map(PathBuf::from),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/hf-reference")
+    }
+
+    /// The fixture batch's three samples, unpadded.
+    fn fixture_samples() -> Vec<Sample> {
+        let text = std::fs::read_to_string(fixture_dir().join("batch.json")).unwrap();
+        let batch: Value = serde_json::from_str(&text).unwrap();
+        (0..3)
+            .map(|i| {
+                let len = batch["lengths"][i].as_u64().unwrap() as usize;
+                let ids: Vec<u32> = serde_json::from_value(batch["input_ids"][i].clone()).unwrap();
+                let labels: Vec<i64> = serde_json::from_value(batch["labels"][i].clone()).unwrap();
+                Sample {
+                    input_ids: ids[..len].to_vec(),
+                    labels: labels[..len].to_vec(),
+                }
+            })
+            .collect()
+    }
+
+    /// Accumulating three micro-batches of one sample gives the token mean over all 121 label
+    /// tokens — the same loss and gradients as one batch of three — and the aux loss enters as
+    /// the mean over micro-batches, so one micro-batch reproduces transformers' total loss.
+    #[test]
+    fn accumulated_loss_is_the_token_mean_over_the_whole_window() {
+        let model =
+            Model::from_pretrained(fixture_dir().join("moe"), ModelOptions::default()).unwrap();
+        let samples = fixture_samples();
+        let pad = 507;
+        let whole =
+            vec![data::collate(&samples.iter().collect::<Vec<_>>(), pad, &Device::Cpu).unwrap()];
+        let split: Vec<Batch> = samples
+            .iter()
+            .map(|s| data::collate(&[s], pad, &Device::Cpu).unwrap())
+            .collect();
+
+        // transformers: ce 6.322655 + 0.001 * aux 2.101774 = 6.324757 on the whole batch.
+        let (one, _) = accumulate_gradients(&model, &whole, 0.001, false).unwrap();
+        assert!((one.loss - 6.324756622314453).abs() < 6e-5, "{}", one.loss);
+        assert!((one.aux_loss - 2.1017744541168213).abs() < 2e-5);
+        assert_eq!(one.label_tokens, 121);
+
+        let (one, whole_grads) = accumulate_gradients(&model, &whole, 0.0, true).unwrap();
+        let (three, split_grads) = accumulate_gradients(&model, &split, 0.0, false).unwrap();
+        assert!((one.loss - 6.322654724121094).abs() < 6e-5, "{}", one.loss);
+        assert!(
+            (one.loss - three.loss).abs() < 1e-5,
+            "{} vs {}",
+            one.loss,
+            three.loss
+        );
+        assert_eq!(three.label_tokens, 121);
+        for (i, (name, g)) in whole_grads.iter().enumerate() {
+            let (Some(a), Some(b)) = (g, split_grads.get(i)) else {
+                assert!(g.is_none() == split_grads.get(i).is_none(), "{name}");
+                continue;
+            };
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{name}");
+        }
+    }
+
+    #[test]
+    fn plan_follows_transformers_step_arithmetic() {
+        let mut config = JobConfig::default();
+        config.sft.tuner_type = TunerType::Full;
+        config.sft.per_device_train_batch_size = 2;
+        config.sft.num_train_epochs = 2.0;
+        config.sft.warmup_ratio = 0.1;
+        config.sft.save_steps = 4;
+        config.sft.split_dataset_ratio = 0.1;
+        // 23 samples, batch 2 -> 12 micro-batches; auto accumulation 16 / 2 = 8 -> 2 steps/epoch.
+        let plan = Plan::new(&config, 23).unwrap();
+        assert_eq!(plan.accumulation, 8);
+        assert_eq!((plan.steps_per_epoch, plan.total_steps), (2, 4));
+        assert_eq!(plan.warmup_steps, 1);
+        assert_eq!(plan.learning_rate, 1e-5);
+        assert_eq!(plan.eval_strategy, IntervalStrategy::Steps);
+        assert_eq!(plan.metric_for_best_model, "eval_loss");
+        assert!(!plan.greater_is_better);
+        assert!(plan.should_log(1) && !plan.should_log(2));
+        assert!(plan.should_save(4, false) && !plan.should_save(3, false));
+    }
+}
