@@ -215,6 +215,22 @@ fn validation_errors_exit_1_before_any_work() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("nproc_device_mismatch"));
     assert!(!ws.root.join("out").exists());
+
+    // A valid multi-process launch is refused clearly until multi-GPU training lands.
+    let output = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .arg("sft")
+        .args(ws.flags("out"))
+        .env("CUDA_VISIBLE_DEVICES", "0,1")
+        .env("NPROC_PER_NODE", "2")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("multi-process training is not implemented yet"),
+        "{stderr}"
+    );
+    assert!(!ws.root.join("out").exists());
 }
 
 #[test]

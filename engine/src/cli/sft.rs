@@ -91,6 +91,9 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{errors} error(s): nothing was trained");
         return Ok(ExitCode::from(1));
     }
+    if let Some(n) = config.launch.nproc_per_node.filter(|n| *n > 1) {
+        anyhow::bail!("nproc_per_node is {n}: multi-process training is not implemented yet; run one process (--nproc_per_node 1, or unset NPROC_PER_NODE)");
+    }
     if let Some(world) = std::env::var("WORLD_SIZE")
         .ok()
         .and_then(|w| w.parse::<u64>().ok())

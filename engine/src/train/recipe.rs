@@ -269,6 +269,7 @@ struct StepLoss {
     correct_tokens: u64,
     input_tokens: u64,
     padded_tokens: u64,
+    samples: u64,
 }
 
 /// Where gradients are reduced. Forward, loss and backward for each micro-batch of the window,
@@ -305,6 +306,7 @@ fn accumulate_gradients(
             .sum_all()?
             .to_scalar::<u32>()? as u64;
         step.padded_tokens += batch.input_ids.elem_count() as u64;
+        step.samples += batch.input_ids.dim(0)? as u64;
     }
     Ok((step, total))
 }
@@ -512,9 +514,6 @@ pub fn train(
     }
 
     // ---- Resume point, model, optimizer, schedule, sampler.
-    if let Some(n) = config.launch.nproc_per_node.filter(|n| *n > 1) {
-        bail!("nproc_per_node {n}: multi-process training is not implemented yet; run one process (unset NPROC_PER_NODE / --nproc_per_node)");
-    }
     let resume = match &sft.resume_from_checkpoint {
         Some(dir) => Some(ResumePoint::read(Path::new(dir))?),
         None => None,
@@ -674,6 +673,7 @@ pub fn train(
     let started = Instant::now();
     let mut last_checkpoint: Option<PathBuf> = None;
     let mut input_tokens_this_run = 0u64;
+    let mut samples_this_run = 0u64;
     let mut write_record = |record: &Record,
                             history_entry: Record,
                             step: u64,
@@ -753,6 +753,7 @@ pub fn train(
         trainer_state.num_input_tokens_seen += step_loss.input_tokens;
         trainer_state.total_flos += 6.0 * step_loss.padded_tokens as f64 * non_embedding_params;
         input_tokens_this_run += step_loss.input_tokens;
+        samples_this_run += step_loss.samples;
         loss_sum += step_loss.loss;
         log_window.steps += 1;
         log_window.loss_sum += step_loss.loss;
@@ -905,7 +906,6 @@ pub fn train(
     // ---- The end-of-train line, the summary line and the final trainer state.
     let runtime = started.elapsed().as_secs_f64();
     let steps_this_run = trainer_state.global_step - start_step;
-    let samples_this_run = steps_this_run * (plan.batch_size * plan.accumulation) as u64;
     let entry: Record = vec![
         ("train_runtime".into(), float(round_to(runtime, 4))),
         (
