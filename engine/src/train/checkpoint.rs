@@ -40,6 +40,9 @@ const TOKENIZER_FILES: &[&str] = &[
 /// Creates `output_dir/v<N>-<YYYYMMDD-HHMMSS>` (N = 1 + the largest existing `v<N>`, v0 first)
 /// or, without add_version, `output_dir` itself.
 pub fn create_run_dir(output_dir: &Path, add_version: bool) -> anyhow::Result<PathBuf> {
+    // Absolute, as ms-swift makes it: args.json and best_model_checkpoint name real places.
+    let output_dir = &std::path::absolute(output_dir)
+        .with_context(|| format!("output_dir {} cannot be resolved", output_dir.display()))?;
     std::fs::create_dir_all(output_dir)
         .with_context(|| format!("cannot create output_dir {}", output_dir.display()))?;
     if !add_version {

@@ -106,6 +106,73 @@ impl JsonlLogger {
     }
 }
 
+/// A log record's numeric entries under TensorBoard tags, as transformers' TensorBoard
+/// callback rewrites them (`eval_loss` -> `eval/loss`, anything else -> `train/<key>`).
+pub fn tensorboard_scalars(entry: &[(String, Value)]) -> Vec<(String, f64)> {
+    entry
+        .iter()
+        .filter_map(|(key, value)| {
+            let value = value.as_f64()?;
+            let tag = match key.strip_prefix("eval_") {
+                Some(rest) => format!("eval/{rest}"),
+                None => format!("train/{key}"),
+            };
+            Some((tag, value))
+        })
+        .collect()
+}
+
+/// Every log event of a run: logging.jsonl plus the scalar sinks.
+pub struct MetricLogger {
+    jsonl: JsonlLogger,
+    sinks: Vec<Box<dyn ScalarSink>>,
+}
+
+impl MetricLogger {
+    pub fn new(jsonl: JsonlLogger, sinks: Vec<Box<dyn ScalarSink>>) -> Self {
+        Self { jsonl, sinks }
+    }
+
+    /// Writes one event as a logging.jsonl line: `entry` (what transformers logs, which is also
+    /// the trainer state's log_history entry) followed by `progress` (ms-swift's time fields,
+    /// logging.jsonl only). The entry's numbers go to every sink. Returns the line.
+    pub fn log(
+        &mut self,
+        step: u64,
+        entry: &[(String, Value)],
+        progress: &[(String, Value)],
+    ) -> anyhow::Result<String> {
+        let mut record: Record = entry.to_vec();
+        record.extend_from_slice(progress);
+        self.jsonl.write(&record)?;
+        let scalars = tensorboard_scalars(entry);
+        let scalars: Vec<(&str, f64)> = scalars.iter().map(|(t, v)| (t.as_str(), *v)).collect();
+        for sink in &mut self.sinks {
+            sink.log_scalars(step, &scalars)?;
+        }
+        Ok(to_json_line(&record))
+    }
+
+    /// A line for logging.jsonl only (the final summary).
+    pub fn write_line(&mut self, record: &[(String, Value)]) -> std::io::Result<()> {
+        self.jsonl.write(record)
+    }
+
+    pub fn finish(&mut self) -> anyhow::Result<()> {
+        for sink in &mut self.sinks {
+            sink.finish()?;
+        }
+        Ok(())
+    }
+}
+
+/// A log entry as trainer_state.json's log_history holds it: the entry plus `step`.
+pub fn history_entry(entry: Record, step: u64) -> serde_json::Map<String, Value> {
+    let mut map: serde_json::Map<String, Value> = entry.into_iter().collect();
+    map.insert("step".into(), Value::from(step));
+    map
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

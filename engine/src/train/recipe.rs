@@ -35,7 +35,10 @@ use super::checkpoint::{
     SchedulerState, TrainerState, TrainingState, TRAINING_STATE_FORMAT,
 };
 use super::data::{self, ChatTokenizer, RenderOptions, Sample, Sampler, Template};
-use super::metrics::{float, format_time, round8, round_to, JsonlLogger, Record, ScalarSink};
+use super::metrics::{
+    float, format_time, history_entry, round8, round_to, JsonlLogger, MetricLogger, Record,
+    ScalarSink,
+};
 use super::progress::Console;
 use crate::grad::{self, Batch, Gradients, LossOptions};
 use crate::model::{Architecture, Model, ModelConfig, ModelOptions};
@@ -403,22 +406,6 @@ fn args_json(
     Ok(args)
 }
 
-/// A log record's numeric entries under TensorBoard tags, as transformers' TensorBoard
-/// callback rewrites them (`eval_loss` -> `eval/loss`, anything else -> `train/<key>`).
-fn tensorboard_scalars(entry: &[(String, Value)]) -> Vec<(String, f64)> {
-    entry
-        .iter()
-        .filter_map(|(key, value)| {
-            let value = value.as_f64()?;
-            let tag = match key.strip_prefix("eval_") {
-                Some(rest) => format!("eval/{rest}"),
-                None => format!("train/{key}"),
-            };
-            Some((tag, value))
-        })
-        .collect()
-}
-
 /// Time and progress fields ms-swift appends to every logging.jsonl line (they stay out of
 /// trainer_state.json's log_history). `memory(GiB)` is left out on the CPU, as ms-swift omits a
 /// zero device memory.
@@ -636,8 +623,10 @@ pub fn train(
             .collect::<Result<_, _>>()?;
         std::fs::write(run_dir.join("val_dataset.jsonl"), lines.join("\n") + "\n")?;
     }
-    let mut logger = JsonlLogger::create(&run_dir.join("logging.jsonl"))?;
-    let mut sinks = make_sinks(&run_dir)?;
+    let mut logger = MetricLogger::new(
+        JsonlLogger::create(&run_dir.join("logging.jsonl"))?,
+        make_sinks(&run_dir)?,
+    );
     let checkpointer = Checkpointer {
         run_dir: run_dir.clone(),
         model_dir: model_dir.clone(),
@@ -674,24 +663,6 @@ pub fn train(
     let mut last_checkpoint: Option<PathBuf> = None;
     let mut input_tokens_this_run = 0u64;
     let mut samples_this_run = 0u64;
-    let mut write_record = |record: &Record,
-                            history_entry: Record,
-                            step: u64,
-                            trainer_state: &mut TrainerState,
-                            sinks: &mut [Box<dyn ScalarSink>]|
-     -> anyhow::Result<()> {
-        logger.write(record)?;
-        console.record(&super::metrics::to_json_line(record));
-        let scalars = tensorboard_scalars(&history_entry);
-        let scalars: Vec<(&str, f64)> = scalars.iter().map(|(t, v)| (t.as_str(), *v)).collect();
-        for sink in sinks.iter_mut() {
-            sink.log_scalars(step, &scalars)?;
-        }
-        let mut entry: serde_json::Map<String, Value> = history_entry.into_iter().collect();
-        entry.insert("step".into(), Value::from(step));
-        trainer_state.log_history.push(entry);
-        Ok(())
-    };
     console.start(start_step, plan.total_steps);
 
     while trainer_state.global_step < plan.total_steps {
@@ -792,14 +763,9 @@ pub fn train(
                 ));
             }
             entry.push(("epoch".into(), float(round8(trainer_state.epoch))));
-            let mut record = entry.clone();
-            record.extend(swift_fields(
-                step,
-                plan.total_steps,
-                elapsed,
-                steps_this_run,
-            ));
-            write_record(&record, entry, step, &mut trainer_state, &mut sinks)?;
+            let progress = swift_fields(step, plan.total_steps, elapsed, steps_this_run);
+            console.record(&logger.log(step, &entry, &progress)?);
+            trainer_state.log_history.push(history_entry(entry, step));
             log_window = LogWindow::default();
         }
 
@@ -832,14 +798,10 @@ pub fn train(
                 ),
                 ("epoch".into(), float(round8(trainer_state.epoch))),
             ];
-            let mut record = entry.clone();
-            record.extend(swift_fields(
-                step,
-                plan.total_steps,
-                started.elapsed().as_secs_f64(),
-                steps_this_run,
-            ));
-            write_record(&record, entry, step, &mut trainer_state, &mut sinks)?;
+            let elapsed = started.elapsed().as_secs_f64();
+            let progress = swift_fields(step, plan.total_steps, elapsed, steps_this_run);
+            console.record(&logger.log(step, &entry, &progress)?);
+            trainer_state.log_history.push(history_entry(entry, step));
             let metric = if plan.metric_for_best_model == "eval_token_acc" {
                 result.token_acc
             } else {
@@ -923,18 +885,13 @@ pub fn train(
         ),
         ("epoch".into(), float(round8(trainer_state.epoch))),
     ];
-    let mut record = entry.clone();
-    record.extend(swift_fields(
-        trainer_state.global_step,
-        plan.total_steps,
-        runtime,
-        steps_this_run,
-    ));
     let final_step = trainer_state.global_step;
-    write_record(&record, entry, final_step, &mut trainer_state, &mut sinks)?;
-    for sink in sinks.iter_mut() {
-        sink.finish()?;
-    }
+    let progress = swift_fields(final_step, plan.total_steps, runtime, steps_this_run);
+    console.record(&logger.log(final_step, &entry, &progress)?);
+    trainer_state
+        .log_history
+        .push(history_entry(entry, final_step));
+    logger.finish()?;
     trainer_state.write(&run_dir.join("trainer_state.json"))?;
 
     let params_m = model.num_parameters() as f64 / 1e6;
@@ -989,7 +946,7 @@ pub fn train(
             ),
         ),
     ];
-    logger.write(&summary)?;
+    logger.write_line(&summary)?;
     Ok(RunSummary {
         run_dir,
         global_step: trainer_state.global_step,
@@ -1085,5 +1042,17 @@ mod tests {
         assert!(!plan.greater_is_better);
         assert!(plan.should_log(1) && !plan.should_log(2));
         assert!(plan.should_save(4, false) && !plan.should_save(3, false));
+
+        // Epoch strategies fire at each epoch's end and at the last step; no eval without data.
+        config.sft.save_strategy = IntervalStrategy::Epoch;
+        config.sft.max_steps = 5;
+        let plan = Plan::new(&config, 23).unwrap();
+        assert_eq!(plan.total_steps, 5);
+        assert!(plan.should_save(2, true) && !plan.should_save(3, false));
+        assert!(plan.should_evaluate(5, false));
+        config.sft.split_dataset_ratio = 0.0;
+        let plan = Plan::new(&config, 23).unwrap();
+        assert_eq!(plan.eval_strategy, IntervalStrategy::No);
+        assert!(!plan.should_evaluate(5, true));
     }
 }
