@@ -670,3 +670,27 @@ fn first_steps_match_transformers_on_the_fixtures() {
         }
     }
 }
+
+/// Nobody reading the output any more (a closed pipe) must not stop a run.
+#[test]
+fn a_closed_stdout_does_not_stop_training() {
+    let ws = Workspace::new("closed-stdout");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .arg("sft")
+        .args(with(
+            ws.flags("out"),
+            &["--max_steps", "3", "--save_steps", "3"],
+        ))
+        .env_remove("NPROC_PER_NODE")
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    assert!(child.wait().unwrap().success());
+    assert!(ws
+        .run_dir("out")
+        .join("checkpoint-3/model.safetensors")
+        .exists());
+}

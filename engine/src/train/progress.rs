@@ -4,6 +4,15 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// Writes a line to stdout, ignoring a closed pipe: a run must not die because nobody reads
+/// its output any more (`println!` would panic).
+fn print_line(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
+}
+
 pub struct Console {
     bar: Option<ProgressBar>,
 }
@@ -39,7 +48,7 @@ impl Console {
     pub fn line(&self, text: &str) {
         match &self.bar {
             Some(bar) if !bar.is_hidden() => bar.println(text),
-            _ => println!("{text}"),
+            _ => print_line(text),
         }
     }
 
@@ -47,7 +56,7 @@ impl Console {
     pub fn record(&self, json_line: &str) {
         match &self.bar {
             Some(bar) if !bar.is_hidden() => bar.println(json_line),
-            _ => println!("{json_line}"),
+            _ => print_line(json_line),
         }
     }
 
