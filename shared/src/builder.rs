@@ -74,7 +74,7 @@ impl ConfigBuilder {
         match coerce_words(field, words) {
             Ok(value) => self.store(field, value),
             Err(mut d) => {
-                if flag != field.name {
+                if flag.trim_start_matches('-') != field.name {
                     // Say what the user wrote (`NPROC_PER_NODE`, `--train_type`), not only our name.
                     d.message_en = format!("{} (from `{flag}`)", d.message_en);
                     d.message_zh = format!("{}（来自 `{flag}`）", d.message_zh);
@@ -371,6 +371,8 @@ pub fn coerce_json(field: &Field, value: Value) -> Result<Value, Diagnostic> {
             "give a value or remove the key to use the default",
             "给出取值，或删除该键以使用默认值",
         )),
+        // An empty list in a file is simply an empty list (a flag cannot say that).
+        (Kind::List, Value::Array(items)) if items.is_empty() => Ok(Value::Array(items)),
         (Kind::List, Value::Array(items)) => {
             let mut words = Vec::with_capacity(items.len());
             for item in items {

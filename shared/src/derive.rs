@@ -40,6 +40,21 @@ impl Default for CheckContext {
 }
 
 impl CheckContext {
+    /// What a caller with a disk can add: the config.json of a local model folder and the row
+    /// count of local `.jsonl` datasets. `read_file` returns a file's text, or `None`.
+    /// (`whet check` and the server both call this, so they report the same figures.)
+    pub fn gather(config: &JobConfig, read_file: &dyn Fn(&str) -> Option<String>) -> CheckContext {
+        let mut context = CheckContext::default();
+        if let Some(model) = &config.sft.model {
+            let config_json = format!("{}/config.json", model.trim_end_matches('/'));
+            if let Some(text) = read_file(&config_json) {
+                context.model_facts = ModelFacts::from_config_json(model, &text).ok();
+            }
+        }
+        context.dataset_rows = local_rows(&config.sft.dataset, read_file);
+        context
+    }
+
     pub fn facts_for(&self, config: &JobConfig) -> Option<ModelFacts> {
         self.model_facts
             .clone()
@@ -141,6 +156,26 @@ pub fn output_dir(config: &JobConfig) -> String {
     }
 }
 
+/// Rows of the training data when every spec is a local `.jsonl` file or has `#N`.
+fn local_rows(specs: &[String], read_file: &dyn Fn(&str) -> Option<String>) -> Option<u64> {
+    if specs.is_empty() {
+        return None;
+    }
+    let mut total = 0;
+    for spec in specs {
+        let spec = DatasetSpec::parse(spec, "dataset").ok()?;
+        if let Some(n) = spec.sample {
+            total += n;
+        } else if spec.is_local && spec.id.ends_with(".jsonl") {
+            let text = read_file(&spec.id)?;
+            total += text.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+        } else {
+            return None;
+        }
+    }
+    Some(total)
+}
+
 /// The sum of `#N` over specs when every spec has one.
 fn rows_from_specs(specs: &[String], field: &str) -> Option<u64> {
     if specs.is_empty() {
@@ -160,7 +195,9 @@ fn rows_from_specs(specs: &[String], field: &str) -> Option<u64> {
 fn count_events(strategy: IntervalStrategy, every: u64, total: u64, updates_per_epoch: u64) -> u64 {
     match strategy {
         IntervalStrategy::No => 0,
-        IntervalStrategy::Steps if every > 0 => total / every + u64::from(total % every != 0),
+        IntervalStrategy::Steps if every > 0 => {
+            total / every + u64::from(!total.is_multiple_of(every))
+        }
         IntervalStrategy::Steps => 0,
         IntervalStrategy::Epoch => total.div_ceil(updates_per_epoch.max(1)),
     }

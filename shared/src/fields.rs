@@ -814,3 +814,62 @@ pub fn closest(name: &str) -> Option<&'static str> {
             .flat_map(|f| std::iter::once(f.name).chain(f.aliases.iter().copied())),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::JobConfig;
+
+    #[test]
+    fn the_registry_lists_exactly_the_config_fields() {
+        let value = serde_json::to_value(JobConfig::default()).unwrap();
+        for (section, key) in [(Section::Launch, "launch"), (Section::Sft, "sft")] {
+            let mut struct_fields: Vec<&str> = value[key]
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .filter(|k| *k != "env")
+                .collect();
+            let mut registry: Vec<&str> = FIELDS
+                .iter()
+                .filter(|f| f.section == section)
+                .map(|f| f.name)
+                .collect();
+            struct_fields.sort();
+            registry.sort();
+            assert_eq!(struct_fields, registry, "{key}");
+        }
+    }
+
+    #[test]
+    fn every_field_is_explained_in_both_languages() {
+        for field in FIELDS {
+            assert!(field.help_en.len() > 10, "{}", field.name);
+            assert!(
+                field
+                    .help_zh
+                    .chars()
+                    .any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c)),
+                "{}",
+                field.name
+            );
+        }
+        let mut names: Vec<&str> = FIELDS.iter().map(|f| f.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), FIELDS.len(), "duplicate field names");
+    }
+
+    #[test]
+    fn lookups_accept_aliases_and_dashes() {
+        assert_eq!(find("train_type").unwrap().name, "tuner_type");
+        assert_eq!(find("nproc-per-node").unwrap().name, "nproc_per_node");
+        assert_eq!(
+            find_by_env("NPROC_PER_NODE").unwrap().name,
+            "nproc_per_node"
+        );
+        assert_eq!(closest("learning_rat"), Some("learning_rate"));
+        assert_eq!(closest("zzzzzzzzzz"), None);
+    }
+}

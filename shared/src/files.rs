@@ -40,6 +40,9 @@ impl Format {
 
 /// Parses the text of a config file into a JSON document (not yet checked against the schema).
 pub fn parse_document(text: &str, format: Format) -> Result<Value, Diagnostic> {
+    if text.len() > crate::shell::MAX_SCRIPT_BYTES {
+        return Err(crate::shell::too_long("config", text.len()));
+    }
     let parsed: Result<Value, String> = match format {
         Format::Json => serde_json::from_str(text).map_err(|e| e.to_string()),
         Format::Yaml => serde_yaml_ng::from_str(text).map_err(|e| e.to_string()),

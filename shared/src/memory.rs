@@ -16,8 +16,8 @@
 //!   256 blocks: 0.5 + 1/64 + 4/16384 bytes; embeddings, norms and router stay in b bytes;
 //!   8-bit = 1 byte). The T adapter weights train in fp32: 4T weights, 4T gradients, 8T Adam.
 //! * Activations for B samples of L tokens (L = max_length, 2048 when unset), per token and
-//!   decoder layer, elements kept for backward: attention 2h + (n_q + 2 n_kv)·d + 2 (n_q + n_kv)·d
-//!   + n_q·d (norm in/out, q/k/v, q/k-norm and RoPE outputs, attention output), plus 2 n_q·L for
+//!   decoder layer, elements kept for backward: attention 2h + (n_q + 2 n_kv)·d +
+//!   2 (n_q + n_kv)·d + n_q·d (norm in/out, q/k/v, q/k-norm and RoPE outputs, attention output), plus 2 n_q·L for
 //!   eager attention's scores and probabilities; MLP 2h + 4i (dense) or 2h + E + k (h + 4 i_moe)
 //!   (MoE: router logits and the k experts' inputs and intermediates). Without gradient
 //!   checkpointing every layer keeps these; with it, each layer keeps only its input (h per

@@ -69,7 +69,7 @@ impl ModelFacts {
         self.is_moe()
             && !self.mlp_only_layers.contains(&layer)
             && self.decoder_sparse_step > 0
-            && (layer + 1) % self.decoder_sparse_step == 0
+            && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
     fn attention_params(&self) -> (u64, u64) {
@@ -195,11 +195,7 @@ impl ModelFacts {
             |key: &str| int(key).ok_or_else(|| format!("config.json has no integer `{key}`"));
         let hidden_size = need("hidden_size")?;
         let num_heads = need("num_attention_heads")?;
-        let head_dim = int("head_dim").unwrap_or(if num_heads > 0 {
-            hidden_size / num_heads
-        } else {
-            0
-        });
+        let head_dim = int("head_dim").unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0));
         let num_experts = int("num_experts")
             .or_else(|| int("num_local_experts"))
             .unwrap_or(0);

@@ -62,10 +62,9 @@ impl Word {
         });
     }
 
-    fn any_quoted(&self) -> bool {
-        self.pieces
-            .iter()
-            .any(|p| matches!(p, Piece::Text { quoted: true, .. }))
+    /// Whether the word begins inside quotes (then it is a value, never a `--flag`).
+    fn starts_quoted(&self) -> bool {
+        matches!(self.pieces.first(), Some(Piece::Text { quoted: true, .. }))
     }
 
     /// `NAME=value` with an unquoted `NAME=`: the name and the pieces of the value.
@@ -310,6 +309,22 @@ fn lex(script: &str) -> Result<Vec<Vec<Word>>, Diagnostic> {
 // ---------------------------------------------------------------------------------------------
 // Parsing
 
+/// No training script or config file comes near this; larger input is refused, not parsed.
+pub const MAX_SCRIPT_BYTES: usize = 1024 * 1024;
+
+pub(crate) fn too_long(field: &str, bytes: usize) -> Diagnostic {
+    Diagnostic::error(
+        field,
+        "input_too_long",
+        format!("the input is {bytes} bytes; a config or script is never more than 1 MiB"),
+        format!("输入有 {bytes} 字节；配置或脚本不会超过 1 MiB"),
+    )
+    .with_fix(
+        "paste only the training command or config file",
+        "只粘贴训练命令或配置文件",
+    )
+}
+
 /// Reads a script or command line into a config. `--config FILE` is an error here (whet-shared
 /// reads no files); use `parse_shell_with` to let the caller read it.
 pub fn parse_shell(script: &str) -> Result<JobConfig, Diagnostics> {
@@ -335,11 +350,16 @@ pub fn parse_shell_onto(
     script: &str,
     read_file: &dyn Fn(&str) -> Result<String, String>,
 ) -> Result<JobConfig, Diagnostics> {
+    if script.len() > MAX_SCRIPT_BYTES {
+        return Err(too_long("shell", script.len()).into());
+    }
     let commands = lex(script).map_err(Diagnostics::from)?;
     let mut builder = ConfigBuilder::from_config(base);
     // Variables the script assigned (for `$VAR`); exported ones also go into the job's env.
     let mut vars: BTreeMap<String, String> = BTreeMap::new();
     let mut found_training_command = false;
+    // `swift infer ...` and the like: not training, but worth naming if nothing else is found.
+    let mut other_subcommand: Option<String> = None;
 
     for words in commands {
         let mut index = 0;
@@ -350,7 +370,7 @@ pub fn parse_shell_onto(
         }
         let rest: Vec<(String, bool)> = words[index..]
             .iter()
-            .map(|w| (w.expand(&vars), w.any_quoted()))
+            .map(|w| (w.expand(&vars), w.starts_quoted()))
             .collect();
         if rest.is_empty() {
             // `NAME=value` alone: a shell variable. Launcher variables still count (people write
@@ -378,7 +398,13 @@ pub fn parse_shell_onto(
             continue;
         }
         let Some(start) = training_start(&rest) else {
-            continue; // another command (cd, mkdir, echo, set -e, ...)
+            if (program == "swift" || program == "whet") && other_subcommand.is_none() {
+                other_subcommand = Some(format!(
+                    "{program} {}",
+                    rest.get(1).map_or("", |w| w.0.as_str())
+                ));
+            }
+            continue; // another command (cd, mkdir, echo, set -e, swift export, ...)
         };
         if found_training_command {
             builder.push(shell_error(
@@ -397,7 +423,18 @@ pub fn parse_shell_onto(
         parse_training_command(&rest, start, &mut builder, read_file);
     }
 
-    if !found_training_command {
+    if let (false, Some(command)) = (found_training_command, &other_subcommand) {
+        builder.push(shell_error(
+            "shell_not_sft",
+            format!(
+                "`{}` is not a training command; whet reads `sft`",
+                shorten(command)
+            ),
+            format!("`{}` 不是训练命令；whet 只读取 `sft`", shorten(command)),
+            "use `swift sft ...` or `whet sft ...`",
+            "请使用 `swift sft ...` 或 `whet sft ...`",
+        ));
+    } else if !found_training_command {
         builder.push(shell_error(
             "shell_no_command",
             "no `swift sft` or `whet sft` command found".into(),
@@ -406,6 +443,20 @@ pub fn parse_shell_onto(
             "请粘贴完整命令，例如 `swift sft --model Qwen/Qwen3-8B --dataset data.jsonl`",
         ));
     }
+    builder.finish()
+}
+
+/// Reads the arguments of `whet sft` / `whet check` as a program receives them (no shell
+/// quoting left to undo), on top of `base`.
+pub fn parse_args_onto(
+    base: &JobConfig,
+    args: &[String],
+    read_file: &dyn Fn(&str) -> Result<String, String>,
+) -> Result<JobConfig, Diagnostics> {
+    let mut builder = ConfigBuilder::from_config(base);
+    let mut words: Vec<(String, bool)> = vec![("whet".into(), false), ("sft".into(), false)];
+    words.extend(args.iter().map(|a| (a.clone(), false)));
+    parse_training_command(&words, 0, &mut builder, read_file);
     builder.finish()
 }
 
@@ -462,10 +513,10 @@ fn parse_training_command(
     if program == "torchrun" || program.starts_with("python") {
         i += if program == "torchrun" { 1 } else { 3 };
         while i < words.len() && words[i].0.starts_with('-') && !words[i].1 {
-            let raw = words[i].0.trim_start_matches('-').replace('-', "_");
+            let raw = words[i].0.trim_start_matches('-');
             let (name, inline) = match raw.split_once('=') {
-                Some((n, v)) => (n.to_string(), Some(v.to_string())),
-                None => (raw.clone(), None),
+                Some((n, v)) => (n.replace('-', "_"), Some(v.to_string())),
+                None => (raw.replace('-', "_"), None),
             };
             i += 1;
             if LAUNCHER_IGNORED_FLAGS.contains(&name.as_str()) {
@@ -499,6 +550,19 @@ fn parse_training_command(
                         },
                     ),
                 );
+                // Skip the unknown option's value too, unless the next word is the program.
+                if inline.is_none() {
+                    if let Some((next, _)) = words.get(i) {
+                        let program = basename(next);
+                        if !next.starts_with('-')
+                            && program != "swift"
+                            && program != "whet"
+                            && !program.ends_with("sft.py")
+                        {
+                            i += 1;
+                        }
+                    }
+                }
                 continue;
             }
             let value = match inline {
@@ -596,7 +660,7 @@ fn parse_training_command(
             None => (body, None),
         };
         let mut values: Vec<String> = inline.into_iter().collect();
-        while i < words.len() && !(words[i].0.starts_with("--") && !words[i].1) {
+        while i < words.len() && (words[i].1 || !words[i].0.starts_with("--")) {
             values.push(words[i].0.clone());
             i += 1;
         }
@@ -799,6 +863,7 @@ pub fn format_float(x: f64) -> String {
 pub fn quote(word: &str) -> String {
     let safe = !word.is_empty()
         && !word.starts_with('~')
+        && !word.starts_with('-')
         && word
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c));

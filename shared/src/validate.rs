@@ -840,7 +840,10 @@ fn eval_save_rules(config: &JobConfig, derived: &Derived, out: &mut Vec<Diagnost
             out.push(Diagnostic::error("load_best_model_at_end", "best_strategy_mismatch", format!("load_best_model_at_end needs eval_strategy ({}) to equal save_strategy ({})", eval.as_str(), sft.save_strategy.as_str()), format!("load_best_model_at_end 要求 eval_strategy（{}）与 save_strategy（{}）一致", eval.as_str(), sft.save_strategy.as_str())).with_fix("use the same strategy for both", "两者使用相同的策略"));
         } else if eval == IntervalStrategy::Steps {
             if let Some(eval_steps) = derived.eval_steps {
-                if eval_steps > 0 && sft.save_steps > 0 && sft.save_steps as u64 % eval_steps != 0 {
+                if eval_steps > 0
+                    && sft.save_steps > 0
+                    && !(sft.save_steps as u64).is_multiple_of(eval_steps)
+                {
                     out.push(Diagnostic::error("save_steps", "save_not_multiple_of_eval", format!("with load_best_model_at_end, save_steps ({}) must be a multiple of eval_steps ({eval_steps})", sft.save_steps), format!("开启 load_best_model_at_end 时，save_steps（{}）必须是 eval_steps（{eval_steps}）的整数倍", sft.save_steps)).with_fix(format!("set --save_steps {}", eval_steps * (sft.save_steps as u64 / eval_steps).max(1)), format!("设置 --save_steps {}", eval_steps * (sft.save_steps as u64 / eval_steps).max(1))));
                 }
             }
@@ -1076,7 +1079,8 @@ pub fn oom_remedies(config: &JobConfig, facts: &ModelFacts) -> Vec<Remedy> {
             c.sft.deepspeed = Some("zero3".into())
         });
     }
-    if !(zero.stage == 3 && zero.offload_param) && !config.sft.is_qlora() {
+    let fully_offloaded = zero.stage == 3 && zero.offload_param;
+    if !fully_offloaded && !config.sft.is_qlora() {
         with("--deepspeed zero3_offload".into(), &|c| {
             c.sft.deepspeed = Some("zero3_offload".into())
         });

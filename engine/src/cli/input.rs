@@ -4,10 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use whet_shared::dataset_spec::DatasetSpec;
 use whet_shared::diagnostics::{Diagnostic, Diagnostics};
-use whet_shared::shell::{parse_shell_onto, quote};
-use whet_shared::{CheckContext, JobConfig, ModelFacts};
+use whet_shared::shell::{parse_args_onto, parse_shell_onto};
+use whet_shared::{CheckContext, JobConfig};
 
 /// Where a job comes from.
 #[derive(Debug, Clone, Default)]
@@ -48,48 +47,12 @@ pub fn load_job(input: &JobInput) -> Result<JobConfig, Diagnostics> {
         config = parse_shell_onto(&config, &script, &read_text)?;
     }
     if !input.flags.is_empty() || input.from_shell.is_none() {
-        let mut script = String::from("whet sft");
-        for flag in &input.flags {
-            script.push(' ');
-            script.push_str(&quote(flag));
-        }
-        config = parse_shell_onto(&config, &script, &read_text)?;
+        config = parse_args_onto(&config, &input.flags, &read_text)?;
     }
     Ok(config)
 }
 
 /// What `check` can learn from the disk: a local model's config.json and local jsonl row counts.
 pub fn check_context(config: &JobConfig) -> CheckContext {
-    let mut context = CheckContext::default();
-    if let Some(model) = &config.sft.model {
-        let config_json = Path::new(model).join("config.json");
-        if let Ok(text) = std::fs::read_to_string(&config_json) {
-            if let Ok(facts) = ModelFacts::from_config_json(model, &text) {
-                context.model_facts = Some(facts);
-            }
-        }
-    }
-    context.dataset_rows = local_rows(&config.sft.dataset);
-    context
-}
-
-/// Rows of the training data when every spec is a local .jsonl file (`#N` wins over the count).
-fn local_rows(specs: &[String]) -> Option<u64> {
-    if specs.is_empty() {
-        return None;
-    }
-    let mut total = 0;
-    for spec in specs {
-        let spec = DatasetSpec::parse(spec, "dataset").ok()?;
-        if let Some(n) = spec.sample {
-            total += n;
-            continue;
-        }
-        if !spec.id.ends_with(".jsonl") {
-            return None;
-        }
-        let text = std::fs::read_to_string(&spec.id).ok()?;
-        total += text.lines().filter(|l| !l.trim().is_empty()).count() as u64;
-    }
-    Some(total)
+    CheckContext::gather(config, &|path| std::fs::read_to_string(path).ok())
 }

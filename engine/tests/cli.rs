@@ -1,0 +1,157 @@
+//! `whet check` and `whet convert` as a user runs them: the seed script from examples/.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn whet() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_whet"))
+}
+
+fn seed_path() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/seed.sh"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("whet-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn check_json_reports_the_seed() {
+    let output = whet()
+        .args(["check", "--json", "--from-shell"])
+        .arg(seed_path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let derived = &report["derived"];
+    assert_eq!(report["ok"], true);
+    assert_eq!(derived["world_size"], 5);
+    assert_eq!(derived["effective_batch_size"], 80);
+    assert_eq!(derived["total_steps"], 39);
+    assert_eq!(derived["warmup_steps"], 4);
+    assert!(derived["memory"]["per_gpu_gib"].as_f64().unwrap() > 80.0);
+    let codes: Vec<&str> = report["diagnostics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["code"].as_str().unwrap())
+        .collect();
+    assert!(
+        codes.contains(&"eval_disabled_no_val") && codes.contains(&"memory_over_gpu"),
+        "{codes:?}"
+    );
+}
+
+#[test]
+fn check_exits_1_on_errors_and_2_on_usage() {
+    let output = whet()
+        .args([
+            "check",
+            "--model",
+            "Qwen/Qwen3-8B",
+            "--dataset",
+            "d.jsonl",
+            "--learning_rate",
+            "-1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("learning_rate"));
+    let output = whet()
+        .args(["check", "--json", "--model", "m", "--lerning_rate", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["diagnostics"][0]["code"], "unknown_flag");
+    let output = whet()
+        .args(["convert", "--to", "nonsense", "--config", "x.json"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let output = whet().args(["bogus-subcommand"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn convert_writes_every_form_and_reads_it_back() {
+    let dir = temp_dir("convert");
+    let reference = whet()
+        .args(["convert", "--to", "json", "--from-shell"])
+        .arg(seed_path())
+        .output()
+        .unwrap();
+    assert!(reference.status.success());
+    for (target, file) in [
+        ("json", "job.json"),
+        ("yaml", "job.yaml"),
+        ("toml", "job.toml"),
+        ("swift", "swift.sh"),
+        ("whet", "whet.sh"),
+    ] {
+        let output = whet()
+            .args(["convert", "--to", target, "--from-shell"])
+            .arg(seed_path())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{target}");
+        let path = dir.join(file);
+        std::fs::write(&path, &output.stdout).unwrap();
+        let input_flag = if file.ends_with(".sh") {
+            "--from-shell"
+        } else {
+            "--config"
+        };
+        let again = whet()
+            .args(["convert", "--to", "json", input_flag])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            again.status.success(),
+            "{target}: {}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&again.stdout),
+            String::from_utf8_lossy(&reference.stdout),
+            "{target}"
+        );
+    }
+    let link = whet()
+        .args([
+            "convert",
+            "--to",
+            "link",
+            "--base",
+            "https://studio.example",
+            "--from-shell",
+        ])
+        .arg(seed_path())
+        .output()
+        .unwrap();
+    let link = String::from_utf8(link.stdout).unwrap();
+    assert!(
+        link.starts_with("https://studio.example/#cfg=v1.") && link.len() < 2000,
+        "{link}"
+    );
+    // Flags after a config file override it; --config is read by `check` as well.
+    let output = whet()
+        .args(["check", "--json", "--config"])
+        .arg(dir.join("job.yaml"))
+        .args(["--per_device_train_batch_size", "1"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["derived"]["effective_batch_size"], 40);
+}
