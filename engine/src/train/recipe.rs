@@ -425,6 +425,50 @@ fn swift_fields(step: u64, total: u64, elapsed: f64, steps_this_run: u64) -> Rec
     ]
 }
 
+/// Continues from a checkpoint: the trainer state's counters, best metric and log history;
+/// then the optimizer moments and the sampler's exact position, or — with resume_only_model —
+/// a fresh optimizer and the data already trained on skipped. Returns the open logging window
+/// and the running loss sum.
+fn restore(
+    resume: &ResumePoint,
+    resume_only_model: bool,
+    accumulation: usize,
+    trainer_state: &mut TrainerState,
+    optimizer: &mut AdamW,
+    sampler: &mut Sampler,
+) -> anyhow::Result<(LogWindow, f64)> {
+    let saved = &resume.trainer_state;
+    trainer_state.global_step = saved.global_step;
+    trainer_state.epoch = saved.epoch;
+    trainer_state.log_history = saved.log_history.clone();
+    trainer_state.best_global_step = saved.best_global_step;
+    trainer_state.best_metric = saved.best_metric;
+    trainer_state.best_model_checkpoint = saved.best_model_checkpoint.clone();
+    trainer_state.num_input_tokens_seen = saved.num_input_tokens_seen;
+    trainer_state.total_flos = saved.total_flos;
+    if resume_only_model {
+        for _ in 0..saved.global_step {
+            sampler.next_window(accumulation);
+        }
+        return Ok((LogWindow::default(), 0.0));
+    }
+    let Some(state) = &resume.training_state else {
+        bail!(
+            "{} holds weights only (saved with save_only_model); resume with --resume_only_model true",
+            resume.dir.display()
+        );
+    };
+    let Some(optimizer_state) = &resume.optimizer else {
+        bail!(
+            "{} has no optimizer/optimizer.safetensors; resume with --resume_only_model true to load the weights only",
+            resume.dir.display()
+        );
+    };
+    optimizer.load(optimizer_state)?;
+    sampler.restore(state.sampler);
+    Ok((state.log_window, state.loss_sum))
+}
+
 /// Makes the scalar sinks of a run once its folder exists (TensorBoard event files under
 /// `<run_dir>/runs`, plots under `<run_dir>/images`).
 pub type SinkFactory<'a> = &'a dyn Fn(&Path) -> anyhow::Result<Vec<Box<dyn ScalarSink>>>;
@@ -555,45 +599,25 @@ pub fn train(
         trial_name: None,
         trial_params: None,
     };
-    let mut log_window = LogWindow::default();
-    let mut loss_sum = 0.0;
-    if let Some(resume) = &resume {
-        let saved = &resume.trainer_state;
-        trainer_state.global_step = saved.global_step;
-        trainer_state.epoch = saved.epoch;
-        trainer_state.log_history = saved.log_history.clone();
-        trainer_state.best_global_step = saved.best_global_step;
-        trainer_state.best_metric = saved.best_metric;
-        trainer_state.best_model_checkpoint = saved.best_model_checkpoint.clone();
-        trainer_state.num_input_tokens_seen = saved.num_input_tokens_seen;
-        trainer_state.total_flos = saved.total_flos;
-        match (&resume.training_state, sft.resume_only_model) {
-            (Some(state), false) => {
-                let Some(optimizer_state) = &resume.optimizer else {
-                    bail!("{} has no optimizer/optimizer.safetensors; resume with --resume_only_model true to load the weights only", resume.dir.display());
-                };
-                optimizer.load(optimizer_state)?;
-                sampler.restore(state.sampler);
-                log_window = state.log_window;
-                loss_sum = state.loss_sum;
-            }
-            (None, false) => bail!(
-                "{} holds weights only (saved with save_only_model); resume with --resume_only_model true",
-                resume.dir.display()
-            ),
-            (_, true) => {
-                // Weights only: fresh optimizer, but skip the data already trained on.
-                for _ in 0..saved.global_step {
-                    sampler.next_window(plan.accumulation);
-                }
-            }
+    let (mut log_window, mut loss_sum) = match &resume {
+        Some(resume) => {
+            let restored = restore(
+                resume,
+                sft.resume_only_model,
+                plan.accumulation,
+                &mut trainer_state,
+                &mut optimizer,
+                &mut sampler,
+            )?;
+            console.line(&format!(
+                "Resuming from {} at step {}",
+                resume.dir.display(),
+                trainer_state.global_step
+            ));
+            restored
         }
-        console.line(&format!(
-            "Resuming from {} at step {}",
-            resume.dir.display(),
-            saved.global_step
-        ));
-    }
+        None => (LogWindow::default(), 0.0),
+    };
     if trainer_state.global_step >= plan.total_steps {
         console.line(&format!(
             "The checkpoint is at step {} of {}: nothing left to train. Raise --num_train_epochs or --max_steps to train further.",
