@@ -57,6 +57,8 @@ pub struct LossReport {
     pub aux_loss: Option<f64>,
     /// Label tokens of this batch (after the shift).
     pub num_label_tokens: usize,
+    /// Label tokens the argmax of the logits predicts right (token accuracy's numerator).
+    pub num_correct_tokens: usize,
 }
 
 /// Gradients of the parameters a model lists, by position in [`Model::parameters`]; `None`
@@ -197,6 +199,7 @@ fn loss_terms(
             None => None,
         },
         num_label_tokens: ce.num_tokens,
+        num_correct_tokens: ops::causal_lm_correct_tokens(logits, &batch.labels)?,
     };
     Ok(LossTerms { total, report })
 }

@@ -170,6 +170,24 @@ pub fn causal_lm_cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<C
     Ok(CrossEntropySum { sum, num_tokens })
 }
 
+/// How many label tokens the logits' argmax predicts right, after the causal shift (the
+/// numerator of ms-swift's `token_acc`; the denominator is the label count).
+pub fn causal_lm_correct_tokens(logits: &Tensor, labels: &Tensor) -> Result<usize> {
+    let (_, seq, _) = logits.dims3()?;
+    if seq < 2 {
+        return Ok(0);
+    }
+    let predictions = logits
+        .detach()
+        .narrow(1, 0, seq - 1)?
+        .argmax(D::Minus1)?
+        .to_dtype(DType::I64)?;
+    let targets = labels.to_dtype(DType::I64)?.narrow(1, 1, seq - 1)?;
+    // An ignored label (-100) never equals an argmax.
+    let correct = predictions.eq(&targets)?.to_dtype(DType::U32)?.sum_all()?;
+    Ok(correct.to_scalar::<u32>()? as usize)
+}
+
 /// Token-mean causal-LM loss (transformers' `ForCausalLMLoss` without `num_items_in_batch`).
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let ce = causal_lm_cross_entropy_sum(logits, labels)?;

@@ -4,6 +4,7 @@
 mod check;
 mod convert;
 mod input;
+mod sft;
 
 use std::process::ExitCode;
 
@@ -25,6 +26,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Fine-tune a model (full fine-tuning on the CPU for now) with ms-swift's flags.
+    #[command(after_help = sft::AFTER_HELP)]
+    Sft(sft::SftArgs),
     /// Validate a config and print its derived figures (effective batch, steps, memory, disk).
     #[command(after_help = check::AFTER_HELP)]
     Check(check::CheckArgs),
@@ -35,6 +39,7 @@ pub enum Command {
 /// Runs the CLI; returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     let outcome = match cli.command {
+        Command::Sft(args) => sft::run(args),
         Command::Check(args) => check::run(args),
         Command::Convert(args) => convert::run(args),
     };

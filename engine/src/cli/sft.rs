@@ -1,0 +1,115 @@
+//! `whet sft`: validate the job (errors stop it before any work), then train it with the
+//! recipe in `crate::train`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Args;
+use whet_shared::{validate_with, Diagnostic, JobConfig, Severity};
+
+use super::input::{check_context, load_job, JobInput};
+use crate::train::{self, progress::Console, ScalarSink};
+
+pub const AFTER_HELP: &str =
+    "Flags are ms-swift's (`whet sft --model DIR --dataset data.jsonl --tuner_type full ...`), \
+and `--config FILE` reads JSON, YAML or TOML (later flags win). CUDA_VISIBLE_DEVICES and \
+NPROC_PER_NODE from the environment apply where the config does not set them.\n\
+Outputs go to <output_dir>/v<N>-<YYYYMMDD-HHMMSS>/ (args.json, logging.jsonl, \
+trainer_state.json, checkpoint-<step>/).\n\
+Exit codes: 0 trained, 1 invalid config or training failure, 2 usage.";
+
+#[derive(Debug, Args)]
+pub struct SftArgs {
+    /// Read a training script (torchrun / swift sft / whet sft); `-` reads standard input.
+    #[arg(long = "from-shell", value_name = "FILE")]
+    pub from_shell: Option<PathBuf>,
+    /// ms-swift flags, and `--config FILE`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "FLAGS"
+    )]
+    pub flags: Vec<String>,
+}
+
+/// The launcher's environment, as torch and ms-swift read it, where the config is silent.
+fn apply_environment(config: &mut JobConfig) {
+    let launch = &mut config.launch;
+    if launch.cuda_visible_devices.is_none() {
+        launch.cuda_visible_devices = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    }
+    if launch.nproc_per_node.is_none() {
+        launch.nproc_per_node = std::env::var("NPROC_PER_NODE")
+            .ok()
+            .and_then(|v| v.trim().parse().ok());
+    }
+}
+
+fn print_diagnostic(d: &Diagnostic) {
+    let level = match d.severity {
+        Severity::Error => "error",
+        Severity::Warning => "warning",
+        Severity::Info => "info",
+    };
+    eprintln!("{level}[{}] {}: {}", d.code, d.field, d.message_en);
+    if !d.fix.is_empty() {
+        eprintln!("  fix: {}", d.fix);
+    }
+}
+
+/// The TensorBoard event writer (`<run_dir>/runs`) and the loss-curve plotter
+/// (`<run_dir>/images`) plug in here when `report_to` has tensorboard; they live in other
+/// modules and none is wired yet, so the run logs to logging.jsonl only.
+fn scalar_sinks(_config: &JobConfig, _run_dir: &Path) -> anyhow::Result<Vec<Box<dyn ScalarSink>>> {
+    Ok(Vec::new())
+}
+
+pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
+    let input = JobInput {
+        from_shell: args.from_shell,
+        flags: args.flags,
+    };
+    let mut config = match load_job(&input) {
+        Ok(config) => config,
+        Err(diagnostics) => {
+            for d in diagnostics.iter() {
+                print_diagnostic(d);
+            }
+            return Ok(ExitCode::from(1));
+        }
+    };
+    apply_environment(&mut config);
+    config.normalize();
+
+    let diagnostics = validate_with(&config, &check_context(&config));
+    for d in &diagnostics {
+        print_diagnostic(d);
+    }
+    let errors = diagnostics.iter().filter(|d| d.is_error()).count();
+    if errors > 0 {
+        eprintln!("{errors} error(s): nothing was trained");
+        return Ok(ExitCode::from(1));
+    }
+    if let Some(n) = config.launch.nproc_per_node.filter(|n| *n > 1) {
+        anyhow::bail!("nproc_per_node is {n}: multi-process training is not implemented yet; run one process (--nproc_per_node 1, or unset NPROC_PER_NODE)");
+    }
+    if let Some(world) = std::env::var("WORLD_SIZE")
+        .ok()
+        .and_then(|w| w.parse::<u64>().ok())
+        .filter(|w| *w > 1)
+    {
+        anyhow::bail!("WORLD_SIZE is {world}: multi-process training is not implemented yet; run a single process");
+    }
+
+    let console = Console::new(std::io::stderr().is_terminal());
+    let make_sinks = |run_dir: &Path| scalar_sinks(&config, run_dir);
+    let summary = train::train(&config, &console, &make_sinks)?;
+    if let Some(best) = &summary.best_checkpoint {
+        console.line(&format!("Best checkpoint: {}", best.display()));
+    }
+    if let Some(last) = &summary.last_checkpoint {
+        console.line(&format!("Last checkpoint: {}", last.display()));
+    }
+    Ok(ExitCode::SUCCESS)
+}

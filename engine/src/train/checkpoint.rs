@@ -1,0 +1,591 @@
+//! The run's folder on disk (ms-swift's layout): the versioned run directory, transformers'
+//! `trainer_state.json`, and `checkpoint-<step>/` folders — written under a temporary name and
+//! renamed when complete, rotated by `save_total_limit` without ever deleting the best one,
+//! and read back for an exact resume.
+//!
+//! A checkpoint holds what `from_pretrained` needs (config.json, generation_config.json,
+//! model.safetensors or shards with an index, tokenizer files) plus what whet needs to continue
+//! bit for bit: `optimizer/optimizer.safetensors` (AdamW step and moments), `scheduler.json`,
+//! `training_state.json` (sampler RNG and position, the open logging window, running totals) and,
+//! when the weights are saved in a narrower dtype than the f32 masters,
+//! `optimizer/master_weights.safetensors`. The optimizer files sit in a subfolder because tools
+//! that load every `*.safetensors` of a model folder (vLLM, transformers-based checkers) must
+//! see only the model there.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::data::SamplerState;
+use crate::model::{Model, ModelConfig, ModelOptions};
+use crate::optim::AdamW;
+
+/// transformers shards checkpoints past 5 GB (`max_shard_size="5GB"`, decimal).
+pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
+
+/// Tokenizer and template files copied from the model folder into each checkpoint.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+];
+
+/// Creates `output_dir/v<N>-<YYYYMMDD-HHMMSS>` (N = 1 + the largest existing `v<N>`, v0 first)
+/// or, without add_version, `output_dir` itself.
+pub fn create_run_dir(output_dir: &Path, add_version: bool) -> anyhow::Result<PathBuf> {
+    // Absolute, as ms-swift makes it: args.json and best_model_checkpoint name real places.
+    let output_dir = &std::path::absolute(output_dir)
+        .with_context(|| format!("output_dir {} cannot be resolved", output_dir.display()))?;
+    std::fs::create_dir_all(output_dir)
+        .with_context(|| format!("cannot create output_dir {}", output_dir.display()))?;
+    if !add_version {
+        return Ok(output_dir.to_path_buf());
+    }
+    let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S").to_string();
+    loop {
+        let next = std::fs::read_dir(output_dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let digits: String = name
+                    .strip_prefix('v')?
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                digits.parse::<u64>().ok()
+            })
+            .max()
+            .map_or(0, |n| n + 1);
+        let dir = output_dir.join(format!("v{next}-{stamp}"));
+        // create_dir (not _all) fails if another run took the name first; then look again.
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+        }
+    }
+}
+
+/// transformers' `TrainerState`, serialised as `trainer_state.json` (fields in sorted order, as
+/// transformers writes them with `sort_keys=True`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub best_global_step: Option<u64>,
+    pub best_metric: Option<f64>,
+    pub best_model_checkpoint: Option<String>,
+    pub epoch: f64,
+    pub eval_steps: u64,
+    pub global_step: u64,
+    pub is_hyper_param_search: bool,
+    pub is_local_process_zero: bool,
+    pub is_world_process_zero: bool,
+    /// Each entry is a log record (without ms-swift's time fields) plus `step`.
+    pub log_history: Vec<serde_json::Map<String, Value>>,
+    pub logging_steps: u64,
+    pub max_steps: u64,
+    pub num_input_tokens_seen: u64,
+    pub num_train_epochs: u64,
+    pub save_steps: u64,
+    pub stateful_callbacks: Value,
+    pub total_flos: f64,
+    pub train_batch_size: u64,
+    pub trial_name: Option<String>,
+    pub trial_params: Option<Value>,
+}
+
+impl TrainerState {
+    /// transformers' `TrainerControl` as its `stateful_callbacks` entry records it after a save.
+    pub fn default_callbacks() -> Value {
+        serde_json::json!({
+            "TrainerControl": {
+                "args": {
+                    "should_epoch_stop": false,
+                    "should_evaluate": false,
+                    "should_log": false,
+                    "should_save": true,
+                    "should_training_stop": false
+                },
+                "attributes": {}
+            }
+        })
+    }
+
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(self)? + "\n";
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a trainer state", path.display()))
+    }
+}
+
+/// The logging interval not yet written: sums over its optimizer steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogWindow {
+    pub steps: u64,
+    pub loss_sum: f64,
+    pub aux_loss_sum: f64,
+    pub label_tokens: u64,
+    pub correct_tokens: u64,
+}
+
+/// What a resume needs beyond weights and optimizer: `training_state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingState {
+    pub format: String,
+    pub global_step: u64,
+    pub epoch: f64,
+    pub sampler: SamplerState,
+    pub log_window: LogWindow,
+    /// Sum of every step's loss so far (the end-of-train `train_loss` is its mean).
+    pub loss_sum: f64,
+    pub num_input_tokens_seen: u64,
+    pub total_flos: f64,
+}
+
+pub const TRAINING_STATE_FORMAT: &str = "whet-training-state-v1";
+
+/// `scheduler.json`: the schedule is a pure function of the step; this records which one, in
+/// the names of torch's `LambdaLR` state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchedulerState {
+    pub lr_scheduler_type: String,
+    pub base_lrs: Vec<f64>,
+    pub last_epoch: u64,
+    pub _last_lr: Vec<f64>,
+    pub num_warmup_steps: u64,
+    pub num_training_steps: u64,
+}
+
+/// Everything [`Checkpointer::save`] writes beyond the model and optimizer.
+pub struct CheckpointContents<'a> {
+    pub step: u64,
+    pub model: &'a Model,
+    pub optimizer: &'a AdamW,
+    pub trainer_state: &'a TrainerState,
+    pub training_state: &'a TrainingState,
+    pub scheduler: &'a SchedulerState,
+    pub args_json: &'a Value,
+}
+
+/// Writes and rotates the checkpoints of one run.
+pub struct Checkpointer {
+    pub run_dir: PathBuf,
+    /// The model folder the run started from (source of config, tokenizer files).
+    pub model_dir: PathBuf,
+    /// Dtype of model.safetensors (torch_dtype); the masters are f32.
+    pub save_dtype: DType,
+    pub save_only_model: bool,
+    pub save_total_limit: Option<usize>,
+}
+
+/// The subfolder of a checkpoint with the optimizer state (and f32 masters when needed).
+pub const OPTIMIZER_DIR: &str = "optimizer";
+
+pub fn checkpoint_name(step: u64) -> String {
+    format!("checkpoint-{step}")
+}
+
+impl Checkpointer {
+    /// Writes `checkpoint-<step>` atomically: everything goes into `.checkpoint-<step>.tmp`,
+    /// which is renamed only when complete, so a crash never leaves a half checkpoint under
+    /// the real name.
+    pub fn save(&self, contents: &CheckpointContents) -> anyhow::Result<PathBuf> {
+        let name = checkpoint_name(contents.step);
+        let final_dir = self.run_dir.join(&name);
+        let tmp = self.run_dir.join(format!(".{name}.tmp"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        self.write_contents(&tmp, contents)
+            .with_context(|| format!("cannot write checkpoint {}", tmp.display()))?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir)?;
+        }
+        std::fs::rename(&tmp, &final_dir)
+            .with_context(|| format!("cannot rename {} to {name}", tmp.display()))?;
+        Ok(final_dir)
+    }
+
+    fn write_contents(&self, dir: &Path, c: &CheckpointContents) -> anyhow::Result<()> {
+        c.model
+            .save_pretrained_weights(dir, self.save_dtype, MAX_SHARD_BYTES)?;
+        self.write_model_config(dir)?;
+        for file in TOKENIZER_FILES {
+            let source = self.model_dir.join(file);
+            if source.exists() {
+                std::fs::copy(&source, dir.join(file))?;
+            }
+        }
+        std::fs::write(
+            dir.join("args.json"),
+            serde_json::to_string_pretty(c.args_json)? + "\n",
+        )?;
+        c.trainer_state.write(&dir.join("trainer_state.json"))?;
+        if self.save_only_model {
+            return Ok(());
+        }
+        let optimizer_dir = dir.join(OPTIMIZER_DIR);
+        std::fs::create_dir_all(&optimizer_dir)?;
+        c.optimizer
+            .save(optimizer_dir.join("optimizer.safetensors"))?;
+        std::fs::write(
+            dir.join("scheduler.json"),
+            serde_json::to_string_pretty(c.scheduler)? + "\n",
+        )?;
+        std::fs::write(
+            dir.join("training_state.json"),
+            serde_json::to_string_pretty(c.training_state)? + "\n",
+        )?;
+        if self.save_dtype != DType::F32 {
+            // model.safetensors lost the masters' low bits; keep them for an exact resume.
+            crate::model::qwen3::write_safetensors(
+                &optimizer_dir.join("master_weights.safetensors"),
+                c.model.state_dict(DType::F32)?,
+                [("format".to_string(), "pt".to_string())].into(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// config.json (with `dtype`/`torch_dtype` saying what model.safetensors holds) and
+    /// generation_config.json, copied from the model folder.
+    fn write_model_config(&self, dir: &Path) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(self.model_dir.join("config.json"))?;
+        let mut config: Value = serde_json::from_str(&text)?;
+        let dtype_name = match self.save_dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        };
+        if let Some(map) = config.as_object_mut() {
+            let key = if map.contains_key("torch_dtype") && !map.contains_key("dtype") {
+                "torch_dtype"
+            } else {
+                "dtype"
+            };
+            map.insert(key.to_string(), Value::String(dtype_name.into()));
+        }
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&config)? + "\n",
+        )?;
+        let generation = self.model_dir.join("generation_config.json");
+        if generation.exists() {
+            std::fs::copy(&generation, dir.join("generation_config.json"))?;
+        } else {
+            let pick = |key: &str| config.get(key).cloned().unwrap_or(Value::Null);
+            let generation = serde_json::json!({
+                "bos_token_id": pick("bos_token_id"),
+                "eos_token_id": pick("eos_token_id"),
+                "pad_token_id": pick("pad_token_id"),
+            });
+            std::fs::write(
+                dir.join("generation_config.json"),
+                serde_json::to_string_pretty(&generation)? + "\n",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The run's complete checkpoints, oldest step first.
+    pub fn checkpoints(&self) -> anyhow::Result<Vec<(u64, PathBuf)>> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&self.run_dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if let Some(step) = name
+                .strip_prefix("checkpoint-")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                found.push((step, entry.path()));
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    /// transformers' `_rotate_checkpoints`: keep the newest `save_total_limit`, but the best
+    /// checkpoint is moved to the protected end of the list first, and a limit of 1 keeps 2 while
+    /// the best is not the newest. Returns the folders deleted.
+    pub fn rotate(&self, best: Option<&Path>) -> anyhow::Result<Vec<PathBuf>> {
+        let Some(mut limit) = self.save_total_limit else {
+            return Ok(Vec::new());
+        };
+        let mut sorted: Vec<PathBuf> = self.checkpoints()?.into_iter().map(|(_, p)| p).collect();
+        if let Some(best) = best {
+            if let Some(i) = sorted.iter().position(|p| p == best) {
+                let newest = sorted.last().cloned();
+                let best = sorted.remove(i);
+                if limit == 1 && newest.as_ref() != Some(&best) {
+                    limit = 2;
+                }
+                sorted.push(best);
+            }
+        }
+        let excess = sorted.len().saturating_sub(limit.max(1));
+        let deleted: Vec<PathBuf> = sorted.into_iter().take(excess).collect();
+        for dir in &deleted {
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("cannot delete old checkpoint {}", dir.display()))?;
+        }
+        Ok(deleted)
+    }
+}
+
+/// What `--resume_from_checkpoint DIR` found in DIR.
+pub struct ResumePoint {
+    pub dir: PathBuf,
+    pub trainer_state: TrainerState,
+    /// None for a `save_only_model` checkpoint.
+    pub training_state: Option<TrainingState>,
+    pub optimizer: Option<PathBuf>,
+    pub master_weights: Option<PathBuf>,
+}
+
+impl ResumePoint {
+    pub fn read(dir: &Path) -> anyhow::Result<Self> {
+        if !dir.is_dir() {
+            bail!(
+                "resume_from_checkpoint {} is not a folder; pass a checkpoint-<step> folder of an earlier run",
+                dir.display()
+            );
+        }
+        let trainer_state = TrainerState::read(&dir.join("trainer_state.json"))?;
+        let state_path = dir.join("training_state.json");
+        let training_state = if state_path.exists() {
+            let text = std::fs::read_to_string(&state_path)?;
+            let state: TrainingState = serde_json::from_str(&text).with_context(|| {
+                format!("{} is not a whet training state", state_path.display())
+            })?;
+            if state.format != TRAINING_STATE_FORMAT {
+                bail!(
+                    "{} has format `{}`, this whet reads `{TRAINING_STATE_FORMAT}`",
+                    state_path.display(),
+                    state.format
+                );
+            }
+            Some(state)
+        } else {
+            None
+        };
+        let optimizer = dir.join(OPTIMIZER_DIR).join("optimizer.safetensors");
+        let master = dir.join(OPTIMIZER_DIR).join("master_weights.safetensors");
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            trainer_state,
+            training_state,
+            optimizer: optimizer.exists().then_some(optimizer),
+            master_weights: master.exists().then_some(master),
+        })
+    }
+
+    /// The checkpoint's model: its f32 masters when saved apart, else model.safetensors.
+    pub fn load_model(&self, options: ModelOptions) -> anyhow::Result<Model> {
+        if let Some(master) = &self.master_weights {
+            let config = ModelConfig::from_model_dir(&self.dir)?;
+            let tensors = candle_core::safetensors::load(master, &Device::Cpu)?;
+            return Ok(Model::from_tensors(config, tensors, options)?);
+        }
+        Ok(Model::from_pretrained(&self.dir, options)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("whet-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn version_dirs_count_up_from_v0() {
+        let out = temp_dir("versions");
+        let first = create_run_dir(&out, true).unwrap();
+        assert!(first
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("v0-"));
+        std::fs::create_dir(out.join("v7-20240101-000000")).unwrap();
+        let next = create_run_dir(&out, true).unwrap();
+        assert!(next
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("v8-"));
+        assert_eq!(create_run_dir(&out, false).unwrap(), out);
+        std::fs::remove_dir_all(out).ok();
+    }
+
+    fn fixture_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/hf-reference")
+    }
+
+    /// Saving a checkpoint and loading it back gives the same logits bit for bit, also when
+    /// model.safetensors is bf16 (the f32 masters come back from optimizer/).
+    #[test]
+    fn checkpoint_reload_gives_identical_logits() {
+        use crate::grad::Gradients;
+        use crate::optim::AdamWConfig;
+        use candle_core::Tensor;
+
+        let model = Model::from_pretrained(fixture_dir(), ModelOptions::default()).unwrap();
+        // One optimizer step so the weights differ from the fixture's file.
+        let mut optimizer = AdamW::new(model.parameters(), AdamWConfig::default()).unwrap();
+        let mut grads = Gradients::empty(model.parameters());
+        for (i, (_, var)) in model.parameters().iter().enumerate() {
+            grads.set(i, Some(var.as_tensor().affine(0.5, 0.01).unwrap()));
+        }
+        optimizer.step(&grads, 1e-3).unwrap();
+        let ids = Tensor::new(&[[508u32, 426, 198, 18, 220, 87, 509]], &Device::Cpu).unwrap();
+        let mask = Tensor::ones((1, 7), DType::U32, &Device::Cpu).unwrap();
+        let expected: Vec<f32> = model
+            .forward(&ids, &mask)
+            .unwrap()
+            .logits
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+
+        for save_dtype in [DType::F32, DType::BF16] {
+            let run = temp_dir(&format!("reload-{save_dtype:?}"));
+            let checkpointer = Checkpointer {
+                run_dir: run.clone(),
+                model_dir: fixture_dir(),
+                save_dtype,
+                save_only_model: false,
+                save_total_limit: None,
+            };
+            let trainer_state: TrainerState = serde_json::from_value(serde_json::json!({
+                "best_global_step": null, "best_metric": null, "best_model_checkpoint": null,
+                "epoch": 0.5, "eval_steps": 5, "global_step": 1, "is_hyper_param_search": false,
+                "is_local_process_zero": true, "is_world_process_zero": true, "log_history": [],
+                "logging_steps": 5, "max_steps": 2, "num_input_tokens_seen": 0,
+                "num_train_epochs": 1, "save_steps": 1,
+                "stateful_callbacks": TrainerState::default_callbacks(), "total_flos": 0.0,
+                "train_batch_size": 1, "trial_name": null, "trial_params": null
+            }))
+            .unwrap();
+            let training_state = TrainingState {
+                format: TRAINING_STATE_FORMAT.into(),
+                global_step: 1,
+                epoch: 0.5,
+                sampler: crate::train::data::Sampler::new(4, 1, true, 42).state(),
+                log_window: LogWindow::default(),
+                loss_sum: 0.0,
+                num_input_tokens_seen: 0,
+                total_flos: 0.0,
+            };
+            let scheduler = SchedulerState {
+                lr_scheduler_type: "cosine".into(),
+                base_lrs: vec![1e-3],
+                last_epoch: 1,
+                _last_lr: vec![1e-3],
+                num_warmup_steps: 0,
+                num_training_steps: 2,
+            };
+            let dir = checkpointer
+                .save(&CheckpointContents {
+                    step: 1,
+                    model: &model,
+                    optimizer: &optimizer,
+                    trainer_state: &trainer_state,
+                    training_state: &training_state,
+                    scheduler: &scheduler,
+                    args_json: &serde_json::json!({}),
+                })
+                .unwrap();
+            assert_eq!(dir, run.join("checkpoint-1"));
+            assert!(!run.join(".checkpoint-1.tmp").exists());
+            let resume = ResumePoint::read(&dir).unwrap();
+            assert_eq!(resume.master_weights.is_some(), save_dtype != DType::F32);
+            assert_eq!(resume.training_state.as_ref(), Some(&training_state));
+            let reloaded = resume.load_model(ModelOptions::default()).unwrap();
+            let logits: Vec<f32> = reloaded
+                .forward(&ids, &mask)
+                .unwrap()
+                .logits
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                logits
+                    .iter()
+                    .zip(&expected)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{save_dtype:?}: reloaded logits differ"
+            );
+            std::fs::remove_dir_all(run).ok();
+        }
+    }
+
+    #[test]
+    fn rotation_keeps_the_best_and_the_newest() {
+        let run = temp_dir("rotate");
+        for step in [2, 4, 6, 8] {
+            std::fs::create_dir(run.join(checkpoint_name(step))).unwrap();
+        }
+        let mut checkpointer = Checkpointer {
+            run_dir: run.clone(),
+            model_dir: run.clone(),
+            save_dtype: DType::F32,
+            save_only_model: false,
+            save_total_limit: Some(2),
+        };
+        let best = run.join("checkpoint-4");
+        let deleted = checkpointer.rotate(Some(&best)).unwrap();
+        assert_eq!(
+            deleted,
+            vec![run.join("checkpoint-2"), run.join("checkpoint-6")]
+        );
+        let kept: Vec<u64> = checkpointer
+            .checkpoints()
+            .unwrap()
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(kept, vec![4, 8]);
+
+        // A limit of 1 still keeps the best beside the newest.
+        std::fs::create_dir(run.join(checkpoint_name(10))).unwrap();
+        checkpointer.save_total_limit = Some(1);
+        checkpointer.rotate(Some(&best)).unwrap();
+        let kept: Vec<u64> = checkpointer
+            .checkpoints()
+            .unwrap()
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(kept, vec![4, 10]);
+
+        // Without a best, only the newest N stay.
+        checkpointer.rotate(None).unwrap();
+        let kept: Vec<u64> = checkpointer
+            .checkpoints()
+            .unwrap()
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(kept, vec![10]);
+        std::fs::remove_dir_all(run).ok();
+    }
+}

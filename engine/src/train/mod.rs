@@ -1,0 +1,14 @@
+//! Training: the recipe ([`recipe::train`]) and the small components it reads from top to
+//! bottom — data ([`data`]), the sampler's RNG ([`rng`]), checkpoints and the output layout
+//! ([`checkpoint`]), logged metrics and the TensorBoard/plot hook ([`metrics`]), and the
+//! console ([`progress`]).
+
+pub mod checkpoint;
+pub mod data;
+pub mod metrics;
+pub mod progress;
+pub mod recipe;
+pub mod rng;
+
+pub use metrics::ScalarSink;
+pub use recipe::{train, NonFiniteError, Plan, RunSummary};

@@ -1,0 +1,696 @@
+//! `whet sft` end to end, driving the real binary on the tiny fixture model (copied into a
+//! temporary folder) and a small synthetic chat dataset: the output layout and its keys,
+//! checkpoint rotation, a SIGKILL followed by an exact resume, a non-finite loss, validation
+//! errors, and `--help`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/hf-reference");
+    assert!(
+        dir.join("config.json").exists(),
+        "HF reference fixtures not found at {} (expected the shared/ folder beside the repository root)",
+        dir.display()
+    );
+    dir
+}
+
+/// A fresh temporary folder holding a copy of the tiny model and a 24-row dataset.
+struct Workspace {
+    root: PathBuf,
+}
+
+impl Workspace {
+    fn new(name: &str) -> Self {
+        let root = std::env::temp_dir().join(format!("whet-sft-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let model = root.join("model");
+        std::fs::create_dir_all(&model).unwrap();
+        for file in [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
+            std::fs::copy(fixtures().join(file), model.join(file)).unwrap();
+        }
+        // Synthetic arithmetic chats with a think block, plus the fixture batch's three rows.
+        let mut lines = Vec::new();
+        for i in 0..21u32 {
+            let (a, b) = (i + 3, (i * 7) % 10 + 2);
+            let row = serde_json::json!({"messages": [
+                {"role": "user", "content": format!("What is {a} x {b}?")},
+                {"role": "assistant", "content": format!("{a} x {b} = {}.", a * b),
+                 "reasoning_content": format!("{a} times {b} is {}.", a * b)}
+            ]});
+            lines.push(row.to_string());
+        }
+        let batch: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures().join("batch.json")).unwrap())
+                .unwrap();
+        for messages in batch["messages"].as_array().unwrap() {
+            lines.push(serde_json::json!({ "messages": messages }).to_string());
+        }
+        std::fs::write(root.join("data.jsonl"), lines.join("\n") + "\n").unwrap();
+        Self { root }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.root.join(name).display().to_string()
+    }
+
+    /// The flags every run here shares, writing under `out`.
+    fn flags(&self, out: &str) -> Vec<String> {
+        [
+            "--model",
+            &self.path("model"),
+            "--dataset",
+            &self.path("data.jsonl"),
+            "--tuner_type",
+            "full",
+            "--output_dir",
+            &self.path(out),
+            "--per_device_train_batch_size",
+            "2",
+            "--gradient_accumulation_steps",
+            "2",
+            "--learning_rate",
+            "1e-3",
+            "--warmup_ratio",
+            "0.1",
+            "--logging_steps",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// The single versioned run folder under `out`.
+    fn run_dir(&self, out: &str) -> PathBuf {
+        let dirs: Vec<PathBuf> = std::fs::read_dir(self.root.join(out))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(dirs.len(), 1, "{dirs:?}");
+        dirs[0].clone()
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn whet(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_whet"))
+        .arg("sft")
+        .args(args)
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .env_remove("NPROC_PER_NODE")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap()
+}
+
+fn with(mut flags: Vec<String>, more: &[&str]) -> Vec<String> {
+    flags.extend(more.iter().map(|s| s.to_string()));
+    flags
+}
+
+fn jsonl(path: &Path) -> Vec<serde_json::Map<String, Value>> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The keys of each line in file order (serde_json's Map sorts, so read the raw text).
+fn key_order(line: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut depth = 0;
+    let mut chars = line.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '{' | '[' => depth += 1,
+            '}' | ']' => depth -= 1,
+            '"' => {
+                let start = i + 1;
+                let mut end = start;
+                while let Some((j, c)) = chars.next() {
+                    if c == '\\' {
+                        chars.next();
+                    } else if c == '"' {
+                        end = j;
+                        break;
+                    }
+                }
+                let after = line[end + 1..].trim_start();
+                if depth == 1 && after.starts_with(':') {
+                    keys.push(line[start..end].to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    keys
+}
+
+fn check_ok(output: &Output) {
+    assert!(
+        output.status.success(),
+        "whet sft failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn help_works() {
+    let output = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .args(["sft", "--help"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("--config FILE") && text.contains("Exit codes"),
+        "{text}"
+    );
+}
+
+#[test]
+fn validation_errors_exit_1_before_any_work() {
+    let ws = Workspace::new("invalid");
+    let output = whet(&with(
+        ws.flags("out"),
+        &["--per_device_train_batch_size", "0"],
+    ));
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("per_device_train_batch_size") && stderr.contains("fix:"),
+        "{stderr}"
+    );
+    assert!(
+        !ws.root.join("out").exists(),
+        "no output before validation passes"
+    );
+
+    // NPROC_PER_NODE from the environment is checked against CUDA_VISIBLE_DEVICES.
+    let output = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .arg("sft")
+        .args(ws.flags("out"))
+        .env("CUDA_VISIBLE_DEVICES", "0,1")
+        .env("NPROC_PER_NODE", "3")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("nproc_device_mismatch"));
+    assert!(!ws.root.join("out").exists());
+
+    // A valid multi-process launch is refused clearly until multi-GPU training lands.
+    let output = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .arg("sft")
+        .args(ws.flags("out"))
+        .env("CUDA_VISIBLE_DEVICES", "0,1")
+        .env("NPROC_PER_NODE", "2")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("multi-process training is not implemented yet"),
+        "{stderr}"
+    );
+    assert!(!ws.root.join("out").exists());
+}
+
+#[test]
+fn outputs_have_ms_swift_layout_and_keys_and_rotation_keeps_best_and_newest() {
+    let ws = Workspace::new("outputs");
+    // Best = highest eval loss (greater_is_better), i.e. the first evaluation, so rotation has
+    // to keep an old checkpoint beside the newest.
+    let output = whet(&with(
+        ws.flags("out"),
+        &[
+            "--max_steps",
+            "8",
+            "--save_steps",
+            "2",
+            "--save_total_limit",
+            "2",
+            "--split_dataset_ratio",
+            "0.125",
+            "--greater_is_better",
+            "true",
+        ],
+    ));
+    check_ok(&output);
+    let run = ws.run_dir("out");
+    let name = run.file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        name.starts_with("v0-") && name.len() == "v0-20240101-120000".len(),
+        "{name}"
+    );
+    for file in [
+        "args.json",
+        "logging.jsonl",
+        "trainer_state.json",
+        "val_dataset.jsonl",
+    ] {
+        assert!(run.join(file).exists(), "{file}");
+    }
+
+    // logging.jsonl: train lines, eval lines, the end-of-train line, the summary line.
+    let text = std::fs::read_to_string(run.join("logging.jsonl")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let train_keys = [
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "token_acc",
+        "epoch",
+        "global_step/max_steps",
+        "elapsed_time",
+        "remaining_time",
+        "train_speed(s/it)",
+    ];
+    let eval_keys = [
+        "eval_loss",
+        "eval_token_acc",
+        "eval_runtime",
+        "eval_samples_per_second",
+        "eval_steps_per_second",
+        "epoch",
+        "global_step/max_steps",
+        "elapsed_time",
+        "remaining_time",
+        "train_speed(s/it)",
+    ];
+    let train_lines: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("{\"loss\""))
+        .collect();
+    let eval_lines: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("{\"eval_loss\""))
+        .collect();
+    assert_eq!(train_lines.len(), 8);
+    assert_eq!(eval_lines.len(), 4);
+    for line in &train_lines {
+        assert_eq!(key_order(line), train_keys);
+    }
+    for line in &eval_lines {
+        assert_eq!(key_order(line), eval_keys);
+    }
+    let records = jsonl(&run.join("logging.jsonl"));
+    assert_eq!(records[0]["global_step/max_steps"], "1/8");
+    assert!(records[0]["remaining_time"]
+        .as_str()
+        .unwrap()
+        .ends_with('s'));
+    let end = &lines[lines.len() - 2];
+    assert_eq!(
+        key_order(end)[..6],
+        [
+            "train_runtime",
+            "train_samples_per_second",
+            "train_steps_per_second",
+            "total_flos",
+            "train_loss",
+            "epoch"
+        ]
+    );
+    let summary = &records[records.len() - 1];
+    for key in [
+        "model_parameter_info",
+        "train_dataset",
+        "val_dataset",
+        "last_model_checkpoint",
+        "best_model_checkpoint",
+        "best_metric",
+        "global_step",
+        "log_history",
+    ] {
+        assert!(summary.contains_key(key), "summary lacks {key}");
+    }
+    // Floats are rounded to 8 decimals.
+    let loss = records[0]["loss"].as_f64().unwrap();
+    assert_eq!((loss * 1e8).round() / 1e8, loss);
+
+    // trainer_state.json: transformers' keys, sorted, every history entry with a step.
+    let state_text = std::fs::read_to_string(run.join("trainer_state.json")).unwrap();
+    let state_keys: Vec<String> = key_order(&state_text.replace('\n', " "));
+    let expected_state_keys = [
+        "best_global_step",
+        "best_metric",
+        "best_model_checkpoint",
+        "epoch",
+        "eval_steps",
+        "global_step",
+        "is_hyper_param_search",
+        "is_local_process_zero",
+        "is_world_process_zero",
+        "log_history",
+        "logging_steps",
+        "max_steps",
+        "num_input_tokens_seen",
+        "num_train_epochs",
+        "save_steps",
+        "stateful_callbacks",
+        "total_flos",
+        "train_batch_size",
+        "trial_name",
+        "trial_params",
+    ];
+    assert_eq!(state_keys, expected_state_keys);
+    let state: Value = serde_json::from_str(&state_text).unwrap();
+    assert_eq!(state["global_step"], 8);
+    assert_eq!(state["best_global_step"], 2);
+    let history = state["log_history"].as_array().unwrap();
+    assert!(history.iter().all(|e| e.get("step").is_some()));
+    assert!(history.iter().all(|e| e.get("elapsed_time").is_none()));
+
+    // Rotation: save_total_limit 2 keeps the best (checkpoint-2) and the newest.
+    let mut checkpoints: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains("checkpoint"))
+        .collect();
+    checkpoints.sort();
+    assert_eq!(checkpoints, ["checkpoint-2", "checkpoint-8"]);
+    assert_eq!(
+        state["best_model_checkpoint"],
+        run.join("checkpoint-2").display().to_string()
+    );
+    let checkpoint = run.join("checkpoint-8");
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "trainer_state.json",
+        "args.json",
+        "optimizer/optimizer.safetensors",
+        "scheduler.json",
+        "training_state.json",
+    ] {
+        assert!(checkpoint.join(file).exists(), "checkpoint lacks {file}");
+    }
+    let args: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("args.json")).unwrap()).unwrap();
+    assert_eq!(args["gradient_accumulation_steps"], 2);
+    assert_eq!(args["output_dir"], run.display().to_string());
+    assert_eq!(args["template"], "qwen3");
+}
+
+/// Runs the Python reference checker on a checkpoint, where its interpreter exists (a
+/// developer's machine with transformers); elsewhere there is nothing to run.
+#[test]
+fn checkpoint_loads_in_transformers_when_the_reference_env_exists() {
+    let python = Path::new("/work/refenv/bin/python");
+    let checker = fixtures().join("../../tools/check_checkpoint.py");
+    if !python.exists() || !checker.exists() {
+        eprintln!("skipped: no reference Python environment");
+        return;
+    }
+    let ws = Workspace::new("transformers");
+    check_ok(&whet(&with(
+        ws.flags("out"),
+        &["--max_steps", "2", "--save_steps", "2"],
+    )));
+    let checkpoint = ws.run_dir("out").join("checkpoint-2");
+    let output = Command::new(python)
+        .arg(&checker)
+        .arg(&checkpoint)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The numbers of a train line that must repeat exactly (times differ between runs).
+fn train_numbers(run: &Path) -> Vec<(String, String)> {
+    jsonl(&run.join("logging.jsonl"))
+        .into_iter()
+        .filter(|r| r.contains_key("loss") || r.contains_key("eval_loss"))
+        .map(|r| {
+            let step = r["global_step/max_steps"].as_str().unwrap().to_string();
+            let numbers: Vec<String> = [
+                "loss",
+                "grad_norm",
+                "learning_rate",
+                "token_acc",
+                "epoch",
+                "eval_loss",
+                "eval_token_acc",
+            ]
+            .iter()
+            .filter_map(|k| r.get(*k).map(|v| format!("{k}={v}")))
+            .collect();
+            (step, numbers.join(" "))
+        })
+        .collect()
+}
+
+#[test]
+fn sigkill_after_a_checkpoint_then_resume_repeats_the_run_bit_for_bit() {
+    let ws = Workspace::new("resume");
+    // 23 train rows, batch 2 x accumulation 2 -> 6 steps per epoch; 40 steps cross several
+    // epochs, so the resume must restore the sampler mid-epoch.
+    let flags = with(
+        ws.flags("full"),
+        &[
+            "--max_steps",
+            "40",
+            "--save_steps",
+            "4",
+            "--logging_steps",
+            "3",
+            "--split_dataset_ratio",
+            "0.05",
+        ],
+    );
+    check_ok(&whet(&flags));
+    let full = train_numbers(&ws.run_dir("full"));
+    assert!(full.len() > 20);
+
+    // The same run, killed with SIGKILL as soon as it reports checkpoint-4 saved.
+    let killed_flags: Vec<String> = flags
+        .iter()
+        .map(|f| {
+            if f.ends_with("/full") {
+                ws.path("killed")
+            } else {
+                f.clone()
+            }
+        })
+        .collect();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .arg("sft")
+        .args(&killed_flags)
+        .env_remove("NPROC_PER_NODE")
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Keep reading end open until the kill, so the child never sees a closed pipe.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("Saved ") {
+            break; // the first save is checkpoint-4, renamed into place: complete
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    drop(lines);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "killed by SIGKILL"
+    );
+    let killed_run = ws.run_dir("killed");
+    let checkpoint = killed_run.join("checkpoint-4");
+    assert!(checkpoint.join("training_state.json").exists());
+    assert!(
+        !killed_run.join("checkpoint-40").exists(),
+        "the run finished before it was killed"
+    );
+
+    // Resume into a new run folder and compare every later train and eval line.
+    let resumed_flags = with(
+        killed_flags.clone(),
+        &[
+            "--resume_from_checkpoint",
+            &checkpoint.display().to_string(),
+        ],
+    );
+    check_ok(&whet(&resumed_flags));
+    let runs: Vec<PathBuf> = std::fs::read_dir(ws.root.join("killed"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p != &killed_run)
+        .collect();
+    assert_eq!(runs.len(), 1);
+    let resumed = train_numbers(&runs[0]);
+    let full_after: Vec<(String, String)> = full
+        .into_iter()
+        .filter(|(step, _)| step.split('/').next().unwrap().parse::<u64>().unwrap() > 4)
+        .collect();
+    assert_eq!(resumed, full_after);
+}
+
+#[test]
+fn non_finite_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint() {
+    let ws = Workspace::new("nan");
+    // A learning rate of 1e30 blows the weights up in one step; step 2 is not finite.
+    let output = whet(&with(
+        ws.flags("out"),
+        &[
+            "--max_steps",
+            "6",
+            "--save_steps",
+            "1",
+            "--learning_rate",
+            "1e30",
+            "--warmup_ratio",
+            "0",
+        ],
+    ));
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("at step 2") && stderr.contains("checkpoint-1"),
+        "{stderr}"
+    );
+    let run = ws.run_dir("out");
+    assert!(run.join("checkpoint-1/model.safetensors").exists());
+    assert!(run
+        .join("checkpoint-1/optimizer/optimizer.safetensors")
+        .exists());
+    assert!(!run.join("checkpoint-2").exists() && !run.join(".checkpoint-2.tmp").exists());
+}
+
+/// `whet sft` on the fixture batch (3 samples, one micro-batch per step) with the fixture's
+/// optimizer settings reproduces transformers' first three training steps: the loss, the
+/// gradient norm before clipping and the learning rate, for the dense and the MoE model (the
+/// latter with its router aux loss).
+#[test]
+fn first_steps_match_transformers_on_the_fixtures() {
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap())
+            .unwrap();
+    let batch: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("batch.json")).unwrap())
+            .unwrap();
+    for (name, folder) in [("dense", fixtures()), ("moe", fixtures().join("moe"))] {
+        let ws = Workspace::new(&format!("parity-{name}"));
+        let model = ws.root.join(format!("{name}-model"));
+        std::fs::create_dir_all(&model).unwrap();
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        let rows: Vec<String> = batch["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| serde_json::json!({ "messages": m }).to_string())
+            .collect();
+        std::fs::write(ws.root.join("batch.jsonl"), rows.join("\n") + "\n").unwrap();
+        let mut flags = ws.flags("out");
+        flags[1] = model.display().to_string();
+        flags[3] = ws.path("batch.jsonl");
+        let flags = with(
+            flags,
+            &[
+                "--template",
+                "qwen3_thinking",
+                "--per_device_train_batch_size",
+                "3",
+                "--gradient_accumulation_steps",
+                "1",
+                "--max_steps",
+                "10",
+                "--warmup_steps",
+                "2",
+                "--warmup_ratio",
+                "0",
+                "--adam_beta2",
+                "0.999",
+                "--weight_decay",
+                "0.1",
+                "--save_strategy",
+                "no",
+                "--router_aux_loss_coef",
+                if name == "moe" { "0.001" } else { "0" },
+            ],
+        );
+        check_ok(&whet(&flags));
+        let records = jsonl(&ws.run_dir("out").join("logging.jsonl"));
+        let train = &expected[name]["train"];
+        for step in 0..3 {
+            let record = &records[step];
+            let close = |key: &str, want: f64, tolerance: f64| {
+                let got = record[key].as_f64().unwrap();
+                assert!(
+                    (got - want).abs() <= tolerance * want.abs().max(1e-3),
+                    "{name} step {}: {key} {got} vs transformers {want}",
+                    step + 1
+                );
+            };
+            close("loss", train["loss"][step].as_f64().unwrap(), 1e-5);
+            close(
+                "grad_norm",
+                train["grad_norm_before_clip"][step].as_f64().unwrap(),
+                1e-4,
+            );
+            close("learning_rate", train["lr"][step].as_f64().unwrap(), 1e-9);
+            if name == "moe" {
+                close("aux_loss", train["aux_loss"][step].as_f64().unwrap(), 1e-5);
+            } else {
+                assert!(record.get("aux_loss").is_none());
+            }
+        }
+    }
+}
+
+/// Nobody reading the output any more (a closed pipe) must not stop a run.
+#[test]
+fn a_closed_stdout_does_not_stop_training() {
+    let ws = Workspace::new("closed-stdout");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .arg("sft")
+        .args(with(
+            ws.flags("out"),
+            &["--max_steps", "3", "--save_steps", "3"],
+        ))
+        .env_remove("NPROC_PER_NODE")
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    assert!(child.wait().unwrap().success());
+    assert!(ws
+        .run_dir("out")
+        .join("checkpoint-3/model.safetensors")
+        .exists());
+}
