@@ -8,4 +8,5 @@ pub mod grad;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod rng;
 pub mod train;

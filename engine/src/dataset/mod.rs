@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use whet_shared::dataset_spec::DatasetSpec;
 
+use crate::rng::SplitMix64;
+
 pub use formats::{row_to_conversation, RowError, RowFormat};
 pub use hub::HubSettings;
 pub use sampling::{data_rng, sample_indices};
@@ -35,6 +37,18 @@ pub struct Message {
     /// Per-message override of whether the reply is trained (ms-swift's `loss`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss: Option<bool>,
+}
+
+impl Role {
+    /// The role's name in ChatML (`<|im_start|>user`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
 }
 
 impl Message {
@@ -126,12 +140,11 @@ pub fn load_all(
     specs: &[String],
     field: &str,
     options: &LoadOptions,
-    seed: u64,
+    rng: &mut SplitMix64,
 ) -> Result<Vec<LoadedDataset>, DatasetError> {
-    let mut rng = data_rng(seed);
     specs
         .iter()
-        .map(|spec| load(spec, field, options, &mut rng))
+        .map(|spec| load(spec, field, options, rng))
         .collect()
 }
 
@@ -140,7 +153,7 @@ pub fn load(
     spec_text: &str,
     field: &str,
     options: &LoadOptions,
-    rng: &mut rand_chacha::ChaCha8Rng,
+    rng: &mut SplitMix64,
 ) -> Result<LoadedDataset, DatasetError> {
     let spec = DatasetSpec::parse(spec_text, field).map_err(|d| DatasetError::Spec {
         spec: spec_text.to_string(),

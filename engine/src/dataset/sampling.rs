@@ -2,12 +2,10 @@
 //! without replacement (the first N when `dataset_shuffle` is off); more rows repeat the whole
 //! dataset N / len times and draw the remaining N % len at random.
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use crate::rng::SplitMix64;
 
 /// The row indices `#N` selects from a dataset of `len` rows.
-pub fn sample_indices(len: usize, n: usize, shuffle: bool, rng: &mut ChaCha8Rng) -> Vec<usize> {
+pub fn sample_indices(len: usize, n: usize, shuffle: bool, rng: &mut SplitMix64) -> Vec<usize> {
     if len == 0 {
         return Vec::new();
     }
@@ -15,18 +13,19 @@ pub fn sample_indices(len: usize, n: usize, shuffle: bool, rng: &mut ChaCha8Rng)
     let remainder = n % len;
     let mut indices: Vec<usize> = (0..repeats).flat_map(|_| 0..len).collect();
     if remainder > 0 {
-        let mut order: Vec<usize> = (0..len).collect();
-        if shuffle {
-            order.shuffle(rng);
-        }
+        let order: Vec<usize> = if shuffle {
+            rng.permutation(len)
+        } else {
+            (0..len).collect()
+        };
         indices.extend_from_slice(&order[..remainder]);
     }
     indices
 }
 
 /// The generator every data decision draws from, seeded by `data_seed`.
-pub fn data_rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
+pub fn data_rng(seed: u64) -> SplitMix64 {
+    SplitMix64::new(seed)
 }
 
 #[cfg(test)]

@@ -13,10 +13,10 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use whet_shared::config::TruncationStrategy;
-use whet_shared::dataset_spec::DatasetSpec;
 
-use super::rng::SplitMix64;
+use crate::dataset::{self, Conversation, HubSettings, LoadOptions, Message, Role};
 use crate::grad::Batch;
+use crate::rng::SplitMix64;
 
 /// Label of a token that takes no loss (transformers' ignore index).
 pub const IGNORE_INDEX: i64 = -100;
@@ -38,21 +38,8 @@ pub enum DataError {
         "template `{0}` is not supported; use qwen3, qwen3_thinking, qwen3_nothinking or qwen2_5"
     )]
     UnknownTemplate(String),
-}
-
-/// One chat message; `reasoning_content` is an assistant's thinking, if given apart.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reasoning_content: Option<String>,
-}
-
-/// One training row: `{"messages": [...]}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Conversation {
-    pub messages: Vec<Message>,
+    #[error(transparent)]
+    Dataset(#[from] dataset::DatasetError),
 }
 
 /// The built-in chat templates (ms-swift's names).
@@ -136,7 +123,7 @@ pub fn render(conversation: &Conversation, options: &RenderOptions) -> Vec<Segme
     let has_system = conversation
         .messages
         .first()
-        .is_some_and(|m| m.role == "system");
+        .is_some_and(|m| m.role == Role::System);
     let default_system = match (&options.default_system, options.template) {
         (Some(system), _) => Some(system.as_str()),
         (None, Template::Qwen2_5) => Some(QWEN2_5_DEFAULT_SYSTEM),
@@ -146,11 +133,12 @@ pub fn render(conversation: &Conversation, options: &RenderOptions) -> Vec<Segme
         push(format!("<|im_start|>system\n{system}<|im_end|>\n"), false);
     }
     for message in &conversation.messages {
-        if message.role != "assistant" {
+        if message.role != Role::Assistant {
             push(
                 format!(
                     "<|im_start|>{}\n{}<|im_end|>\n",
-                    message.role, message.content
+                    message.role.as_str(),
+                    message.content
                 ),
                 false,
             );
@@ -256,98 +244,28 @@ impl ChatTokenizer {
     }
 }
 
-/// Reads a `.jsonl` file of `{"messages": [...]}` rows (blank lines skipped).
-pub fn read_jsonl(path: &Path) -> Result<Vec<Conversation>, DataError> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| DataError::Spec {
-        spec: shown.clone(),
-        message: format!("cannot read it: {e}"),
-    })?;
-    let mut rows = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let row_err = |message: String| DataError::Row {
-            path: shown.clone(),
-            line: i + 1,
-            message,
-        };
-        let row: Conversation = serde_json::from_str(line).map_err(|e| {
-            row_err(format!(
-                "not a messages row ({e}); expected {{\"messages\": [{{\"role\": \"user\", \"content\": ...}}, ...]}}"
-            ))
-        })?;
-        if let Some(bad) = row
-            .messages
-            .iter()
-            .find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
-        {
-            return Err(row_err(format!(
-                "role `{}` is not supported yet; use system, user or assistant",
-                bad.role
-            )));
-        }
-        if !row.messages.iter().any(|m| m.role == "assistant") {
-            return Err(row_err(
-                "has no assistant message, so nothing would be trained".into(),
-            ));
-        }
-        rows.push(row);
-    }
-    Ok(rows)
-}
-
-/// Loads the rows of dataset specs: local `.jsonl` paths, optionally `#N` (N below the row count
-/// takes a random subset without replacement; above it, the rows repeat N / rows times plus a
-/// random remainder, as ms-swift samples).
+/// Loads the rows of dataset specs (any source and format `crate::dataset` reads), with `#N`
+/// sampling drawn from `rng`; returns the rows and how many malformed rows were dropped.
 pub fn load_specs(
     specs: &[String],
     field: &str,
-    shuffle: bool,
+    sft: &whet_shared::SftConfig,
     rng: &mut SplitMix64,
-) -> Result<Vec<Conversation>, DataError> {
-    let mut all = Vec::new();
-    for text in specs {
-        let spec = DatasetSpec::parse(text, field).map_err(|d| DataError::Spec {
-            spec: text.clone(),
-            message: d.message_en,
-        })?;
-        let path = Path::new(&spec.id);
-        if spec.hub.is_some() || !path.exists() || !spec.id.ends_with(".jsonl") {
-            return Err(DataError::Spec {
-                spec: text.clone(),
-                message: "whet sft reads local .jsonl files in the messages format for now; hub \
-                          datasets and other formats come later. Pass a path to an existing .jsonl file"
-                    .into(),
-            });
-        }
-        let rows = read_jsonl(path)?;
-        let rows = match spec.sample {
-            Some(n) => sample_rows(rows, n as usize, shuffle, rng),
-            None => rows,
-        };
-        all.extend(rows);
-    }
-    Ok(all)
-}
-
-fn sample_rows<T: Clone>(rows: Vec<T>, n: usize, shuffle: bool, rng: &mut SplitMix64) -> Vec<T> {
-    if rows.is_empty() {
-        return rows;
-    }
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n / rows.len() {
-        out.extend(rows.iter().cloned());
-    }
-    let remainder = n % rows.len();
-    let order = if shuffle {
-        rng.permutation(rows.len())
-    } else {
-        (0..rows.len()).collect()
+) -> Result<(Vec<Conversation>, usize), DataError> {
+    let options = LoadOptions {
+        dataset_shuffle: sft.dataset_shuffle,
+        strict: sft.strict,
+        model_name: sft.model_name.clone(),
+        model_author: sft.model_author.clone(),
+        hub: HubSettings::from_env(),
     };
-    out.extend(order[..remainder].iter().map(|&i| rows[i].clone()));
-    out
+    let mut rows = Vec::new();
+    let mut dropped = 0;
+    for loaded in dataset::load_all(specs, field, &options, rng)? {
+        dropped += loaded.dropped;
+        rows.extend(loaded.rows);
+    }
+    Ok((rows, dropped))
 }
 
 /// Splits off `max(int(rows * ratio), 1)` random rows for validation (datasets'
@@ -526,6 +444,8 @@ pub struct PreparedData {
     /// Rows split off the training data by split_dataset_ratio (ms-swift saves them as
     /// `val_dataset.jsonl`); empty when val_dataset was given or nothing was split.
     pub split_val_rows: Vec<Conversation>,
+    /// Malformed training rows dropped while loading (`--strict` makes them errors).
+    pub dropped_rows: usize,
     /// Samples dropped for exceeding max_length (truncation_strategy delete).
     pub dropped_train: usize,
     pub dropped_val: usize,
@@ -540,14 +460,9 @@ pub fn prepare(
     max_length: usize,
 ) -> Result<PreparedData, DataError> {
     let mut rng = SplitMix64::new(sft.data_seed as u64);
-    let rows = load_specs(&sft.dataset, "dataset", sft.dataset_shuffle, &mut rng)?;
+    let (rows, dropped_rows) = load_specs(&sft.dataset, "dataset", sft, &mut rng)?;
     let (train_rows, val_rows, split_val_rows) = if !sft.val_dataset.is_empty() {
-        let val = load_specs(
-            &sft.val_dataset,
-            "val_dataset",
-            sft.dataset_shuffle,
-            &mut rng,
-        )?;
+        let (val, _) = load_specs(&sft.val_dataset, "val_dataset", sft, &mut rng)?;
         (rows, val, Vec::new())
     } else if sft.split_dataset_ratio > 0.0 && !rows.is_empty() {
         let (train, val) = split_rows(rows, sft.split_dataset_ratio, &mut rng);
@@ -573,6 +488,7 @@ pub fn prepare(
         train,
         val,
         split_val_rows,
+        dropped_rows,
         dropped_train,
         dropped_val,
     })
@@ -666,26 +582,10 @@ mod tests {
     fn hybrid_template_masks_an_empty_think_block_and_system_fills_in() {
         let conversation = Conversation {
             messages: vec![
-                Message {
-                    role: "user".into(),
-                    content: "hi".into(),
-                    reasoning_content: None,
-                },
-                Message {
-                    role: "assistant".into(),
-                    content: "<think>\nhmm\n</think>\n\nhello".into(),
-                    reasoning_content: None,
-                },
-                Message {
-                    role: "user".into(),
-                    content: "again".into(),
-                    reasoning_content: None,
-                },
-                Message {
-                    role: "assistant".into(),
-                    content: "bye".into(),
-                    reasoning_content: None,
-                },
+                Message::new(Role::User, "hi"),
+                Message::new(Role::Assistant, "<think>\nhmm\n</think>\n\nhello"),
+                Message::new(Role::User, "again"),
+                Message::new(Role::Assistant, "bye"),
             ],
         };
         let options = RenderOptions {
@@ -758,11 +658,8 @@ mod tests {
                 .input_ids,
             vec![1, 2, 3]
         );
+        // `#N` sampling itself is tested in crate::dataset::sampling.
         let mut rng = SplitMix64::new(1);
-        let picked = sample_rows((0..10).collect(), 4, true, &mut rng);
-        assert_eq!(picked.len(), 4);
-        let repeated = sample_rows((0..3).collect(), 7, true, &mut rng);
-        assert_eq!(&repeated[..6], &[0, 1, 2, 0, 1, 2]);
         let (train, val) = split_rows((0..10).collect::<Vec<_>>(), 0.2, &mut rng);
         assert_eq!((train.len(), val.len()), (8, 2));
     }

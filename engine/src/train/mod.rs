@@ -1,5 +1,5 @@
 //! Training: the recipe ([`recipe::train`]) and the small components it reads from top to
-//! bottom — data ([`data`]), the sampler's RNG ([`rng`]), checkpoints and the output layout
+//! bottom — data ([`data`]), the sampler's RNG ([`crate::rng`]), checkpoints and the output layout
 //! ([`checkpoint`]), logged metrics and the TensorBoard/plot hook ([`metrics`]), and the
 //! console ([`progress`]).
 
@@ -8,7 +8,6 @@ pub mod data;
 pub mod metrics;
 pub mod progress;
 pub mod recipe;
-pub mod rng;
 
 pub use metrics::ScalarSink;
 pub use recipe::{train, NonFiniteError, Plan, RunSummary};

@@ -526,6 +526,12 @@ pub fn train(
         .max_length
         .map_or(model_config.max_position_embeddings, |m| m.max(1) as usize);
     let prepared = data::prepare(sft, &tokenizer, &render_options, max_length)?;
+    if prepared.dropped_rows > 0 {
+        console.line(&format!(
+            "Dataset rows dropped: {} malformed row(s) (use --strict true to stop at the first one instead)",
+            prepared.dropped_rows
+        ));
+    }
     for (dropped, name, kept) in [
         (prepared.dropped_train, "train", prepared.train.len()),
         (prepared.dropped_val, "val", prepared.val.len()),

@@ -1,4 +1,4 @@
-//! The one random number generator of the training data pipeline: splitmix64, chosen because
+//! The one random number generator of the data pipeline (sampling, splits, epoch order): splitmix64, chosen because
 //! its whole state is one `u64` that a checkpoint stores as a number and restores exactly.
 
 use serde::{Deserialize, Serialize};
