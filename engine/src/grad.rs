@@ -59,6 +59,8 @@ pub struct LossReport {
     pub num_label_tokens: usize,
     /// Label tokens the argmax of the logits predicts right (token accuracy's numerator).
     pub num_correct_tokens: usize,
+    /// Rows whose every label token is predicted right: greedy decoding reproduces their reply.
+    pub num_exact_rows: usize,
 }
 
 /// Gradients of the parameters a model lists, by position in [`Model::parameters`]; `None`
@@ -200,6 +202,7 @@ fn loss_terms(
         },
         num_label_tokens: ce.num_tokens,
         num_correct_tokens: ops::causal_lm_correct_tokens(logits, &batch.labels)?,
+        num_exact_rows: ops::causal_lm_exact_rows(logits, &batch.labels)?,
     };
     Ok(LossTerms { total, report })
 }

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod dataset;
+pub mod generate;
 pub mod grad;
 pub mod model;
 pub mod ops;

@@ -88,9 +88,14 @@ impl RotaryEmbedding {
 
     /// Rotates `x` of shape (batch, heads, seq, head_dim) for positions 0..seq.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply_at(x, 0)
+    }
+
+    /// Rotates `x` for positions `offset..offset + seq` (incremental decoding).
+    pub fn apply_at(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let (_b, _h, seq, _d) = x.dims4()?;
-        let cos = self.cos.narrow(0, 0, seq)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, 0, seq)?.to_dtype(x.dtype())?;
+        let cos = self.cos.narrow(0, offset, seq)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, offset, seq)?.to_dtype(x.dtype())?;
         apply_rotary(x, &cos, &sin)
     }
 }
@@ -186,6 +191,39 @@ pub fn causal_lm_correct_tokens(logits: &Tensor, labels: &Tensor) -> Result<usiz
     // An ignored label (-100) never equals an argmax.
     let correct = predictions.eq(&targets)?.to_dtype(DType::U32)?.sum_all()?;
     Ok(correct.to_scalar::<u32>()? as usize)
+}
+
+/// How many rows have every label token predicted right by the argmax (after the shift).
+/// Such a row's reply is exactly what greedy decoding would generate from its prompt: each
+/// greedy step picks the argmax, which is the reference token, so by induction the whole reply
+/// (think block and final answer) comes out verbatim. Rows without labels do not count.
+pub fn causal_lm_exact_rows(logits: &Tensor, labels: &Tensor) -> Result<usize> {
+    let (_, seq, _) = logits.dims3()?;
+    if seq < 2 {
+        return Ok(0);
+    }
+    let predictions = logits
+        .detach()
+        .narrow(1, 0, seq - 1)?
+        .argmax(D::Minus1)?
+        .to_dtype(DType::I64)?;
+    let targets = labels.to_dtype(DType::I64)?.narrow(1, 1, seq - 1)?;
+    let correct: Vec<u32> = predictions
+        .eq(&targets)?
+        .to_dtype(DType::U32)?
+        .sum(1)?
+        .to_vec1()?;
+    let ignored = Tensor::full(-100i64, targets.shape(), targets.device())?;
+    let labelled: Vec<u32> = targets
+        .ne(&ignored)?
+        .to_dtype(DType::U32)?
+        .sum(1)?
+        .to_vec1()?;
+    Ok(correct
+        .iter()
+        .zip(&labelled)
+        .filter(|(c, l)| **l > 0 && c == l)
+        .count())
 }
 
 /// Token-mean causal-LM loss (transformers' `ForCausalLMLoss` without `num_items_in_batch`).
@@ -360,5 +398,31 @@ pub(crate) mod tests {
         let expected = nll(0, 0, 1) + nll(0, 2, 4) + nll(1, 0, 0) + nll(1, 1, 3);
         let got = ce.sum.to_scalar::<f64>().unwrap();
         assert!((got - expected).abs() < 1e-12, "{got} vs {expected}");
+    }
+}
+
+#[cfg(test)]
+mod exact_rows_tests {
+    use super::*;
+
+    #[test]
+    fn a_row_counts_only_when_every_label_is_predicted() {
+        let device = Device::Cpu;
+        // Vocabulary 3; logits favour token 2 everywhere except row 1, position 1 (token 0).
+        let mut values = vec![0f32; 2 * 3 * 3];
+        for row in 0..2 {
+            for pos in 0..3 {
+                let favourite = if row == 1 && pos == 1 { 0 } else { 2 };
+                values[(row * 3 + pos) * 3 + favourite] = 5.0;
+            }
+        }
+        let logits = Tensor::from_vec(values, (2, 3, 3), &device).unwrap();
+        // Labels after the shift: row 0 wants [2, 2]; row 1 wants [2, 2] but predicts [2, 0].
+        let labels = Tensor::from_vec(vec![-100i64, 2, 2, -100, 2, 2], (2, 3), &device).unwrap();
+        assert_eq!(causal_lm_exact_rows(&logits, &labels).unwrap(), 1);
+        assert_eq!(causal_lm_correct_tokens(&logits, &labels).unwrap(), 3);
+        // A row with no labels is not an exact match.
+        let unlabelled = Tensor::from_vec(vec![-100i64; 6], (2, 3), &device).unwrap();
+        assert_eq!(causal_lm_exact_rows(&logits, &unlabelled).unwrap(), 0);
     }
 }

@@ -3,6 +3,7 @@
 
 mod check;
 mod convert;
+mod infer;
 mod input;
 mod sft;
 
@@ -34,6 +35,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Translate a config between JSON, YAML, TOML, the ms-swift and whet scripts, and a share link.
     Convert(convert::ConvertArgs),
+    /// Answer a query, or a validation file, with a model folder or checkpoint.
+    Infer(infer::InferArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -42,6 +45,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Sft(args) => sft::run(args),
         Command::Check(args) => check::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Infer(args) => infer::run(args),
     };
     match outcome {
         Ok(code) => code,

@@ -300,6 +300,82 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// Attention for new tokens at positions `offset..` over the cached keys and values plus
+    /// their own (inference; batch of one sequence). `bias` is the causal bias of the new block
+    /// against all keys, (1, 1, new, offset + new), or None for a single new token.
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        rotary: &ops::RotaryEmbedding,
+        offset: usize,
+        bias: Option<&Tensor>,
+        slot: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let group = nh / nkv;
+        let q = rotary.apply_at(
+            &self.heads(&self.q_proj, self.q_norm.as_ref(), x, nh)?,
+            offset,
+        )?;
+        let k_new = rotary.apply_at(
+            &self.heads(&self.k_proj, self.k_norm.as_ref(), x, nkv)?,
+            offset,
+        )?;
+        let v_new = self.heads(&self.v_proj, None, x, nkv)?;
+        let (k, v) = match slot.take() {
+            Some((k_old, v_old)) => (
+                Tensor::cat(&[&k_old, &k_new], 2)?,
+                Tensor::cat(&[&v_old, &v_new], 2)?,
+            ),
+            None => (k_new, v_new),
+        };
+        let keys = k.dim(2)?;
+        // (b, nh, t, hd) -> (b, nkv, group * t, hd), as in `forward`.
+        let q = q.reshape((b, nkv, group * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.reshape((b, nh, t, keys))?.to_dtype(DType::F32)?;
+        let scores = match bias {
+            Some(bias) => scores.broadcast_add(bias)?,
+            None => scores,
+        };
+        let probs = ops::softmax_last_dim(&scores)?
+            .to_dtype(x.dtype())?
+            .reshape((b, nkv, group * t, keys))?;
+        let attended = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
+        let attended = attended.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        *slot = Some((k, v));
+        self.o_proj.forward(&attended)
+    }
+}
+
+/// Keys and values of the tokens a sequence has seen so far, per layer, so that decoding one
+/// more token costs one token's forward pass (inference only).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
+    }
+
+    /// Tokens already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
@@ -504,6 +580,28 @@ impl DecoderLayer {
     }
 }
 
+impl DecoderLayer {
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        rotary: &ops::RotaryEmbedding,
+        offset: usize,
+        bias: Option<&Tensor>,
+        slot: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let normed = ops::rms_norm(x, &self.input_layernorm, self.rms_norm_eps)?;
+        let x = (x + self
+            .self_attn
+            .forward_cached(&normed, rotary, offset, bias, slot)?)?;
+        let normed = ops::rms_norm(&x, &self.post_attention_layernorm, self.rms_norm_eps)?;
+        let mlp_out = match &self.mlp {
+            FeedForward::Dense(mlp) => mlp.forward(&normed)?,
+            FeedForward::Sparse(moe) => moe.forward(&normed)?.0,
+        };
+        x + mlp_out
+    }
+}
+
 /// A causal language model: embeddings, decoder layers, final norm, output projection.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -682,6 +780,37 @@ impl Model {
             logits: self.head(&x)?,
             router_logits,
         })
+    }
+
+    /// Logits (1, new, vocab) for `input_ids` (1, new) continuing the sequence in `cache`, which
+    /// then holds those tokens too. Inference only: one unpadded sequence.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, new) = input_ids.dims2()?;
+        let offset = cache.len;
+        let device = &self.options.device;
+        let rotary = ops::RotaryEmbedding::new(
+            self.config.head_dim,
+            self.config.rope_theta,
+            offset + new,
+            device,
+        )?;
+        // New query i sees keys 0..=offset + i.
+        let bias = if new > 1 {
+            let bias: Vec<f32> = (0..new)
+                .flat_map(|i| {
+                    (0..offset + new).map(move |j| if j <= offset + i { 0.0 } else { f32::MIN })
+                })
+                .collect();
+            Some(Tensor::from_vec(bias, (1, 1, new, offset + new), device)?)
+        } else {
+            None
+        };
+        let mut x = self.embed(input_ids)?;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward_cached(&x, &rotary, offset, bias.as_ref(), slot)?;
+        }
+        cache.len += new;
+        self.head(&x)
     }
 
     /// The parameters as named tensors in `dtype`, ready to write as a checkpoint.

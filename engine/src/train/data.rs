@@ -161,6 +161,34 @@ pub fn render(conversation: &Conversation, options: &RenderOptions) -> Vec<Segme
     segments
 }
 
+/// The prompt for generating the next assistant reply: the conversation so far (system, user,
+/// earlier turns) and the template's generation prompt — as the model's chat template renders
+/// it with `add_generation_prompt`. Thinking-2507 models get the `<think>\n` opener (their
+/// template forces it); the hybrid template closes an empty think block unless
+/// `enable_thinking`, as ms-swift 4.x infers by default.
+pub fn render_prompt(
+    conversation: &Conversation,
+    options: &RenderOptions,
+    enable_thinking: bool,
+) -> String {
+    let mut text: String = render(conversation, options)
+        .into_iter()
+        .map(|s| s.text)
+        .collect();
+    text.push_str("<|im_start|>assistant\n");
+    text.push_str(generation_prefix(options.template, enable_thinking));
+    text
+}
+
+/// What the generation prompt adds after `<|im_start|>assistant\n`; it is part of the reply.
+pub fn generation_prefix(template: Template, enable_thinking: bool) -> &'static str {
+    match template {
+        Template::Qwen3Thinking => "<think>\n",
+        Template::Qwen3 if !enable_thinking => "<think>\n\n</think>\n\n",
+        _ => "",
+    }
+}
+
 /// Token ids and labels of one rendered conversation (before padding).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -201,6 +229,21 @@ impl ChatTokenizer {
             tokenizer,
             pad_token_id,
         })
+    }
+
+    /// The id of a token (`<|im_end|>`), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// Text of `ids`, special tokens dropped (`<think>` is not special in Qwen3: it stays).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, DataError> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| DataError::Tokenizer {
+                path: "tokenizer.json".into(),
+                message: e.to_string(),
+            })
     }
 
     /// Ids of `text` without any added BOS/EOS.

@@ -116,10 +116,10 @@ impl Plan {
         };
         if !matches!(
             metric_for_best_model.as_str(),
-            "eval_loss" | "eval_token_acc"
+            "eval_loss" | "eval_token_acc" | "eval_exact_match"
         ) {
             bail!(
-                "metric_for_best_model `{metric}` is not computed by whet; use loss or token_acc"
+                "metric_for_best_model `{metric}` is not computed by whet; use loss, token_acc or exact_match"
             );
         }
         let greater_is_better = sft
@@ -329,6 +329,8 @@ fn count_label_tokens(batch: &Batch) -> candle_core::Result<usize> {
 struct EvalResult {
     loss: f64,
     token_acc: f64,
+    /// Share of validation samples whose reply greedy decoding reproduces exactly.
+    exact_match: f64,
     runtime: f64,
     samples: usize,
     batches: usize,
@@ -348,6 +350,7 @@ fn evaluate(
         gradient_checkpointing: false,
     };
     let (mut weighted_loss, mut correct, mut labelled, mut batches) = (0.0, 0u64, 0u64, 0usize);
+    let mut exact_rows = 0usize;
     for chunk in val.chunks(batch_size) {
         let refs: Vec<&Sample> = chunk.iter().collect();
         let batch = data::collate(&refs, pad_id, &model.options().device)?;
@@ -355,11 +358,13 @@ fn evaluate(
         weighted_loss += report.loss * chunk.len() as f64;
         correct += report.num_correct_tokens as u64;
         labelled += report.num_label_tokens as u64;
+        exact_rows += report.num_exact_rows;
         batches += 1;
     }
     Ok(EvalResult {
         loss: weighted_loss / val.len().max(1) as f64,
         token_acc: correct as f64 / labelled.max(1) as f64,
+        exact_match: exact_rows as f64 / val.len().max(1) as f64,
         runtime: started.elapsed().as_secs_f64(),
         samples: val.len(),
         batches,
@@ -811,6 +816,7 @@ pub fn train(
             let entry: Record = vec![
                 ("eval_loss".into(), float(round8(result.loss))),
                 ("eval_token_acc".into(), float(round8(result.token_acc))),
+                ("eval_exact_match".into(), float(round8(result.exact_match))),
                 ("eval_runtime".into(), float(round_to(result.runtime, 4))),
                 (
                     "eval_samples_per_second".into(),
@@ -832,10 +838,10 @@ pub fn train(
             let progress = swift_fields(step, plan.total_steps, elapsed, steps_this_run);
             console.record(&logger.log(step, &entry, &progress)?);
             trainer_state.log_history.push(history_entry(entry, step));
-            let metric = if plan.metric_for_best_model == "eval_token_acc" {
-                result.token_acc
-            } else {
-                result.loss
+            let metric = match plan.metric_for_best_model.as_str() {
+                "eval_token_acc" => result.token_acc,
+                "eval_exact_match" => result.exact_match,
+                _ => result.loss,
             };
             let better = match trainer_state.best_metric {
                 None => true,

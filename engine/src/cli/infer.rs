@@ -1,0 +1,222 @@
+//! `whet infer`: answer a query, or every row of a validation file, with a model folder (a
+//! base model or a training checkpoint), greedy or sampled, streamed when asked.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use whet_shared::models::{default_template, Architecture};
+
+use crate::dataset::{self, Conversation, HubSettings, LoadOptions, Message, Role};
+use crate::generate::{generate, SamplingOptions};
+use crate::model::{Model, ModelConfig, ModelOptions};
+use crate::rng::SplitMix64;
+use crate::train::data::{
+    generation_prefix, render_prompt, ChatTokenizer, RenderOptions, Template,
+};
+
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    /// Model folder: config.json, safetensors and tokenizer.json (a checkpoint works).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// LoRA adapter folder to apply (arrives with LoRA training).
+    #[arg(long)]
+    pub adapters: Option<PathBuf>,
+    /// One question to answer.
+    #[arg(long, conflicts_with = "val_dataset")]
+    pub query: Option<String>,
+    /// A dataset whose rows' last user message is answered; answers go to --result_path.
+    #[arg(long = "val_dataset", alias = "val-dataset")]
+    pub val_dataset: Option<String>,
+    /// Where the answers of --val_dataset go (jsonl); default `<model>/infer_result.jsonl`.
+    #[arg(long = "result_path", alias = "result-path")]
+    pub result_path: Option<PathBuf>,
+    /// System prompt for rows that have none.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Chat template; default: the checkpoint's args.json, else chosen from the model.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Hybrid `qwen3` template: let the model think (default: an empty think block).
+    #[arg(long = "enable_thinking", alias = "enable-thinking", default_value_t = false, action = clap::ArgAction::Set)]
+    pub enable_thinking: bool,
+    #[arg(
+        long = "max_new_tokens",
+        alias = "max-new-tokens",
+        default_value_t = 512
+    )]
+    pub max_new_tokens: usize,
+    /// 0 decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long = "top_p", alias = "top-p", default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Print tokens as they are generated.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub stream: bool,
+}
+
+/// The template a checkpoint was trained with (its args.json), else the model's default.
+fn template_for(
+    model_dir: &Path,
+    config: &ModelConfig,
+    requested: Option<&str>,
+) -> anyhow::Result<Template> {
+    if let Some(name) = requested {
+        return Ok(Template::parse(name)?);
+    }
+    let args = std::fs::read_to_string(model_dir.join("args.json")).ok();
+    if let Some(name) = args
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|args| {
+            args.get("template")
+                .and_then(|t| t.as_str())
+                .map(str::to_string)
+        })
+    {
+        return Ok(Template::parse(&name)?);
+    }
+    let architecture = if config.moe.is_some() {
+        Architecture::Qwen3Moe
+    } else if config.qk_norm {
+        Architecture::Qwen3
+    } else {
+        Architecture::Qwen2
+    };
+    let name = model_dir
+        .canonicalize()
+        .unwrap_or_else(|_| model_dir.to_path_buf());
+    Ok(Template::parse(default_template(
+        &name.to_string_lossy(),
+        architecture,
+    ))?)
+}
+
+pub fn run(args: InferArgs) -> anyhow::Result<ExitCode> {
+    if args.adapters.is_some() {
+        bail!("--adapters needs LoRA support, which whet does not have yet; merge the adapter or infer with a full checkpoint");
+    }
+    if args.query.is_none() && args.val_dataset.is_none() {
+        eprintln!("error: give --query TEXT or --val_dataset FILE");
+        return Ok(ExitCode::from(2));
+    }
+    let model_config = ModelConfig::from_model_dir(&args.model)
+        .with_context(|| format!("reading {}/config.json", args.model.display()))?;
+    let template = template_for(&args.model, &model_config, args.template.as_deref())?;
+    let model = Model::from_pretrained(&args.model, ModelOptions::default())
+        .with_context(|| format!("loading the model in {}", args.model.display()))?;
+    let tokenizer = ChatTokenizer::from_model_dir(&args.model)?;
+    let stop: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
+        .iter()
+        .filter_map(|t| tokenizer.token_id(t))
+        .collect();
+    let render = RenderOptions {
+        template,
+        default_system: args.system.clone(),
+        disable_ignore_empty_think: false,
+    };
+    let sampling = SamplingOptions {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let prefix = generation_prefix(template, args.enable_thinking);
+    // The reply as the model sees it: the generation prompt's part of the reply plus the tokens.
+    let answer = |conversation: &Conversation, stream: bool| -> anyhow::Result<String> {
+        let prompt =
+            tokenizer.encode(&render_prompt(conversation, &render, args.enable_thinking))?;
+        let mut generated = Vec::new();
+        let mut shown = 0;
+        let mut out = std::io::stdout();
+        if stream {
+            write!(out, "{prefix}")?;
+        }
+        let (tokens, _) = generate(&model, &prompt, &stop, &sampling, &mut |token| {
+            if stream {
+                generated.push(token);
+                let text = tokenizer.decode(&generated)?;
+                // Print only whole characters: a multi-byte character may span tokens.
+                if !text.ends_with('\u{fffd}') && text.len() > shown {
+                    write!(out, "{}", &text[shown..])?;
+                    out.flush()?;
+                    shown = text.len();
+                }
+            }
+            Ok(())
+        })?;
+        if stream {
+            writeln!(out)?;
+        }
+        Ok(format!("{prefix}{}", tokenizer.decode(&tokens)?))
+    };
+
+    if let Some(query) = &args.query {
+        let conversation = Conversation {
+            messages: vec![Message::new(Role::User, query.clone())],
+        };
+        let reply = answer(&conversation, args.stream)?;
+        if !args.stream {
+            println!("{reply}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let spec = args.val_dataset.as_deref().unwrap_or_default();
+    let options = LoadOptions {
+        dataset_shuffle: false,
+        strict: false,
+        model_name: Vec::new(),
+        model_author: Vec::new(),
+        hub: HubSettings::from_env(),
+    };
+    let rows = dataset::load(
+        spec,
+        "val_dataset",
+        &options,
+        &mut SplitMix64::new(args.seed),
+    )?
+    .rows;
+    let result_path = args
+        .result_path
+        .clone()
+        .unwrap_or_else(|| args.model.join("infer_result.jsonl"));
+    let mut results = String::new();
+    for row in &rows {
+        // Answer the last user message; the reference is the assistant reply after it, if any.
+        let last_user = row
+            .messages
+            .iter()
+            .rposition(|m| m.role == Role::User)
+            .context("a row has no user message")?;
+        let prompt = Conversation {
+            messages: row.messages[..=last_user].to_vec(),
+        };
+        let reference = row
+            .messages
+            .get(last_user + 1)
+            .filter(|m| m.role == Role::Assistant);
+        let reply = answer(&prompt, args.stream)?;
+        let record = serde_json::json!({
+            "messages": prompt.messages,
+            "response": reply,
+            "labels": reference.map(|m| m.content.clone()),
+        });
+        results.push_str(&record.to_string());
+        results.push('\n');
+    }
+    let temp = result_path.with_extension("jsonl.tmp");
+    std::fs::write(&temp, results).with_context(|| format!("writing {}", temp.display()))?;
+    std::fs::rename(&temp, &result_path)?;
+    eprintln!(
+        "{} answers written to {}",
+        rows.len(),
+        result_path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
