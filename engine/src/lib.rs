@@ -7,3 +7,4 @@ pub mod grad;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod tensorboard;
