@@ -7,4 +7,5 @@ pub mod grad;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod plot;
 pub mod tensorboard;
