@@ -2,6 +2,7 @@
 //!
 //! The CLI lives in `cli`; everything it needs from configs comes from whet-shared.
 
+pub mod bench;
 pub mod cli;
 pub mod grad;
 pub mod model;
