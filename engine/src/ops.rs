@@ -231,14 +231,21 @@ pub(crate) fn with_cpu_slice<T: WithDType, R>(
     Ok(Some(f(&T::cpu_storage_as_slice(cpu)?[start..end])))
 }
 
-/// Runs `f(first_row, rows_chunk)` over `data` split into row blocks on candle's thread count.
-fn for_row_blocks<T: Send, F>(data: &mut [T], row_len: usize, f: F)
+/// Runs `f(first_row, rows_chunk)` over `data` (`row_len` items a row) split into row blocks on
+/// candle's thread count, or on this thread when the work (`work_per_row` a row) is small.
+fn for_row_blocks<T: Send, F>(data: &mut [T], row_len: usize, work_per_row: usize, f: F)
 where
     F: Fn(usize, &mut [T]) + Sync,
 {
     let rows = data.len() / row_len.max(1);
     let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
-    let rows_per_block = rows.div_ceil(threads).max(1);
+    // Threads only pay off for large blocks (spawning is not free on a busy machine).
+    let min_rows = (1usize << 18).div_ceil(work_per_row.max(1));
+    let rows_per_block = rows.div_ceil(threads).max(min_rows).max(1);
+    if rows_per_block >= rows {
+        f(0, data);
+        return;
+    }
     std::thread::scope(|scope| {
         for (i, block) in data.chunks_mut(rows_per_block * row_len).enumerate() {
             let f = &f;
@@ -253,7 +260,7 @@ impl CrossEntropySumOp {
         let rows = logits.len() / vocab;
         // (log-sum-exp, loss) per row
         let mut per_row: Vec<(f64, f64)> = vec![(0.0, 0.0); rows];
-        for_row_blocks(&mut per_row, 1, |first, block| {
+        for_row_blocks(&mut per_row, 1, vocab, |first, block| {
             for (i, slot) in block.iter_mut().enumerate() {
                 let r = first + i;
                 let Ok(target) = usize::try_from(self.targets[r]) else {
@@ -280,7 +287,7 @@ impl CrossEntropySumOp {
         upstream: f64,
     ) -> Vec<T> {
         let mut grad = vec![T::zero(); logits.len()];
-        for_row_blocks(&mut grad, vocab, |first, block| {
+        for_row_blocks(&mut grad, vocab, vocab, |first, block| {
             for (i, out) in block.chunks_mut(vocab).enumerate() {
                 let r = first + i;
                 let target = self.targets[r];
@@ -558,6 +565,56 @@ pub(crate) mod tests {
                 .unwrap();
             assert!(diff <= tol, "{dtype:?} gradient differs by {diff}");
         }
+        // Large enough to run on several threads.
+        let (b, t, v) = (2, 64, 8192);
+        let logits = Var::from_vec(
+            test_values(b * t * v, 43)
+                .iter()
+                .map(|&x| (x * 4.0) as f32)
+                .collect(),
+            (b, t, v),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let labels: Vec<i64> = (0..b * t)
+            .map(|i| {
+                if i % 5 == 0 {
+                    -100
+                } else {
+                    (i * 97 % v) as i64
+                }
+            })
+            .collect();
+        let labels = Tensor::from_vec(labels, (b, t), &Device::Cpu).unwrap();
+        let grad_of = |f: fn(&Tensor, &Tensor) -> Result<CrossEntropySum>| {
+            let ce = f(logits.as_tensor(), &labels).unwrap();
+            let value = ce.sum.to_scalar::<f32>().unwrap();
+            let grad = ce
+                .sum
+                .backward()
+                .unwrap()
+                .get(logits.as_tensor())
+                .unwrap()
+                .clone();
+            (value, grad)
+        };
+        let (fused, g_fused) = grad_of(causal_lm_cross_entropy_sum);
+        let (composed, g_composed) = grad_of(causal_lm_cross_entropy_sum_composed);
+        assert!(
+            (fused - composed).abs() <= 1e-5 * composed.abs(),
+            "{fused} vs {composed}"
+        );
+        let diff: f32 = (g_fused - g_composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff <= 1e-6, "gradient differs by {diff}");
         let out_of_vocab = Tensor::new(&[[0i64, 9]], &Device::Cpu).unwrap();
         let logits = Tensor::zeros((1, 2, 9), DType::F32, &Device::Cpu).unwrap();
         assert!(causal_lm_cross_entropy_sum(&logits, &out_of_vocab).is_err());

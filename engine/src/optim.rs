@@ -259,6 +259,9 @@ impl AdamW {
     }
 }
 
+/// Below this many elements per thread the fused update runs on the calling thread.
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 18;
+
 /// The per-step scalars of one AdamW update.
 struct StepConstants {
     /// `1 - lr * weight_decay` when the parameter decays.
@@ -323,34 +326,41 @@ fn fused_cpu_update(
         let (one_minus_b1, b2, one_minus_b2) = (f(1.0 - c.beta1), f(c.beta2), f(1.0 - c.beta2));
         let (bc2, eps, neg_step) = (f(c.bias_correction2_sqrt), f(c.eps), f(-c.step_size));
         let decay = c.decay.map(f);
-        let threads = candle_core::utils::get_num_threads().clamp(1, 16);
-        let chunk = n.div_ceil(threads).max(4096);
-        std::thread::scope(|scope| {
-            for (((out_p, out_m), out_v), start) in new_param
-                .chunks_mut(chunk)
-                .zip(new_avg.chunks_mut(chunk))
-                .zip(new_avg_sq.chunks_mut(chunk))
-                .zip((0..n).step_by(chunk))
-            {
-                scope.spawn(move || {
-                    for j in 0..out_p.len() {
-                        let i = start + j;
-                        let grad = g.map_or(0.0, |g| g[i]);
-                        let mut param = p[i];
-                        if let Some(decay) = decay {
-                            param = param * decay + 0.0;
-                        }
-                        let m = m[i] + ((grad - m[i]) * one_minus_b1 + 0.0);
-                        let v = (v[i] * b2 + 0.0) + ((grad * grad) * one_minus_b2 + 0.0);
-                        let denom = (v.sqrt() / bc2) * 1.0 + eps;
-                        let update = (m / denom) * neg_step + 0.0;
-                        out_p[j] = param + update;
-                        out_m[j] = m;
-                        out_v[j] = v;
-                    }
-                });
+        let update = |out_p: &mut [f32], out_m: &mut [f32], out_v: &mut [f32], start: usize| {
+            for j in 0..out_p.len() {
+                let i = start + j;
+                let grad = g.map_or(0.0, |g| g[i]);
+                let mut param = p[i];
+                if let Some(decay) = decay {
+                    param = param * decay + 0.0;
+                }
+                let m = m[i] + ((grad - m[i]) * one_minus_b1 + 0.0);
+                let v = (v[i] * b2 + 0.0) + ((grad * grad) * one_minus_b2 + 0.0);
+                let denom = (v.sqrt() / bc2) * 1.0 + eps;
+                let update = (m / denom) * neg_step + 0.0;
+                out_p[j] = param + update;
+                out_m[j] = m;
+                out_v[j] = v;
             }
-        });
+        };
+        // Threads only pay off for large tensors (spawning is not free on a busy machine).
+        let threads = candle_core::utils::get_num_threads().clamp(1, 16);
+        let chunk = n.div_ceil(threads).max(PARALLEL_MIN_ELEMENTS);
+        if chunk >= n {
+            update(&mut new_param, &mut new_avg, &mut new_avg_sq, 0);
+        } else {
+            std::thread::scope(|scope| {
+                for (((out_p, out_m), out_v), start) in new_param
+                    .chunks_mut(chunk)
+                    .zip(new_avg.chunks_mut(chunk))
+                    .zip(new_avg_sq.chunks_mut(chunk))
+                    .zip((0..n).step_by(chunk))
+                {
+                    let update = &update;
+                    scope.spawn(move || update(out_p, out_m, out_v, start));
+                }
+            });
+        }
     }
     let (shape, device) = (param.shape().clone(), param.device().clone());
     state.exp_avg = Tensor::from_vec(new_avg, &shape, &device)?;
