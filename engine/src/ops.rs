@@ -144,7 +144,7 @@ pub struct CrossEntropySum {
 /// f32. `logits` (batch, seq, vocab), `labels` (batch, seq) i64, not shifted.
 ///
 /// On the CPU this is one fused op with a hand-written backward ([`CrossEntropySumOp`]): the
-/// composed form ([`causal_lm_cross_entropy_sum_composed`], used elsewhere) makes a dozen
+/// composed form ([`causal_lm_cross_entropy_sum_composed`], used on other devices) makes a dozen
 /// vocabulary-wide temporaries, and each costs candle's backward two more passes.
 pub fn causal_lm_cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<CrossEntropySum> {
     let (batch, seq, vocab) = logits.dims3()?;
