@@ -2,6 +2,7 @@
 //!
 //! The CLI lives in `cli`; everything it needs from configs comes from whet-shared.
 
+pub mod bench;
 pub mod cli;
 pub mod dataset;
 pub mod generate;
@@ -9,5 +10,7 @@ pub mod grad;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod plot;
 pub mod rng;
+pub mod tensorboard;
 pub mod train;

@@ -5,7 +5,7 @@
 //! is checked against central finite differences in f64 (tests at the bottom); nothing else in
 //! the crate should compute a normalisation, softmax, rotation or loss by hand.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, WithDType, D};
 
 /// The label value that contributes nothing to the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -147,7 +147,43 @@ pub struct CrossEntropySum {
 /// Causal-LM cross-entropy summed over labelled tokens: `logits[:, :-1]` predict
 /// `labels[:, 1:]`; labels equal to [`IGNORE_INDEX`] count for nothing. Computed in (at least)
 /// f32. `logits` (batch, seq, vocab), `labels` (batch, seq) i64, not shifted.
+///
+/// On the CPU this is one fused op with a hand-written backward ([`CrossEntropySumOp`]): the
+/// composed form ([`causal_lm_cross_entropy_sum_composed`], used on other devices) makes a dozen
+/// vocabulary-wide temporaries, and each costs candle's backward two more passes.
 pub fn causal_lm_cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<CrossEntropySum> {
+    let (batch, seq, vocab) = logits.dims3()?;
+    let logits = logits.to_dtype(at_least_f32(logits.dtype()))?;
+    if !logits.device().is_cpu() || !matches!(logits.dtype(), DType::F32 | DType::F64) {
+        return causal_lm_cross_entropy_sum_composed(&logits, labels);
+    }
+    // Row (b, t) predicts labels[b, t + 1]; the last position of each sequence predicts nothing.
+    let labels = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+    let mut targets = Vec::with_capacity(batch * seq);
+    for row in &labels {
+        targets.extend(row.iter().skip(1).copied());
+        targets.push(IGNORE_INDEX);
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t >= vocab as i64) {
+        candle_core::bail!("label {bad} is outside the vocabulary of {vocab} tokens");
+    }
+    let num_tokens = targets.iter().filter(|&&t| t >= 0).count();
+    let op = CrossEntropySumOp {
+        targets: targets.into(),
+        log_sum_exp: std::sync::Mutex::new(None),
+    };
+    // (batch, seq, vocab) -> (rows, vocab)
+    let rows = logits.reshape((batch * seq, vocab))?.contiguous()?;
+    let sum = rows.apply_op1(op)?;
+    Ok(CrossEntropySum { sum, num_tokens })
+}
+
+/// The composed form of [`causal_lm_cross_entropy_sum`], from differentiable candle ops; it
+/// runs on any device.
+pub fn causal_lm_cross_entropy_sum_composed(
+    logits: &Tensor,
+    labels: &Tensor,
+) -> Result<CrossEntropySum> {
     let (batch, seq, vocab) = logits.dims3()?;
     let logits = logits.to_dtype(at_least_f32(logits.dtype()))?;
     // (batch, seq - 1, vocab) -> (rows, vocab)
@@ -224,6 +260,161 @@ pub fn causal_lm_exact_rows(logits: &Tensor, labels: &Tensor) -> Result<usize> {
         .zip(&labelled)
         .filter(|(c, l)| **l > 0 && c == l)
         .count())
+}
+
+/// `sum over rows r with targets[r] >= 0 of logsumexp(logits[r]) - logits[r, targets[r]]` for
+/// contiguous (rows, vocab) CPU logits, accumulated in f64; the backward pass is
+/// `(softmax(logits[r]) - onehot(targets[r])) * upstream` on labelled rows and 0 elsewhere.
+pub struct CrossEntropySumOp {
+    targets: std::sync::Arc<[i64]>,
+    /// Each row's log-sum-exp from the forward pass, reused by the backward pass.
+    log_sum_exp: std::sync::Mutex<Option<Vec<f64>>>,
+}
+
+/// Calls `f` with the elements of a contiguous CPU tensor, without copying them; `None` for
+/// tensors on other devices.
+pub(crate) fn with_cpu_slice<T: WithDType, R>(
+    tensor: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> Result<Option<R>> {
+    let (storage, layout) = tensor.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("with_cpu_slice needs a contiguous tensor");
+    };
+    Ok(Some(f(&T::cpu_storage_as_slice(cpu)?[start..end])))
+}
+
+/// Runs `f(first_row, rows_chunk)` over `data` (`row_len` items a row) split into row blocks on
+/// candle's thread count, or on this thread when the work (`work_per_row` a row) is small.
+fn for_row_blocks<T: Send, F>(data: &mut [T], row_len: usize, work_per_row: usize, f: F)
+where
+    F: Fn(usize, &mut [T]) + Sync,
+{
+    let rows = data.len() / row_len.max(1);
+    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+    // Threads only pay off for large blocks (spawning is not free on a busy machine).
+    let min_rows = (1usize << 18).div_ceil(work_per_row.max(1));
+    let rows_per_block = rows.div_ceil(threads).max(min_rows).max(1);
+    if rows_per_block >= rows {
+        f(0, data);
+        return;
+    }
+    std::thread::scope(|scope| {
+        for (i, block) in data.chunks_mut(rows_per_block * row_len).enumerate() {
+            let f = &f;
+            scope.spawn(move || f(i * rows_per_block, block));
+        }
+    });
+}
+
+impl CrossEntropySumOp {
+    /// The summed loss and each row's log-sum-exp (0 for ignored rows).
+    fn forward<T: WithDType>(&self, logits: &[T], vocab: usize) -> (f64, Vec<f64>) {
+        let rows = logits.len() / vocab;
+        // (log-sum-exp, loss) per row
+        let mut per_row: Vec<(f64, f64)> = vec![(0.0, 0.0); rows];
+        for_row_blocks(&mut per_row, 1, vocab, |first, block| {
+            for (i, slot) in block.iter_mut().enumerate() {
+                let r = first + i;
+                let Ok(target) = usize::try_from(self.targets[r]) else {
+                    continue;
+                };
+                let row = &logits[r * vocab..(r + 1) * vocab];
+                let max = row
+                    .iter()
+                    .fold(f64::NEG_INFINITY, |m, &v| m.max(v.to_f64()));
+                let sum_exp: f64 = row.iter().map(|&v| (v.to_f64() - max).exp()).sum();
+                let log_sum_exp = max + sum_exp.ln();
+                *slot = (log_sum_exp, log_sum_exp - row[target].to_f64());
+            }
+        });
+        let loss = per_row.iter().map(|(_, loss)| loss).sum();
+        (loss, per_row.into_iter().map(|(lse, _)| lse).collect())
+    }
+
+    fn backward<T: WithDType>(
+        &self,
+        logits: &[T],
+        vocab: usize,
+        lse: &[f64],
+        upstream: f64,
+    ) -> Vec<T> {
+        let mut grad = vec![T::zero(); logits.len()];
+        for_row_blocks(&mut grad, vocab, vocab, |first, block| {
+            for (i, out) in block.chunks_mut(vocab).enumerate() {
+                let r = first + i;
+                let target = self.targets[r];
+                if target < 0 {
+                    continue;
+                }
+                let row = &logits[r * vocab..(r + 1) * vocab];
+                for (o, &v) in out.iter_mut().zip(row) {
+                    *o = T::from_f64((v.to_f64() - lse[r]).exp() * upstream);
+                }
+                let t = target as usize;
+                out[t] = T::from_f64(((row[t].to_f64() - lse[r]).exp() - 1.0) * upstream);
+            }
+        });
+        grad
+    }
+}
+
+impl candle_core::CustomOp1 for CrossEntropySumOp {
+    fn name(&self) -> &'static str {
+        "cross-entropy-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (rows, vocab) = layout.shape().dims2()?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("cross-entropy-sum needs contiguous logits");
+        };
+        if rows != self.targets.len() {
+            candle_core::bail!(
+                "cross-entropy-sum: {rows} rows, {} targets",
+                self.targets.len()
+            );
+        }
+        let (lse, out) = match storage {
+            CpuStorage::F32(data) => {
+                let (sum, lse) = self.forward(&data[start..end], vocab);
+                (lse, CpuStorage::F32(vec![sum as f32]))
+            }
+            CpuStorage::F64(data) => {
+                let (sum, lse) = self.forward(&data[start..end], vocab);
+                (lse, CpuStorage::F64(vec![sum]))
+            }
+            _ => candle_core::bail!("cross-entropy-sum: logits must be f32 or f64"),
+        };
+        *self.log_sum_exp.lock().expect("not poisoned") = Some(lse);
+        Ok((out, candle_core::Shape::from(())))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (_, vocab) = arg.dims2()?;
+        let upstream = grad_res.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let arg = arg.contiguous()?;
+        let guard = self.log_sum_exp.lock().expect("not poisoned");
+        let Some(lse) = guard.as_ref() else {
+            candle_core::bail!("cross-entropy-sum: backward before forward");
+        };
+        let grad = match arg.dtype() {
+            DType::F32 => with_cpu_slice(&arg, |d: &[f32]| self.backward(d, vocab, lse, upstream))?
+                .map(|g| Tensor::from_vec(g, arg.shape(), arg.device())),
+            DType::F64 => with_cpu_slice(&arg, |d: &[f64]| self.backward(d, vocab, lse, upstream))?
+                .map(|g| Tensor::from_vec(g, arg.shape(), arg.device())),
+            other => candle_core::bail!("cross-entropy-sum: unsupported dtype {other:?}"),
+        };
+        Ok(Some(grad.expect("a CPU tensor")?))
+    }
 }
 
 /// Token-mean causal-LM loss (transformers' `ForCausalLMLoss` without `num_items_in_batch`).
@@ -378,6 +569,111 @@ pub(crate) mod tests {
             row1,
             vec![vec![0., m, m], vec![0., 0., m], vec![0., 0., 0.]]
         );
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_the_composed_ops() {
+        let labels = Tensor::new(
+            &[[7i64, 1, -100, 4, 2], [-100, 0, 3, -100, 6]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        for dtype in [DType::F64, DType::F32] {
+            let values = test_values(2 * 5 * 9, 41);
+            let x = Var::from_vec(values, (2, 5, 9), &Device::Cpu).unwrap();
+            let x = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+            let weights = Tensor::new(&[0.5f64], &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let run = |f: fn(&Tensor, &Tensor) -> Result<CrossEntropySum>| {
+                let ce = f(x.as_tensor(), &labels).unwrap();
+                // A non-unit upstream gradient.
+                let loss = ce.sum.broadcast_mul(&weights).unwrap().sum_all().unwrap();
+                let grad = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+                let value = ce
+                    .sum
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                (value, ce.num_tokens, grad)
+            };
+            let (fused, n_fused, g_fused) = run(causal_lm_cross_entropy_sum);
+            let (composed, n_composed, g_composed) = run(causal_lm_cross_entropy_sum_composed);
+            assert_eq!(n_fused, n_composed);
+            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            assert!(
+                (fused - composed).abs() <= tol * composed.abs(),
+                "{fused} vs {composed}"
+            );
+            let diff = (g_fused - g_composed)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(diff <= tol, "{dtype:?} gradient differs by {diff}");
+        }
+        // Large enough to run on several threads.
+        let (b, t, v) = (2, 64, 8192);
+        let logits = Var::from_vec(
+            test_values(b * t * v, 43)
+                .iter()
+                .map(|&x| (x * 4.0) as f32)
+                .collect(),
+            (b, t, v),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let labels: Vec<i64> = (0..b * t)
+            .map(|i| {
+                if i % 5 == 0 {
+                    -100
+                } else {
+                    (i * 97 % v) as i64
+                }
+            })
+            .collect();
+        let labels = Tensor::from_vec(labels, (b, t), &Device::Cpu).unwrap();
+        let grad_of = |f: fn(&Tensor, &Tensor) -> Result<CrossEntropySum>| {
+            let ce = f(logits.as_tensor(), &labels).unwrap();
+            let value = ce.sum.to_scalar::<f32>().unwrap();
+            let grad = ce
+                .sum
+                .backward()
+                .unwrap()
+                .get(logits.as_tensor())
+                .unwrap()
+                .clone();
+            (value, grad)
+        };
+        let (fused, g_fused) = grad_of(causal_lm_cross_entropy_sum);
+        let (composed, g_composed) = grad_of(causal_lm_cross_entropy_sum_composed);
+        assert!(
+            (fused - composed).abs() <= 1e-5 * composed.abs(),
+            "{fused} vs {composed}"
+        );
+        let diff: f32 = (g_fused - g_composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff <= 1e-6, "gradient differs by {diff}");
+        let out_of_vocab = Tensor::new(&[[0i64, 9]], &Device::Cpu).unwrap();
+        let logits = Tensor::zeros((1, 2, 9), DType::F32, &Device::Cpu).unwrap();
+        assert!(causal_lm_cross_entropy_sum(&logits, &out_of_vocab).is_err());
     }
 
     #[test]

@@ -286,6 +286,7 @@ fn outputs_have_ms_swift_layout_and_keys_and_rotation_keeps_best_and_newest() {
     let eval_keys = [
         "eval_loss",
         "eval_token_acc",
+        "eval_exact_match",
         "eval_runtime",
         "eval_samples_per_second",
         "eval_steps_per_second",

@@ -1,0 +1,270 @@
+//! `whet bench train`: full-training-step throughput of a randomly initialised Qwen3 on the
+//! CPU in f32, the same measurement as `shared/tools/torch_train_bench.py` makes for PyTorch
+//! (same presets, random tokens with labels = inputs, clip to 1.0, AdamW lr 1e-4 wd 0.1; the
+//! first two steps are warm-up and not timed), so that the two can be compared directly.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::grad::{loss_and_gradients, Batch, LossOptions};
+use crate::model::{Model, ModelConfig, ModelOptions};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+
+/// Steps at the start that are run but not timed (allocator and thread-pool warm-up).
+pub const WARMUP_STEPS: usize = 2;
+
+/// The model presets, shared with `torch_train_bench.py --size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchSize {
+    Tiny,
+    Small,
+    Medium,
+}
+
+impl BenchSize {
+    /// The preset's Qwen3 config.json (untied embeddings, rope_theta 1e6, eps 1e-6).
+    pub fn config_json(self, seq: usize) -> String {
+        // hidden, layers, heads, kv heads, head_dim, intermediate, vocab
+        let (hidden, layers, heads, kv_heads, head_dim, intermediate, vocab) = match self {
+            Self::Tiny => (64, 2, 4, 2, 16, 128, 1024),
+            Self::Small => (512, 8, 8, 4, 64, 1536, 32000),
+            Self::Medium => (1024, 16, 16, 8, 64, 3072, 32000),
+        };
+        serde_json::json!({
+            "architectures": ["Qwen3ForCausalLM"],
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": head_dim,
+            "intermediate_size": intermediate,
+            "vocab_size": vocab,
+            "rope_theta": 1_000_000.0,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": seq.max(512),
+            "tie_word_embeddings": false,
+        })
+        .to_string()
+    }
+}
+
+impl std::str::FromStr for BenchSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tiny" => Ok(Self::Tiny),
+            "small" => Ok(Self::Small),
+            "medium" => Ok(Self::Medium),
+            other => Err(format!(
+                "unknown bench size `{other}`; use tiny, small or medium"
+            )),
+        }
+    }
+}
+
+/// What to measure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchOptions {
+    pub size: BenchSize,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Training steps in all, the [`WARMUP_STEPS`] untimed ones included (as torch_train_bench).
+    pub steps: usize,
+    pub gradient_checkpointing: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            size: BenchSize::Small,
+            batch: 4,
+            seq: 256,
+            steps: 10,
+            gradient_checkpointing: false,
+        }
+    }
+}
+
+/// The result, printed by `whet bench train` as one JSON line.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub size: BenchSize,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    /// Untimed steps at the start.
+    pub warmup_steps: usize,
+    pub gradient_checkpointing: bool,
+    /// Trainable parameters of the model.
+    pub params: usize,
+    /// Tokens (batch * seq) per second over the timed steps.
+    pub tokens_per_s: f64,
+    /// Mean wall time of a timed step, in milliseconds.
+    pub step_ms: f64,
+    /// Fastest timed step, in milliseconds (less sensitive to other load on the machine).
+    pub step_ms_min: f64,
+    /// Peak resident memory of the process (Linux `VmHWM`), MiB; None elsewhere.
+    pub peak_rss_mib: Option<f64>,
+    pub loss_first: f64,
+    pub loss_last: f64,
+}
+
+/// The process's peak resident set size in MiB, from `/proc/self/status` (Linux only).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Uniform token ids from a seeded splitmix64 stream.
+struct TokenStream {
+    state: u64,
+}
+
+impl TokenStream {
+    fn next_id(&mut self, vocab: usize) -> u32 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z % vocab as u64) as u32
+    }
+
+    /// A batch of random tokens whose labels are the inputs (every position has a loss).
+    fn batch(&mut self, batch: usize, seq: usize, vocab: usize) -> candle_core::Result<Batch> {
+        let ids: Vec<u32> = (0..batch * seq).map(|_| self.next_id(vocab)).collect();
+        let labels: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
+        let device = Device::Cpu;
+        Ok(Batch {
+            input_ids: Tensor::from_vec(ids, (batch, seq), &device)?,
+            attention_mask: Tensor::ones((batch, seq), candle_core::DType::U32, &device)?,
+            labels: Tensor::from_vec(labels, (batch, seq), &device)?,
+        })
+    }
+}
+
+/// Builds the preset model and times `opts.steps` full training steps (forward, backward,
+/// clip to 1.0, AdamW) on random tokens.
+pub fn run_train_bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(
+        opts.batch > 0 && opts.seq > 1,
+        "bench needs --batch >= 1 and --seq >= 2 (got batch {}, seq {})",
+        opts.batch,
+        opts.seq
+    );
+    anyhow::ensure!(
+        opts.steps > WARMUP_STEPS,
+        "bench needs --steps > {WARMUP_STEPS} (the first {WARMUP_STEPS} are warm-up), got {}",
+        opts.steps
+    );
+    let config = ModelConfig::from_json_str(&opts.size.config_json(opts.seq))
+        .context("building the bench model config")?;
+    let vocab = config.vocab_size;
+    let model = Model::random(config, 0, ModelOptions::default()).context("building the model")?;
+    let mut optimizer = AdamW::new(
+        model.parameters(),
+        AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        },
+    )?;
+    let loss_options = LossOptions {
+        gradient_checkpointing: opts.gradient_checkpointing,
+        ..LossOptions::for_model(model.config())
+    };
+    let mut tokens = TokenStream { state: 1 };
+    let mut step_secs = Vec::with_capacity(opts.steps);
+    let mut losses = Vec::with_capacity(opts.steps);
+    for _ in 0..opts.steps {
+        let batch = tokens.batch(opts.batch, opts.seq, vocab)?;
+        let start = Instant::now();
+        let (report, mut grads) = loss_and_gradients(&model, &batch, &loss_options)?;
+        clip_grad_norm(&mut grads, 1.0)?;
+        optimizer.step(&grads, 1e-4)?;
+        drop(grads);
+        step_secs.push(start.elapsed().as_secs_f64());
+        losses.push(report.loss);
+    }
+    let timed = &step_secs[WARMUP_STEPS..];
+    let total: f64 = timed.iter().sum();
+    let fastest = timed.iter().copied().fold(f64::INFINITY, f64::min);
+    Ok(BenchReport {
+        size: opts.size,
+        batch: opts.batch,
+        seq: opts.seq,
+        steps: opts.steps,
+        warmup_steps: WARMUP_STEPS,
+        gradient_checkpointing: opts.gradient_checkpointing,
+        params: model.num_parameters(),
+        tokens_per_s: (opts.batch * opts.seq * timed.len()) as f64 / total,
+        step_ms: total / timed.len() as f64 * 1e3,
+        step_ms_min: fastest * 1e3,
+        peak_rss_mib: peak_rss_mib(),
+        loss_first: losses[0],
+        loss_last: *losses.last().expect("steps > 0"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_bench_reports_sane_numbers() {
+        for gradient_checkpointing in [false, true] {
+            let report = run_train_bench(&BenchOptions {
+                size: BenchSize::Tiny,
+                batch: 2,
+                seq: 16,
+                steps: 3,
+                gradient_checkpointing,
+            })
+            .unwrap();
+            assert!(report.tokens_per_s > 0.0 && report.tokens_per_s.is_finite());
+            assert!(report.step_ms > 0.0 && report.step_ms_min <= report.step_ms);
+            assert_eq!(report.params, 2 * 1024 * 64 + 2 * 37_024 + 64);
+            assert!(report.loss_first.is_finite() && report.loss_first > 0.0);
+            // Random init over 1024 tokens: the loss starts near ln(1024).
+            assert!(
+                (report.loss_first - (1024f64).ln()).abs() < 0.5,
+                "{report:?}"
+            );
+            if cfg!(target_os = "linux") {
+                assert!(report.peak_rss_mib.unwrap() > 1.0);
+            }
+            let json = serde_json::to_value(&report).unwrap();
+            assert_eq!(json["size"], "tiny");
+            assert_eq!(json["gradient_checkpointing"], gradient_checkpointing);
+        }
+    }
+
+    #[test]
+    fn bad_options_are_errors() {
+        let opts = BenchOptions {
+            size: BenchSize::Tiny,
+            steps: 2,
+            ..Default::default()
+        };
+        assert!(run_train_bench(&opts)
+            .unwrap_err()
+            .to_string()
+            .contains("--steps"));
+        assert_eq!("medium".parse::<BenchSize>(), Ok(BenchSize::Medium));
+        assert!("huge".parse::<BenchSize>().is_err());
+    }
+}
