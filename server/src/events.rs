@@ -236,3 +236,70 @@ impl Cursor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+    use serde_json::json;
+
+    use super::*;
+
+    async fn hub_with_job() -> (Store, EventHub, i64) {
+        let store = Store::open("sqlite::memory:").await.unwrap();
+        let id = store.allocate_job_id();
+        store.insert_job(id, "{}", 0).await.unwrap();
+        (store.clone(), EventHub::new(store), id)
+    }
+
+    async fn finish(store: &Store, hub: &EventHub, id: i64) {
+        let mut writer = hub.writer(id).await;
+        store
+            .finish(id, status::SUCCEEDED, Some(0), 1)
+            .await
+            .unwrap();
+        writer
+            .publish(STATUS, &json!({"status": "succeeded"}))
+            .await
+            .unwrap();
+        drop(writer);
+        hub.close(id);
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_falls_behind_catches_up_from_the_database() {
+        let (store, hub, id) = hub_with_job().await;
+        let stream = hub.stream(id, 0).await.unwrap().unwrap();
+        // More than the live channel holds, before the reader reads anything.
+        for i in 0..1500 {
+            hub.publish(id, LOG, &json!({"line": i})).await.unwrap();
+        }
+        finish(&store, &hub, id).await;
+        let events: Vec<JobEvent> = stream.collect().await;
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=1501).collect::<Vec<_>>());
+        assert!(events.last().unwrap().is_final());
+    }
+
+    #[tokio::test]
+    async fn history_then_live_without_gaps_or_repeats() {
+        let (store, hub, id) = hub_with_job().await;
+        for i in 0..3 {
+            hub.publish(id, LOG, &json!({"line": i})).await.unwrap();
+        }
+        let mut stream = Box::pin(hub.stream(id, 1).await.unwrap().unwrap());
+        assert_eq!(stream.next().await.unwrap().seq, 2);
+        hub.publish(id, METRICS, &json!({"loss": 1.0}))
+            .await
+            .unwrap();
+        assert_eq!(stream.next().await.unwrap().seq, 3);
+        let live = stream.next().await.unwrap();
+        assert_eq!((live.seq, live.kind.as_str()), (4, METRICS));
+        finish(&store, &hub, id).await;
+        assert!(stream.next().await.unwrap().is_final());
+        assert!(
+            stream.next().await.is_none(),
+            "the stream ends after the final status"
+        );
+        assert!(hub.stream(999, 0).await.unwrap().is_none(), "no such job");
+    }
+}

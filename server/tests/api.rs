@@ -131,6 +131,26 @@ async fn errors_have_one_shape_and_the_right_status() {
         "{body}"
     );
 
+    // No CORS: a cross-origin page gets no permission header, and no preflight succeeds.
+    let r = s
+        .client
+        .get(s.url("/api/health"))
+        .header("Origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let r = s
+        .client
+        .request(reqwest::Method::OPTIONS, s.url("/api/jobs"))
+        .header("Origin", "http://evil.example")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    assert_eq!(r.status(), 405);
+
     // 405.
     let r = s.client.delete(s.url("/api/health")).send().await.unwrap();
     let (status, body) = common::status_json(r).await;
