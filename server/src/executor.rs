@@ -222,7 +222,7 @@ impl Executor {
                 .join("runs")
                 .join(job.id.to_string());
             let device_list = join_devices(&devices);
-            let started = {
+            let started = async {
                 let mut writer = inner.events.writer(job.id).await;
                 let started = inner
                     .store
@@ -236,11 +236,25 @@ impl Executor {
                         )
                         .await?;
                 }
-                started
+                Ok::<bool, sqlx::Error>(started)
             };
-            if !started {
-                self.release(job.id, &devices);
-                continue;
+            match started.await {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Cancelled while we were picking it.
+                    self.release(job.id, &devices);
+                    continue;
+                }
+                Err(e) => {
+                    self.release(job.id, &devices);
+                    // Never leave a job marked running with nothing running it.
+                    if let Ok(Some(row)) = inner.store.job(job.id).await {
+                        if row.status == status::RUNNING {
+                            let _ = self.finish(job.id, status::FAILED, None).await;
+                        }
+                    }
+                    return Err(anyhow::Error::from(e).context("marking a job running"));
+                }
             }
             let executor = self.clone();
             tokio::spawn(async move {

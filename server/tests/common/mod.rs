@@ -309,16 +309,22 @@ pub struct Postgres {
 
 impl Postgres {
     pub fn start() -> Option<Postgres> {
-        let bin = [
-            "/usr/local/bin",
-            "/usr/lib/postgresql/17/bin",
-            "/usr/lib/postgresql/16/bin",
-            "/usr/lib/postgresql/15/bin",
-            "/usr/bin",
-        ]
-        .iter()
-        .map(PathBuf::from)
-        .find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())?;
+        // PATH first, then where the packages put them (Debian: /usr/lib/postgresql/<v>/bin).
+        let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect())
+            .unwrap_or_default();
+        candidates.push("/usr/local/bin".into());
+        if let Ok(versions) = std::fs::read_dir("/usr/lib/postgresql") {
+            let mut versions: Vec<PathBuf> = versions
+                .filter_map(Result::ok)
+                .map(|e| e.path().join("bin"))
+                .collect();
+            versions.sort();
+            candidates.extend(versions.into_iter().rev());
+        }
+        let bin = candidates
+            .into_iter()
+            .find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())?;
         // initdb refuses to run as root: run it (and the server) as an unprivileged user.
         let user = if unsafe { libc::geteuid() } == 0 {
             Some(if user_exists("postgres") {
