@@ -81,7 +81,9 @@ impl Store {
         } else {
             url.to_string()
         };
-        let mut options = AnyPoolOptions::new().max_connections(if is_sqlite { 4 } else { 16 });
+        let mut options = AnyPoolOptions::new()
+            .max_connections(if is_sqlite { 4 } else { 16 })
+            .acquire_timeout(std::time::Duration::from_secs(10));
         if in_memory {
             // Every connection to `sqlite::memory:` is its own database: keep exactly one alive.
             options = options

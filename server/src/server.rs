@@ -49,7 +49,13 @@ impl App {
         let secrets: Vec<PathBuf> = ["token", "whet.db", "whet.db-wal", "whet.db-shm"]
             .iter()
             .map(|name| data_dir.join(name))
-            .chain(sqlite_file(&database_url))
+            .chain(sqlite_file(&database_url).into_iter().flat_map(|db| {
+                ["", "-wal", "-shm"].map(|suffix| {
+                    let mut name = db.clone().into_os_string();
+                    name.push(suffix);
+                    PathBuf::from(name)
+                })
+            }))
             .collect();
         let roots = AllowedRoots::new(
             [data_dir.as_path(), examples.as_path()]
@@ -180,12 +186,27 @@ pub async fn serve(args: Args) -> anyhow::Result<()> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     app.start_executor();
-    axum::serve(listener, app.router())
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let (stopping, mut stop_asked) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app.router()).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        let _ = stopping.send(true);
+    });
+    // Event streams of running jobs never end by themselves: after a short grace for requests
+    // in flight, stop waiting for them (clients resume with Last-Event-ID). Running jobs' children
+    // die with the server and are marked interrupted at the next start.
+    tokio::select! {
+        served = server => served?,
+        _ = async {
+            let _ = stop_asked.wait_for(|stop| *stop).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {}
+    }
     app.state.store.close().await;
     Ok(())
 }
+
+/// How long a stopping server waits for open connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 async fn shutdown_signal() {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -234,6 +234,40 @@ async fn a_restart_after_sigkill_marks_running_jobs_interrupted_and_runs_the_que
     );
 }
 
+#[tokio::test]
+async fn sigterm_stops_the_server_even_with_an_open_event_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = common::write_fake_whet(dir.path());
+    let data = dir.path().join("data");
+    let (data, fake) = (data.display().to_string(), fake.display().to_string());
+    let args = [
+        "--bind",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data,
+        "--whet-bin",
+        &fake,
+    ];
+    let mut server = ServerProcess::start(dir.path(), &args, Some(TOKEN)).await;
+    let id = server.submit(&fake_job("steps=100 pause=30")).await;
+    let mut stream = server.events(id).await;
+    stream
+        .read_until(|e| e.event == "log" && e.data["line"] == "step 1")
+        .await;
+    let pid = server.child.id().unwrap() as i32;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(20), server.child.wait())
+        .await
+        .expect("whet-server stops within the grace period")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    // The stream was cut with the server; the job is interrupted at the next start.
+    drop(stream);
+    let server = ServerProcess::start(dir.path(), &args, Some(TOKEN)).await;
+    assert_eq!(server.job(id).await["status"], "interrupted");
+}
+
 /// The real `whet sft`, once it exists (the lead makes this mandatory when training lands).
 #[tokio::test]
 async fn real_whet_sft_runs_a_job_end_to_end_when_available() {
