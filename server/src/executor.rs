@@ -3,7 +3,8 @@
 //! * Order and capacity: the oldest queued job starts first (later jobs wait behind it), at
 //!   most `max_concurrent_jobs` at once, each with the devices it needs from the pool
 //!   (`nproc_per_node`, default 1; none when the server has no `--devices`, or the job asks for
-//!   CPU with `cuda_visible_devices: ""`). CUDA_VISIBLE_DEVICES is set to the assigned devices.
+//!   CPU with `cuda_visible_devices: ""`). CUDA_VISIBLE_DEVICES is set to the assigned devices;
+//!   the script's own variables (`launch.env`, minus those `paths` refuses) are passed on.
 //! * Where runs write: `<data dir>/runs/<id>/` holds `job.json` (the config with `output_dir`
 //!   forced to `<run dir>/output`), `job.log` (stdout and stderr) and the output folder.
 //! * What is recorded: every output line as a `log` event, every logging.jsonl record as a
@@ -374,6 +375,9 @@ impl Executor {
             .arg("sft")
             .arg("--config")
             .arg(&job_json)
+            // The script's own variables (NCCL_*, ...; `paths` refused the dangerous ones), then
+            // the server's, which win.
+            .envs(&config.launch.env)
             .env("CUDA_VISIBLE_DEVICES", &device_list)
             .env_remove("WHET_TOKEN")
             .stdin(Stdio::null())

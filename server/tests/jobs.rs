@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 #[tokio::test]
 async fn a_job_runs_and_streams_logs_metrics_and_status() {
     let s = TestServer::start(&[]).await;
-    let id = s.submit(&fake_job("steps=3")).await;
+    let mut config = fake_job("steps=3");
+    config["launch"] = json!({"env": {"WHET_TEST_ENV": "from-script"}});
+    let id = s.submit(&config).await;
     let events = s.wait_until_done(id).await;
 
     assert_eq!(statuses(&events), vec!["queued", "running", "succeeded"]);
@@ -20,7 +22,14 @@ async fn a_job_runs_and_streams_logs_metrics_and_status() {
         "ids are 1, 2, 3, ..."
     );
     let lines = log_lines(&events);
-    for want in ["step 1", "step 3", "note 2", "devices=[]", "token=[]"] {
+    for want in [
+        "step 1",
+        "step 3",
+        "note 2",
+        "devices=[]",
+        "token=[]",
+        "env=[from-script]",
+    ] {
         assert!(
             lines.iter().any(|l| l.contains(want)),
             "{want} in {lines:?}"

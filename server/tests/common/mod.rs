@@ -173,7 +173,7 @@ for kv in $spec; do
     ignore_term=1) trap '' TERM;;
   esac
 done
-echo "fake whet: config=$cfg devices=[$CUDA_VISIBLE_DEVICES] token=[$WHET_TOKEN]"
+echo "fake whet: config=$cfg devices=[$CUDA_VISIBLE_DEVICES] token=[$WHET_TOKEN] env=[$WHET_TEST_ENV]"
 dir="$out/v0-20260101-000000"
 mkdir -p "$dir"
 i=1
