@@ -11,13 +11,6 @@ use crate::diagnostics::{Diagnostic, Diagnostics};
 use crate::fields::{Field, Kind, Section};
 use crate::shell::format_float;
 
-fn section_key(field: &Field) -> &'static str {
-    match field.section {
-        Section::Launch => "launch",
-        Section::Sft => "sft",
-    }
-}
-
 /// The field's value in the config as JSON (`null` for an unset optional field).
 pub fn value(config: &JobConfig, field: &Field) -> Value {
     // Serialising one section is enough; the form calls this once per field per change.

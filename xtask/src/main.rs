@@ -1,6 +1,8 @@
 //! Developer tasks, in Rust rather than shell scripts.
 //!
-//! * `cargo xtask test`   — everything CI checks: whet-shared for wasm32, then the whole test suite.
+//! * `cargo xtask test`   — everything CI checks: whet-shared for wasm32, the studio's release
+//!   build (the browser tests drive it), then the whole test suite.
+//! * `cargo xtask app`    — builds the studio (app/ → app/dist) with Trunk, offline.
 //! * `cargo xtask studio` — starts the studio with its backend on the embedded defaults.
 
 use std::process::{Command, ExitCode};
@@ -12,8 +14,9 @@ fn main() -> ExitCode {
     let result = match task.as_str() {
         "test" => test(),
         "studio" => studio(),
+        "app" => app(),
         _ => {
-            eprintln!("usage: cargo xtask <test|studio>");
+            eprintln!("usage: cargo xtask <test|app|studio>");
             return ExitCode::from(2);
         }
     };
@@ -77,7 +80,33 @@ fn test() -> Result<()> {
         "--target",
         "wasm32-unknown-unknown",
     ])?;
+    app()?;
     cargo(&["test", "--workspace"])?;
+    Ok(())
+}
+
+/// Builds the studio with `trunk build --release` from the workspace root (Trunk.toml), with
+/// npm's wasm-opt (app/node_modules/.bin) first on PATH. Trunk runs offline: the tools must be
+/// installed already (`.ci/install-studio-tools`).
+fn app() -> Result<()> {
+    ensure_wasm_target()?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tools = root.join("app/node_modules/.bin");
+    if !tools.join("wasm-opt").exists() {
+        bail!("app/node_modules/.bin/wasm-opt is missing: run `.ci/install-studio-tools` (or `npm ci --prefix app`)");
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = std::env::join_paths(std::iter::once(tools).chain(std::env::split_paths(&path)))?;
+    eprintln!("+ trunk build --release");
+    let status = Command::new("trunk")
+        .args(["build", "--release"])
+        .current_dir(&root)
+        .env("PATH", path)
+        .status()
+        .context("running trunk: install it with `.ci/install-studio-tools`")?;
+    if !status.success() {
+        bail!("`trunk build --release` failed ({status})");
+    }
     Ok(())
 }
 
