@@ -77,7 +77,13 @@ fn FieldRow(field: &'static Field) -> impl IntoView {
     let default = form::default_text(field).replace('\n', ", ");
     let default_label = move || {
         let lang = lang.get();
-        if default.is_empty() {
+        if default.is_empty() && field.kind == Kind::List {
+            format!(
+                "{} {}",
+                lang.pick("default:", "默认："),
+                lang.pick("none", "无")
+            )
+        } else if default.is_empty() {
             format!(
                 "{} {}",
                 lang.pick("default:", "默认："),
