@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 use whet_shared::{files, presets, share, JobConfig};
 use whet_tests::browser::Browser;
-use whet_tests::static_server::StaticServer;
+use whet_tests::static_server::{FakeApi, StaticServer};
 use whet_tests::{app_dist, artifacts_dir, built_binary};
 
 /// A browser on the studio served from app/dist, in English.
@@ -302,6 +302,104 @@ async fn validation_of_a_changed_field_takes_under_a_millisecond() {
         check_median < 10.0,
         "validating one change took {check_median} ms (median)"
     );
+    browser.close().await;
+}
+
+/// The studio's side of the server API against a stand-in server: short share links and
+/// `/s/<id>`, submit with the bearer token, the jobs list, the live job view and cancel.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_backend_short_links_submit_and_the_live_job_view_work() {
+    let api = FakeApi::new("secret-token");
+    let server = StaticServer::start_with_api(app_dist(), api.clone()).await;
+    let browser = Browser::start().await;
+    browser.goto(&format!("{}/", server.base_url)).await;
+    set_language(&browser, "en").await;
+    // /api/health answered: the short-link and submit controls appear.
+    browser.wait_text("#short-link").await;
+    browser.wait_text("#submit-job").await;
+
+    browser.click("button[data-preset=seed]").await;
+    browser.wait_text_eq("#effective-batch", "80").await;
+    browser.paste_into("#token", "secret-token").await;
+    browser.click("#short-link").await;
+    let short = browser
+        .until("the short link", || async {
+            browser
+                .value_of("#short-share-link")
+                .await
+                .filter(|l| !l.is_empty())
+        })
+        .await;
+    assert_eq!(short, format!("{}/s/s1", server.base_url));
+    let shared: JobConfig =
+        serde_json::from_str(&api.received("POST", "/api/shares")[0].body).expect("JobConfig JSON");
+    assert_eq!(shared, presets::find("seed").unwrap().config());
+
+    // /s/<id> loads the shared config into the form.
+    browser.goto(&format!("{}/", server.base_url)).await;
+    browser.wait_text_eq("#effective-batch", "16").await;
+    browser.goto(&short).await;
+    browser.wait_text_eq("#effective-batch", "80").await;
+    assert_eq!(page_config(&browser).await, shared);
+
+    // Submit the demo: the page posts the JobConfig with the token and opens the job.
+    browser.goto(&format!("{}/", server.base_url)).await;
+    browser.click("button[data-preset=demo]").await;
+    browser
+        .until("the demo preset", || async {
+            browser
+                .value_of("#field-model input")
+                .await
+                .filter(|m| m == "examples/tiny-qwen3")
+        })
+        .await;
+    browser.click("#submit-job").await;
+    browser.wait_text("#job-status").await;
+    let submitted = api.received("POST", "/api/jobs");
+    assert_eq!(submitted.len(), 1);
+    assert_eq!(
+        submitted[0].authorization.as_deref(),
+        Some("Bearer secret-token")
+    );
+    let job: JobConfig = serde_json::from_str(&submitted[0].body).expect("JobConfig JSON");
+    assert_eq!(job, presets::find("demo").unwrap().config());
+
+    // The event stream fills the log and the three charts.
+    browser.wait_text_eq("#job-status", "running").await;
+    for chart in ["#chart-loss", "#chart-lr", "#chart-acc"] {
+        browser
+            .until(&format!("10 points on {chart}"), || async {
+                let points = browser
+                    .js(
+                        "return document.querySelector(arguments[0]).dataset.points;",
+                        vec![json!(chart)],
+                    )
+                    .await;
+                (points.as_str() == Some("10")).then_some(())
+            })
+            .await;
+    }
+    assert!(browser
+        .wait_text("#job-log")
+        .await
+        .contains("step 10/10 loss"));
+    assert_eq!(
+        browser.count("#chart-loss circle.dot.extra").await,
+        1,
+        "the eval loss point"
+    );
+    browser.screenshot("studio-job.png").await;
+
+    browser.click("#cancel-job").await;
+    browser
+        .until("the cancel request", || async {
+            let cancels = api.received("POST", "/api/jobs/1/cancel");
+            (cancels.len() == 1).then_some(())
+        })
+        .await;
+
+    browser.goto(&format!("{}/#/jobs", server.base_url)).await;
+    browser.wait_text_eq(".job-row a", "1").await;
     browser.close().await;
 }
 
