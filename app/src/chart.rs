@@ -55,10 +55,10 @@ impl Frame {
         if y_from_zero {
             y0 = y0.min(0.0);
         }
-        if x1 - x0 < f64::EPSILON {
+        if (x1 - x0).abs() < f64::EPSILON {
             x1 = x0 + 1.0;
         }
-        if y1 - y0 < f64::EPSILON * y1.abs().max(1e-30) {
+        if (y1 - y0).abs() < f64::EPSILON * y1.abs().max(1e-30) {
             y1 = y0 + y0.abs().max(1e-12);
         }
         Frame { x0, x1, y0, y1 }
