@@ -1,6 +1,8 @@
 //! Developer tasks, in Rust rather than shell scripts.
 //!
-//! * `cargo xtask test`   — everything CI checks: whet-shared for wasm32, then the whole test suite.
+//! * `cargo xtask test`   — everything CI checks: whet-shared for wasm32, the studio's release
+//!   build (the browser tests drive it), then the whole test suite.
+//! * `cargo xtask app`    — builds the studio (app/ → app/dist) with Trunk, offline.
 //! * `cargo xtask studio` — starts the studio with its backend on the embedded defaults.
 //! * `cargo xtask demo-data` — regenerates the demo's synthetic task in examples/demo/.
 
@@ -18,8 +20,9 @@ fn main() -> ExitCode {
         "demo-data" => demo_data::write(
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo"),
         ),
+        "app" => app(),
         _ => {
-            eprintln!("usage: cargo xtask <test|studio|demo-data>");
+            eprintln!("usage: cargo xtask <test|app|studio|demo-data>");
             return ExitCode::from(2);
         }
     };
@@ -83,7 +86,35 @@ fn test() -> Result<()> {
         "--target",
         "wasm32-unknown-unknown",
     ])?;
-    cargo(&["test", "--workspace"])?;
+    app()?;
+    // whet-app only runs in the browser: Trunk has just built it for wasm32 and the browser
+    // tests in tests/ drive that build, so a native build of it would test nothing.
+    cargo(&["test", "--workspace", "--exclude", "whet-app"])?;
+    Ok(())
+}
+
+/// Builds the studio with `trunk build --release` from the workspace root (Trunk.toml), with
+/// npm's wasm-opt (app/node_modules/.bin) first on PATH. Trunk runs offline: the tools must be
+/// installed already (`.ci/install-studio-tools`).
+fn app() -> Result<()> {
+    ensure_wasm_target()?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tools = root.join("app/node_modules/.bin");
+    if !tools.join("wasm-opt").exists() {
+        bail!("app/node_modules/.bin/wasm-opt is missing: run `.ci/install-studio-tools` (or `npm ci --prefix app`)");
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = std::env::join_paths(std::iter::once(tools).chain(std::env::split_paths(&path)))?;
+    eprintln!("+ trunk build --release");
+    let status = Command::new("trunk")
+        .args(["build", "--release"])
+        .current_dir(&root)
+        .env("PATH", path)
+        .status()
+        .context("running trunk: install it with `.ci/install-studio-tools`")?;
+    if !status.success() {
+        bail!("`trunk build --release` failed ({status})");
+    }
     Ok(())
 }
 

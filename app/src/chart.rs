@@ -1,0 +1,141 @@
+//! Small SVG line charts: points scaled into a box, with the axis extremes written out.
+
+use leptos::prelude::*;
+
+pub const WIDTH: f64 = 320.0;
+pub const HEIGHT: f64 = 120.0;
+const LEFT: f64 = 46.0;
+const RIGHT: f64 = 8.0;
+const TOP: f64 = 8.0;
+const BOTTOM: f64 = 18.0;
+
+/// Formats an axis value compactly (`1e-5`, `0.25`, `12`).
+pub fn short(x: f64) -> String {
+    if x == 0.0 {
+        "0".into()
+    } else if x.abs() < 1e-2 || x.abs() >= 1e5 {
+        format!("{x:.1e}")
+    } else if x.fract() == 0.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.3}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+    }
+}
+
+/// The drawing box: data bounds mapped to SVG coordinates.
+#[derive(Clone, Copy)]
+pub struct Frame {
+    pub x0: f64,
+    pub x1: f64,
+    pub y0: f64,
+    pub y1: f64,
+}
+
+impl Frame {
+    pub fn fit(series: &[&[(f64, f64)]], y_from_zero: bool) -> Frame {
+        let all = series.iter().flat_map(|s| s.iter());
+        let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+        for &(x, y) in all {
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y);
+            y1 = y1.max(y);
+        }
+        if x0 > x1 {
+            return Frame {
+                x0: 0.0,
+                x1: 1.0,
+                y0: 0.0,
+                y1: 1.0,
+            };
+        }
+        if y_from_zero {
+            y0 = y0.min(0.0);
+        }
+        if (x1 - x0).abs() < f64::EPSILON {
+            x1 = x0 + 1.0;
+        }
+        if (y1 - y0).abs() < f64::EPSILON * y1.abs().max(1e-30) {
+            y1 = y0 + y0.abs().max(1e-12);
+        }
+        Frame { x0, x1, y0, y1 }
+    }
+
+    pub fn x(&self, x: f64) -> f64 {
+        LEFT + (x - self.x0) / (self.x1 - self.x0) * (WIDTH - LEFT - RIGHT)
+    }
+
+    pub fn y(&self, y: f64) -> f64 {
+        TOP + (1.0 - (y - self.y0) / (self.y1 - self.y0)) * (HEIGHT - TOP - BOTTOM)
+    }
+
+    pub fn polyline(&self, points: &[(f64, f64)]) -> String {
+        points
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", self.x(x), self.y(y)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// A line chart of one or two series (`main`, and `extra` drawn dashed with dots, e.g. eval loss).
+#[component]
+pub fn LineChart(
+    id: &'static str,
+    #[prop(into)] title: Signal<String>,
+    #[prop(into)] main: Signal<Vec<(f64, f64)>>,
+    #[prop(optional, into)] extra: Option<Signal<Vec<(f64, f64)>>>,
+    /// Start the y axis at zero (learning rates, accuracies).
+    #[prop(optional)]
+    from_zero: bool,
+) -> impl IntoView {
+    let extra = extra.unwrap_or_else(|| Signal::stored(Vec::new()));
+    let frame = Memo::new(move |_| {
+        let (main, extra) = (main.get(), extra.get());
+        let f = Frame::fit(&[&main, &extra], from_zero);
+        (f.x0, f.x1, f.y0, f.y1)
+    });
+    let frame = move || {
+        let (x0, x1, y0, y1) = frame.get();
+        Frame { x0, x1, y0, y1 }
+    };
+    view! {
+        <figure class="chart">
+            <figcaption>{move || title.get()}</figcaption>
+            <svg
+                id=id
+                viewBox=format!("0 0 {WIDTH} {HEIGHT}")
+                data-points=move || main.with(Vec::len).to_string()
+                role="img"
+            >
+                <rect class="plot-bg" x=LEFT y=TOP width=WIDTH - LEFT - RIGHT height=HEIGHT - TOP - BOTTOM />
+                <text class="axis" x=LEFT - 4.0 y=TOP + 8.0 text-anchor="end">{move || short(frame().y1)}</text>
+                <text class="axis" x=LEFT - 4.0 y=HEIGHT - BOTTOM text-anchor="end">{move || short(frame().y0)}</text>
+                <text class="axis" x=LEFT y=HEIGHT - 4.0>{move || short(frame().x0)}</text>
+                <text class="axis" x=WIDTH - RIGHT y=HEIGHT - 4.0 text-anchor="end">{move || short(frame().x1)}</text>
+                <polyline class="line" points=move || main.with(|p| frame().polyline(p)) />
+                <polyline class="line extra" points=move || extra.with(|p| frame().polyline(p)) />
+                {move || {
+                    let f = frame();
+                    extra
+                        .get()
+                        .into_iter()
+                        .map(|(x, y)| view! { <circle class="dot extra" cx=f.x(x) cy=f.y(y) r=2.5 /> })
+                        .collect_view()
+                }}
+                {move || {
+                    let f = frame();
+                    let points = main.get();
+                    // A lone point draws no line: mark it.
+                    (points.len() == 1).then(|| {
+                        let (x, y) = points[0];
+                        view! { <circle class="dot" cx=f.x(x) cy=f.y(y) r=2.5 /> }
+                    })
+                }}
+            </svg>
+        </figure>
+    }
+}

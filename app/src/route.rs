@@ -1,0 +1,54 @@
+//! Routing by URL: `#/jobs`, `#/jobs/<id>` and the editor (also under `/s/<id>`, a short share
+//! link the server answers with the page).
+
+use leptos::prelude::*;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    Editor,
+    Jobs,
+    Job(String),
+}
+
+pub fn hash() -> String {
+    window().location().hash().unwrap_or_default()
+}
+
+pub fn pathname() -> String {
+    window().location().pathname().unwrap_or_default()
+}
+
+pub fn current() -> Route {
+    let hash = hash();
+    match hash.strip_prefix("#/jobs") {
+        Some(rest) => match rest.strip_prefix('/') {
+            Some(id) if !id.is_empty() => Route::Job(id.to_string()),
+            _ => Route::Jobs,
+        },
+        None => Route::Editor,
+    }
+}
+
+/// The id of a short share link's path (`/s/<id>`).
+pub fn short_share_id() -> Option<String> {
+    pathname()
+        .strip_prefix("/s/")
+        .map(|id| id.trim_end_matches('/').to_string())
+        .filter(|id| !id.is_empty())
+}
+
+/// The page's own address without the fragment, for share links (`/s/<id>` pages share from `/`).
+pub fn page_url() -> String {
+    let location = window().location();
+    let origin = location.origin().unwrap_or_default();
+    let path = pathname();
+    if short_share_id().is_some() || path.is_empty() {
+        format!("{origin}/")
+    } else {
+        format!("{origin}{path}")
+    }
+}
+
+pub fn go(hash: &str) {
+    let _ = window().location().set_hash(hash);
+}

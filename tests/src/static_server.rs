@@ -1,0 +1,284 @@
+//! A minimal HTTP/1.1 file server for the studio's static build: one request per connection,
+//! `index.html` for any path that is not a file (as whet-server's fallback does, so `/s/<id>`
+//! and deep links load the page), 404 for `/api/...` (no backend) — or, for the tests of the
+//! studio's side of the server API, a fake of DESIGN §4's routes (`FakeApi`).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub struct StaticServer {
+    pub base_url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StaticServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn content_type(path: &Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
+        "html" => "text/html; charset=utf-8",
+        "js" => "text/javascript",
+        "wasm" => "application/wasm",
+        "css" => "text/css",
+        "png" => "image/png",
+        "svg" => "image/svg+xml",
+        "json" => "application/json",
+        _ => "application/octet-stream",
+    }
+}
+
+async fn respond(
+    mut stream: TcpStream,
+    root: PathBuf,
+    api: Option<Arc<FakeApi>>,
+) -> std::io::Result<()> {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || data.len() > 64 * 1024 {
+            return Ok(());
+        }
+        data.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&data[..head_end]).to_string();
+    let header = |name: &str| {
+        head.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_string())
+        })
+    };
+    let length: usize = header("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    while data.len() < head_end + length {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        data.extend_from_slice(&buf[..n]);
+    }
+    let body = String::from_utf8_lossy(&data[head_end..]).to_string();
+    let method = head.split_whitespace().next().unwrap_or("GET").to_string();
+    let target = head.split_whitespace().nth(1).unwrap_or("/");
+    let path = target.split(['?', '#']).next().unwrap_or("/").to_string();
+    if let (Some(api), true) = (&api, path.starts_with("/api/")) {
+        let request = ApiRequest {
+            method,
+            path,
+            authorization: header("authorization"),
+            body,
+        };
+        return api.answer(stream, request).await;
+    }
+    let (status, file) = if path.starts_with("/api/") {
+        ("404 Not Found", None)
+    } else {
+        let relative = path.trim_start_matches('/');
+        let candidate = root.join(relative);
+        let safe = !relative.split('/').any(|part| part == "..");
+        if safe && !relative.is_empty() && candidate.is_file() {
+            ("200 OK", Some(candidate))
+        } else {
+            ("200 OK", Some(root.join("index.html")))
+        }
+    };
+    let (body, kind) = match &file {
+        Some(file) => (tokio::fs::read(file).await?, content_type(file)),
+        None => (b"{\"error\":\"no backend\"}".to_vec(), "application/json"),
+    };
+    let header = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(header.as_bytes()).await?;
+    stream.write_all(&body).await?;
+    stream.shutdown().await
+}
+
+impl StaticServer {
+    /// Serves `root` on 127.0.0.1 at a free port until dropped.
+    pub async fn start(root: PathBuf) -> StaticServer {
+        Self::serve(root, None).await
+    }
+
+    /// Serves `root` with a fake whet-server API beside it.
+    pub async fn start_with_api(root: PathBuf, api: Arc<FakeApi>) -> StaticServer {
+        Self::serve(root, Some(api)).await
+    }
+
+    async fn serve(root: PathBuf, api: Option<Arc<FakeApi>>) -> StaticServer {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding a local port");
+        let port = listener.local_addr().expect("local address").port();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (root, api) = (root.clone(), api.clone());
+                tokio::spawn(async move {
+                    let _ = respond(stream, root, api).await;
+                });
+            }
+        });
+        StaticServer {
+            base_url: format!("http://127.0.0.1:{port}"),
+            task,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiRequest {
+    pub method: String,
+    pub path: String,
+    pub authorization: Option<String>,
+    pub body: String,
+}
+
+/// A stand-in for whet-server's API (DESIGN §4) with one job whose event stream sends
+/// `metrics` records in logging.jsonl's form: enough to test the studio's side of the contract
+/// (health, shares, submit with a bearer token, jobs list, SSE job view, cancel).
+pub struct FakeApi {
+    pub token: String,
+    /// Every API request received, in order.
+    pub requests: Mutex<Vec<ApiRequest>>,
+    shares: Mutex<Vec<String>>,
+}
+
+async fn send(mut stream: TcpStream, status: &str, kind: &str, body: &str) -> std::io::Result<()> {
+    let header = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(header.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+impl FakeApi {
+    pub fn new(token: &str) -> Arc<FakeApi> {
+        Arc::new(FakeApi {
+            token: token.to_string(),
+            requests: Mutex::new(Vec::new()),
+            shares: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn received(&self, method: &str, path: &str) -> Vec<ApiRequest> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.method == method && r.path == path)
+            .cloned()
+            .collect()
+    }
+
+    async fn answer(&self, mut stream: TcpStream, request: ApiRequest) -> std::io::Result<()> {
+        self.requests.lock().unwrap().push(request.clone());
+        let json = "application/json";
+        let authorised =
+            request.authorization.as_deref() == Some(&format!("Bearer {}", self.token));
+        match (request.method.as_str(), request.path.as_str()) {
+            ("GET", "/api/health") => {
+                send(
+                    stream,
+                    "200 OK",
+                    json,
+                    r#"{"status":"ok","version":"fake"}"#,
+                )
+                .await
+            }
+            ("POST", "/api/shares") => {
+                let id = {
+                    let mut shares = self.shares.lock().unwrap();
+                    shares.push(request.body.clone());
+                    format!("s{}", shares.len())
+                };
+                let answer = format!(r#"{{"id":"{id}","url":"/s/{id}"}}"#);
+                send(stream, "201 Created", json, &answer).await
+            }
+            ("GET", path) if path.starts_with("/api/shares/s") => {
+                let index: usize = path["/api/shares/s".len()..].parse().unwrap_or(0);
+                let share = self
+                    .shares
+                    .lock()
+                    .unwrap()
+                    .get(index.wrapping_sub(1))
+                    .cloned();
+                match share {
+                    Some(config) => send(stream, "200 OK", json, &config).await,
+                    None => {
+                        send(
+                            stream,
+                            "404 Not Found",
+                            json,
+                            r#"{"error":"no such share"}"#,
+                        )
+                        .await
+                    }
+                }
+            }
+            ("POST", "/api/jobs") if !authorised => {
+                send(
+                    stream,
+                    "401 Unauthorized",
+                    json,
+                    r#"{"error":"missing or wrong bearer token"}"#,
+                )
+                .await
+            }
+            ("POST", "/api/jobs") => {
+                send(
+                    stream,
+                    "201 Created",
+                    json,
+                    r#"{"id":"1","status":"queued"}"#,
+                )
+                .await
+            }
+            ("GET", "/api/jobs") => {
+                let answer = r#"[{"id":"1","status":"running","created_at":"2026-01-01T00:00:00Z","config":{"sft":{"model":"examples/tiny-qwen3"}}}]"#;
+                send(stream, "200 OK", json, answer).await
+            }
+            ("GET", "/api/jobs/1") => {
+                send(stream, "200 OK", json, r#"{"id":"1","status":"running"}"#).await
+            }
+            ("POST", "/api/jobs/1/cancel") if authorised => {
+                send(stream, "200 OK", json, r#"{"id":"1","status":"cancelled"}"#).await
+            }
+            ("GET", "/api/jobs/1/events") => {
+                let mut events = String::from("event: status\ndata: running\n\n");
+                for step in 1..=10u32 {
+                    let loss = 3.0 / step as f64;
+                    let lr = 1e-3 * step.min(2) as f64 / 2.0;
+                    let acc = 0.1 * step as f64 / 1.2;
+                    events += &format!("event: log\ndata: step {step}/10 loss {loss:.4}\n\n");
+                    events += &format!(
+                        "event: metrics\ndata: {{\"loss\": {loss}, \"learning_rate\": {lr}, \"token_acc\": {acc}, \"global_step/max_steps\": \"{step}/10\"}}\n\n"
+                    );
+                }
+                events += "event: metrics\ndata: {\"eval_loss\": 0.9, \"global_step/max_steps\": \"10/10\"}\n\n";
+                let header = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\n\r\n";
+                stream.write_all(header.as_bytes()).await?;
+                stream.write_all(events.as_bytes()).await?;
+                stream.flush().await?;
+                // Hold the stream open (a closed one makes EventSource reconnect and replay).
+                tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+                Ok(())
+            }
+            _ => send(stream, "404 Not Found", json, r#"{"error":"not found"}"#).await,
+        }
+    }
+}
