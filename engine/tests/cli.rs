@@ -155,3 +155,27 @@ fn convert_writes_every_form_and_reads_it_back() {
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["derived"]["effective_batch_size"], 40);
 }
+
+#[test]
+fn bench_train_prints_one_json_line() {
+    let output = whet()
+        .args([
+            "bench", "train", "--size", "tiny", "--steps", "3", "--batch", "2", "--seq", "16",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(text.lines().count(), 1);
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for key in ["tokens_per_s", "step_ms", "peak_rss_mib"] {
+        assert!(
+            report[key].as_f64().is_some_and(|v| v > 0.0),
+            "{key}: {text}"
+        );
+    }
+}

@@ -256,6 +256,36 @@ fn outputs_have_ms_swift_layout_and_keys_and_rotation_keeps_best_and_newest() {
     check_ok(&output);
     let run = ws.run_dir("out");
     let name = run.file_name().unwrap().to_string_lossy().to_string();
+
+    // TensorBoard event file with transformers' tags, and ms-swift's images/.
+    let events: Vec<_> = std::fs::read_dir(run.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("events.out.tfevents."));
+    let scalars = whet_engine::tensorboard::read_scalars(&events[0]).unwrap();
+    for tag in [
+        "train/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/token_acc",
+        "eval/loss",
+        "eval/token_acc",
+    ] {
+        assert!(
+            scalars.get(tag).is_some_and(|points| !points.is_empty()),
+            "{tag}: {:?}",
+            scalars.keys()
+        );
+    }
+    for image in ["train_loss.png", "train_learning_rate.png", "eval_loss.png"] {
+        assert!(run.join("images").join(image).is_file(), "{image}");
+    }
     assert!(
         name.starts_with("v0-") && name.len() == "v0-20240101-120000".len(),
         "{name}"

@@ -1,6 +1,7 @@
 //! The `whet` command line: subcommands parse their input with whet-shared, do their work and
 //! map the outcome to the exit codes of DESIGN §3 (0 success, 1 failure, 2 usage).
 
+mod bench;
 mod check;
 mod convert;
 mod infer;
@@ -37,6 +38,8 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Answer a query, or a validation file, with a model folder or checkpoint.
     Infer(infer::InferArgs),
+    /// Benchmarks: `whet bench train --size tiny|small|medium`.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -46,6 +49,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Infer(args) => infer::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match outcome {
         Ok(code) => code,

@@ -9,6 +9,8 @@ use clap::Args;
 use whet_shared::{validate_with, Diagnostic, JobConfig, Severity};
 
 use super::input::{check_context, load_job, JobInput};
+use crate::tensorboard::{unix_time_now, EventWriter};
+use crate::train::metrics::CurvePlotter;
 use crate::train::{self, progress::Console, ScalarSink};
 
 pub const AFTER_HELP: &str =
@@ -58,11 +60,28 @@ fn print_diagnostic(d: &Diagnostic) {
     }
 }
 
-/// The TensorBoard event writer (`<run_dir>/runs`) and the loss-curve plotter
-/// (`<run_dir>/images`) plug in here when `report_to` has tensorboard; they live in other
-/// modules and none is wired yet, so the run logs to logging.jsonl only.
-fn scalar_sinks(_config: &JobConfig, _run_dir: &Path) -> anyhow::Result<Vec<Box<dyn ScalarSink>>> {
-    Ok(Vec::new())
+/// TensorBoard event files (`<run_dir>/runs`) and the loss curves (`<run_dir>/images`), as
+/// ms-swift writes them when `report_to` has tensorboard (its default).
+fn scalar_sinks(config: &JobConfig, run_dir: &Path) -> anyhow::Result<Vec<Box<dyn ScalarSink>>> {
+    let wants = |name: &str| config.sft.report_to.iter().any(|r| r == name || r == "all");
+    if !wants("tensorboard") {
+        return Ok(Vec::new());
+    }
+    let events = EventWriter::create(run_dir.join("runs"), unix_time_now())?;
+    Ok(vec![
+        Box::new(events),
+        Box::new(CurvePlotter::new(run_dir.join("images"))),
+    ])
+}
+
+/// The launch config's environment variables that the process does not already have (as
+/// ms-swift's config files set theirs), e.g. `CANDLE_NUM_THREADS` for a tiny model.
+fn apply_config_env(config: &JobConfig) {
+    for (name, value) in &config.launch.env {
+        if std::env::var_os(name).is_none() {
+            std::env::set_var(name, value);
+        }
+    }
 }
 
 pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
@@ -80,6 +99,7 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
         }
     };
     apply_environment(&mut config);
+    apply_config_env(&config);
     config.normalize();
 
     let diagnostics = validate_with(&config, &check_context(&config));

@@ -22,6 +22,48 @@ pub trait ScalarSink {
     }
 }
 
+impl ScalarSink for crate::tensorboard::EventWriter {
+    fn log_scalars(&mut self, step: u64, scalars: &[(&str, f64)]) -> anyhow::Result<()> {
+        let now = crate::tensorboard::unix_time_now();
+        for (tag, value) in scalars {
+            self.add_scalar(tag, *value as f32, step as i64, now)?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects every scalar and draws `images/<tag>.png` when the run ends (as ms-swift does).
+pub struct CurvePlotter {
+    dir: std::path::PathBuf,
+    history: std::collections::BTreeMap<String, Vec<(u64, f64)>>,
+}
+
+impl CurvePlotter {
+    pub fn new(dir: std::path::PathBuf) -> Self {
+        Self {
+            dir,
+            history: Default::default(),
+        }
+    }
+}
+
+impl ScalarSink for CurvePlotter {
+    fn log_scalars(&mut self, step: u64, scalars: &[(&str, f64)]) -> anyhow::Result<()> {
+        for (tag, value) in scalars {
+            self.history
+                .entry(tag.to_string())
+                .or_default()
+                .push((step, *value));
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        crate::plot::write_images(&self.dir, &self.history)?;
+        Ok(())
+    }
+}
+
 /// Python's `round(value, 8)`, which ms-swift applies to every float it logs.
 pub fn round8(value: f64) -> f64 {
     round_to(value, 8)
