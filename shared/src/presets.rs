@@ -11,36 +11,24 @@ pub struct Preset {
     pub id: &'static str,
     pub title_en: &'static str,
     pub title_zh: &'static str,
-    pub script: &'static str,
+    pub source: Source,
+}
+
+/// What a preset is written as.
+#[derive(Debug, Clone, Copy)]
+pub enum Source {
+    /// A training script (`swift sft ...`).
+    Shell(&'static str),
+    /// A YAML config file.
+    Yaml(&'static str),
 }
 
 /// The seed's command, exactly as the parameter guide gives it.
 pub const SEED_SCRIPT: &str = include_str!("../../examples/seed.sh");
 
 /// The built-in demo: a tiny Qwen3 trained on the demo data in examples/, on CPU in minutes.
-/// (The engine's demo config, examples/demo.yaml, is the reference; keep the two aligned.)
-pub const DEMO_SCRIPT: &str = "CUDA_VISIBLE_DEVICES='' \\
-whet sft \\
-    --model examples/tiny-qwen3 \\
-    --tuner_type full \\
-    --torch_dtype float32 \\
-    --dataset examples/demo/train.jsonl \\
-    --val_dataset examples/demo/val.jsonl \\
-    --max_length 256 \\
-    --max_steps 60 \\
-    --per_device_train_batch_size 8 \\
-    --gradient_accumulation_steps 1 \\
-    --learning_rate 1e-3 \\
-    --warmup_ratio 0.1 \\
-    --gradient_checkpointing false \\
-    --eval_strategy steps \\
-    --eval_steps 20 \\
-    --save_steps 60 \\
-    --save_total_limit 1 \\
-    --logging_steps 1 \\
-    --output_dir output/demo \\
-    --dataloader_num_workers 1
-";
+/// It is the engine's own demo config, examples/demo.yaml, word for word.
+pub const DEMO_YAML: &str = include_str!("../../examples/demo.yaml");
 
 const QWEN3_8B_LORA: &str = "CUDA_VISIBLE_DEVICES=0 \\
 swift sft \\
@@ -101,25 +89,25 @@ pub const PRESETS: &[Preset] = &[
         id: "seed",
         title_en: "Seed: Qwen3-30B-A3B full fine-tune on 5 GPUs",
         title_zh: "示例：Qwen3-30B-A3B 五卡全参数微调",
-        script: SEED_SCRIPT,
+        source: Source::Shell(SEED_SCRIPT),
     },
     Preset {
         id: "qwen3-8b-lora",
         title_en: "Qwen3-8B LoRA on one GPU",
         title_zh: "Qwen3-8B 单卡 LoRA",
-        script: QWEN3_8B_LORA,
+        source: Source::Shell(QWEN3_8B_LORA),
     },
     Preset {
         id: "qwen3-8b-qlora",
         title_en: "Qwen3-8B QLoRA (4-bit) on one GPU",
         title_zh: "Qwen3-8B 单卡 QLoRA（4-bit）",
-        script: QWEN3_8B_QLORA,
+        source: Source::Shell(QWEN3_8B_QLORA),
     },
     Preset {
         id: "demo",
         title_en: "Demo: tiny Qwen3 on CPU (minutes)",
         title_zh: "演示：CPU 上训练微型 Qwen3（几分钟）",
-        script: DEMO_SCRIPT,
+        source: Source::Yaml(DEMO_YAML),
     },
 ];
 
@@ -127,7 +115,14 @@ impl Preset {
     /// The preset's config. Every preset parses (a test checks), so this never falls back in
     /// practice; if one ever failed, the defaults are returned rather than a panic in a page.
     pub fn config(&self) -> JobConfig {
-        parse_shell(self.script).unwrap_or_default()
+        self.parse().unwrap_or_default()
+    }
+
+    pub fn parse(&self) -> Result<JobConfig, crate::Diagnostics> {
+        match self.source {
+            Source::Shell(script) => parse_shell(script),
+            Source::Yaml(text) => crate::files::parse_config_text(text, crate::Format::Yaml),
+        }
     }
 }
 
@@ -143,7 +138,8 @@ mod tests {
     #[test]
     fn every_preset_parses_and_has_no_errors() {
         for preset in PRESETS {
-            let config = parse_shell(preset.script)
+            let config = preset
+                .parse()
                 .unwrap_or_else(|d| panic!("preset {} does not parse: {d:?}", preset.id));
             let errors: Vec<_> = validate(&config)
                 .into_iter()

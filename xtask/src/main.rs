@@ -3,7 +3,8 @@
 //! * `cargo xtask test`   — everything CI checks: whet-shared for wasm32, the studio's release
 //!   build (the browser tests drive it), then the whole test suite.
 //! * `cargo xtask app`    — builds the studio (app/ → app/dist) with Trunk, offline.
-//! * `cargo xtask studio` — starts the studio with its backend on the embedded defaults.
+//! * `cargo xtask studio` — builds and starts the studio with its backend on the embedded
+//!   defaults (SQLite, the demo preset).
 //! * `cargo xtask demo-data` — regenerates the demo's synthetic task in examples/demo/.
 
 mod demo_data;
@@ -47,6 +48,32 @@ fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Runs `.ci/install-studio-tools` (trunk, wasm-bindgen-cli, wasm-opt, chromium) when a tool
+/// is missing, so that both README commands work on a fresh machine.
+fn ensure_studio_tools() -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let have = |program: &str| {
+        Command::new(program)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let complete = have("trunk")
+        && have("wasm-bindgen")
+        && have("chromedriver")
+        && root.join("app/node_modules/.bin/wasm-opt").exists();
+    if !complete {
+        eprintln!("+ .ci/install-studio-tools");
+        let status = Command::new(root.join(".ci/install-studio-tools"))
+            .status()
+            .context("running .ci/install-studio-tools")?;
+        if !status.success() {
+            bail!("installing the studio's build tools failed ({status})");
+        }
+    }
+    ensure_wasm_target()
+}
+
 /// Installs the wasm32 target with rustup when it is missing (a fresh machine lacks it).
 fn ensure_wasm_target() -> Result<()> {
     let installed = Command::new("rustup")
@@ -78,7 +105,7 @@ fn ensure_wasm_target() -> Result<()> {
 /// The whole suite: the browser and the server must judge configs with the same code, so
 /// whet-shared has to build for wasm32 as well as natively.
 fn test() -> Result<()> {
-    ensure_wasm_target()?;
+    ensure_studio_tools()?;
     cargo(&[
         "build",
         "-p",
@@ -118,23 +145,39 @@ fn app() -> Result<()> {
     Ok(())
 }
 
-/// Until the studio and its server land (see README), this checks the seed config and the
-/// demo with the engine and says how the studio will start.
+/// The studio with its backend on the embedded defaults: installs the build tools a fresh
+/// machine lacks, builds the app if it is missing, builds whet and whet-server, prints a link
+/// that opens the studio with the demo preset filled in, and runs the server on
+/// 127.0.0.1:8080 (SQLite in ./whet-data) until interrupted.
 fn studio() -> Result<()> {
-    cargo(&["build", "--release", "-p", "whet-engine"])?;
-    let whet = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/whet");
-    eprintln!("+ whet check --from-shell examples/seed.sh");
-    let status = Command::new(&whet)
-        .args(["check", "--from-shell", "examples/seed.sh"])
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .status()
-        .context("running whet")?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    ensure_studio_tools()?;
+    if !root.join("app/dist/index.html").exists() {
+        app()?;
+    }
+    cargo(&["build", "--release", "-p", "whet-engine", "-p", "whet-server"])?;
+    let whet = root.join("target/release/whet");
+    let server = root.join("target/release/whet-server");
+    let bind = std::env::var("WHET_BIND").unwrap_or_else(|_| "127.0.0.1:8080".into());
+    let link = Command::new(&whet)
+        .args(["convert", "--config", "examples/demo.yaml", "--to", "link", "--base"])
+        .arg(format!("http://{bind}"))
+        .current_dir(&root)
+        .output()
+        .context("running whet convert")?;
     eprintln!(
-        "\nThe studio (whet-app) and its server (whet-server) are not built yet. When they land,\n\
-         this command builds the app and starts whet-server on 127.0.0.1:8080 with SQLite and the demo preset."
+        "\nThe studio with the demo preset filled in, ready to submit (the token is printed below):\n  {}\n",
+        String::from_utf8_lossy(&link.stdout).trim()
     );
-    if !status.success() && status.code() != Some(1) {
-        bail!("whet check failed ({status})");
+    eprintln!("+ whet-server --bind {bind} --static-dir app/dist --whet-bin target/release/whet");
+    let status = Command::new(&server)
+        .args(["--bind", &bind, "--static-dir", "app/dist", "--whet-bin"])
+        .arg(&whet)
+        .current_dir(&root)
+        .status()
+        .context("running whet-server")?;
+    if !status.success() {
+        bail!("whet-server stopped ({status})");
     }
     Ok(())
 }
