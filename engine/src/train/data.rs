@@ -189,6 +189,36 @@ pub fn generation_prefix(template: Template, enable_thinking: bool) -> &'static 
     }
 }
 
+/// How many rows train a reply to begin with `<think>` under `qwen3_thinking` (0 for the other
+/// templates): what the model learns to emit first after `<|im_start|>assistant\n`. A
+/// Thinking-2507 model's chat template already puts `<think>\n` there at inference, so the model
+/// never generates the opener itself and a client that shows only generated text shows replies
+/// without it (ms-swift issue #8130). Our renderer writes `reasoning_content` and an inline
+/// `<think>...</think>` prefix identically, so this counts what is trained, not how the data
+/// spells it.
+pub fn rows_training_think_opener(rows: &[Conversation], options: &RenderOptions) -> usize {
+    if options.template != Template::Qwen3Thinking {
+        return 0;
+    }
+    rows.iter()
+        .filter(|row| {
+            render(row, options).windows(2).any(|pair| {
+                !pair[0].trained
+                    && pair[0].text.ends_with("<|im_start|>assistant\n")
+                    && pair[1].trained
+                    && pair[1].text.starts_with("<think>")
+            })
+        })
+        .count()
+}
+
+/// The console's warning for [`rows_training_think_opener`]'s count, if any.
+pub fn think_opener_warning(rows: usize, total: usize) -> Option<String> {
+    (rows > 0).then(|| format!(
+        "Warning: template qwen3_thinking trains {rows} of {total} training row(s) to begin the reply with `<think>`; Qwen3-*-Thinking-2507 models get `<think>\\n` from the chat template at inference, so the model never emits the opener and clients that show only generated text show replies without it (ms-swift #8130). whet renders reasoning_content and an inline <think>...</think> prefix the same way, and has no `--loss_scale ignore_think_prefix`: for a Thinking-2507 model prepend `<think>\\n` when displaying (whet infer does); for a hybrid Qwen3 model use --template qwen3; for an Instruct model drop the think blocks from the data and use --template qwen3_nothinking."
+    ))
+}
+
 /// Token ids and labels of one rendered conversation (before padding).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -491,6 +521,10 @@ pub struct PreparedData {
     pub dropped_rows: usize,
     /// Samples dropped for exceeding max_length (truncation_strategy delete).
     pub dropped_train: usize,
+    /// Training rows whose reply is trained to begin with `<think>` under qwen3_thinking
+    /// ([`rows_training_think_opener`]), and the training rows in all.
+    pub think_opener_rows: usize,
+    pub train_rows: usize,
     pub dropped_val: usize,
 }
 
@@ -525,6 +559,7 @@ pub fn prepare(
         }
         Ok((kept, dropped))
     };
+    let think_opener_rows = rows_training_think_opener(&train_rows, options);
     let (train, dropped_train) = encode_all(&train_rows)?;
     let (val, dropped_val) = encode_all(&val_rows)?;
     Ok(PreparedData {
@@ -533,6 +568,8 @@ pub fn prepare(
         split_val_rows,
         dropped_rows,
         dropped_train,
+        think_opener_rows,
+        train_rows: train_rows.len(),
         dropped_val,
     })
 }
@@ -652,6 +689,44 @@ mod tests {
         assert!(segments.iter().any(|s| !s.trained
             && s.text
                 .ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n")));
+    }
+
+    #[test]
+    fn think_opener_rows_are_counted_for_qwen3_thinking_only() {
+        let row = |reply: Message| Conversation {
+            messages: vec![Message::new(Role::User, "q"), reply],
+        };
+        let mut with_reasoning = Message::new(Role::Assistant, "a");
+        with_reasoning.reasoning_content = Some("r".into());
+        let rows = vec![
+            row(Message::new(Role::Assistant, "<think>\nr\n</think>\n\na")),
+            row(with_reasoning),
+            row(Message::new(Role::Assistant, "a")),
+            Conversation {
+                messages: vec![Message::new(Role::User, "no reply")],
+            },
+        ];
+        let options = |template| RenderOptions {
+            template,
+            default_system: None,
+            disable_ignore_empty_think: false,
+        };
+        // Every reply trains the opener under qwen3_thinking, however the data spells it.
+        assert_eq!(
+            rows_training_think_opener(&rows, &options(Template::Qwen3Thinking)),
+            3
+        );
+        for template in [
+            Template::Qwen3,
+            Template::Qwen3NoThinking,
+            Template::Qwen2_5,
+        ] {
+            assert_eq!(rows_training_think_opener(&rows, &options(template)), 0);
+        }
+        assert_eq!(think_opener_warning(0, 4), None);
+        let warning = think_opener_warning(3, 4).unwrap();
+        assert!(warning.contains("3 of 4") && warning.contains("#8130"));
+        assert!(!warning.contains('\n'), "one console line");
     }
 
     #[test]
