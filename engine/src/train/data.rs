@@ -528,6 +528,55 @@ pub struct PreparedData {
     pub dropped_val: usize,
 }
 
+/// Renders, tokenizes and applies max_length to `rows` on `workers` threads (contiguous chunks,
+/// results joined in row order, so the samples do not depend on the number of workers); returns
+/// the kept samples and how many were dropped. The first failing row's error wins.
+pub fn encode_rows(
+    tokenizer: &ChatTokenizer,
+    rows: &[Conversation],
+    options: &RenderOptions,
+    max_length: usize,
+    strategy: TruncationStrategy,
+    workers: usize,
+) -> Result<(Vec<Sample>, usize), DataError> {
+    let encode_chunk = |chunk: &[Conversation]| -> Result<Vec<Option<Sample>>, DataError> {
+        chunk
+            .iter()
+            .map(|row| {
+                let sample = tokenizer.encode_conversation(row, options)?;
+                Ok(truncate(sample, max_length, strategy))
+            })
+            .collect()
+    };
+    let workers = workers.clamp(1, rows.len().max(1));
+    let chunks: Vec<Result<Vec<Option<Sample>>, DataError>> = if workers == 1 {
+        vec![encode_chunk(rows)]
+    } else {
+        let chunk_size = rows.len().div_ceil(workers);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = rows
+                .chunks(chunk_size)
+                .map(|chunk| scope.spawn(move || encode_chunk(chunk)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| handle.join().expect("an encoding worker panicked"))
+                .collect()
+        })
+    };
+    let mut kept = Vec::with_capacity(rows.len());
+    let mut dropped = 0;
+    for chunk in chunks {
+        for sample in chunk? {
+            match sample {
+                Some(sample) => kept.push(sample),
+                None => dropped += 1,
+            }
+        }
+    }
+    Ok((kept, dropped))
+}
+
 /// ms-swift's order: load (with `#N` sampling), split off validation rows, then encode and
 /// apply max_length.
 pub fn prepare(
@@ -547,17 +596,16 @@ pub fn prepare(
     } else {
         (rows, Vec::new(), Vec::new())
     };
-    let encode_all = |rows: &[Conversation]| -> Result<(Vec<Sample>, usize), DataError> {
-        let mut kept = Vec::with_capacity(rows.len());
-        let mut dropped = 0;
-        for row in rows {
-            let sample = tokenizer.encode_conversation(row, options)?;
-            match truncate(sample, max_length, sft.truncation_strategy) {
-                Some(sample) => kept.push(sample),
-                None => dropped += 1,
-            }
-        }
-        Ok((kept, dropped))
+    let workers = sft.dataloader_num_workers.unwrap_or(1).max(1) as usize;
+    let encode_all = |rows: &[Conversation]| {
+        encode_rows(
+            tokenizer,
+            rows,
+            options,
+            max_length,
+            sft.truncation_strategy,
+            workers,
+        )
     };
     let think_opener_rows = rows_training_think_opener(&train_rows, options);
     let (train, dropped_train) = encode_all(&train_rows)?;
@@ -727,6 +775,64 @@ mod tests {
         let warning = think_opener_warning(3, 4).unwrap();
         assert!(warning.contains("3 of 4") && warning.contains("#8130"));
         assert!(!warning.contains('\n'), "one console line");
+    }
+
+    #[test]
+    fn encoding_on_workers_keeps_the_row_order() {
+        let (tokenizer, _) = fixture();
+        let options = RenderOptions {
+            template: Template::Qwen3Thinking,
+            default_system: None,
+            disable_ignore_empty_think: false,
+        };
+        let rows: Vec<Conversation> = (0..23)
+            .map(|i| Conversation {
+                messages: vec![
+                    Message::new(Role::User, format!("What is {i} + {}?", i * 7)),
+                    Message::new(
+                        Role::Assistant,
+                        format!("<think>\n{}\n</think>\n\n{}", "add ".repeat(i % 5), i * 8),
+                    ),
+                ],
+            })
+            .collect();
+        // A max_length that drops some rows, so dropping is counted across chunks too.
+        let run = |workers| {
+            encode_rows(
+                &tokenizer,
+                &rows,
+                &options,
+                40,
+                TruncationStrategy::Delete,
+                workers,
+            )
+            .unwrap()
+        };
+        let (one, dropped_one) = run(1);
+        assert!(dropped_one > 0 && !one.is_empty());
+        for workers in [2, 4, 64] {
+            assert_eq!(
+                run(workers),
+                (one.clone(), dropped_one),
+                "{workers} workers"
+            );
+        }
+        let (all, dropped) = encode_rows(
+            &tokenizer,
+            &rows,
+            &options,
+            4096,
+            TruncationStrategy::Delete,
+            4,
+        )
+        .unwrap();
+        assert_eq!(dropped, 0);
+        for (row, sample) in rows.iter().zip(&all) {
+            assert_eq!(
+                sample,
+                &tokenizer.encode_conversation(row, &options).unwrap()
+            );
+        }
     }
 
     #[test]
