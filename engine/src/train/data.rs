@@ -189,6 +189,36 @@ pub fn generation_prefix(template: Template, enable_thinking: bool) -> &'static 
     }
 }
 
+/// How many rows train a reply to begin with `<think>` under `qwen3_thinking` (0 for the other
+/// templates): what the model learns to emit first after `<|im_start|>assistant\n`. A
+/// Thinking-2507 model's chat template already puts `<think>\n` there at inference, so the model
+/// never generates the opener itself and a client that shows only generated text shows replies
+/// without it (ms-swift issue #8130). Our renderer writes `reasoning_content` and an inline
+/// `<think>...</think>` prefix identically, so this counts what is trained, not how the data
+/// spells it.
+pub fn rows_training_think_opener(rows: &[Conversation], options: &RenderOptions) -> usize {
+    if options.template != Template::Qwen3Thinking {
+        return 0;
+    }
+    rows.iter()
+        .filter(|row| {
+            render(row, options).windows(2).any(|pair| {
+                !pair[0].trained
+                    && pair[0].text.ends_with("<|im_start|>assistant\n")
+                    && pair[1].trained
+                    && pair[1].text.starts_with("<think>")
+            })
+        })
+        .count()
+}
+
+/// The console's warning for [`rows_training_think_opener`]'s count, if any.
+pub fn think_opener_warning(rows: usize, total: usize) -> Option<String> {
+    (rows > 0).then(|| format!(
+        "Warning: template qwen3_thinking trains {rows} of {total} training row(s) to begin the reply with `<think>`; Qwen3-*-Thinking-2507 models get `<think>\\n` from the chat template at inference, so the model never emits the opener and clients that show only generated text show replies without it (ms-swift #8130). whet renders reasoning_content and an inline <think>...</think> prefix the same way, and has no `--loss_scale ignore_think_prefix`: for a Thinking-2507 model prepend `<think>\\n` when displaying (whet infer does); for a hybrid Qwen3 model use --template qwen3; for an Instruct model drop the think blocks from the data and use --template qwen3_nothinking."
+    ))
+}
+
 /// Token ids and labels of one rendered conversation (before padding).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -491,7 +521,60 @@ pub struct PreparedData {
     pub dropped_rows: usize,
     /// Samples dropped for exceeding max_length (truncation_strategy delete).
     pub dropped_train: usize,
+    /// Training rows whose reply is trained to begin with `<think>` under qwen3_thinking
+    /// ([`rows_training_think_opener`]), and the training rows in all.
+    pub think_opener_rows: usize,
+    pub train_rows: usize,
     pub dropped_val: usize,
+}
+
+/// Renders, tokenizes and applies max_length to `rows` on `workers` threads (contiguous chunks,
+/// results joined in row order, so the samples do not depend on the number of workers); returns
+/// the kept samples and how many were dropped. The first failing row's error wins.
+pub fn encode_rows(
+    tokenizer: &ChatTokenizer,
+    rows: &[Conversation],
+    options: &RenderOptions,
+    max_length: usize,
+    strategy: TruncationStrategy,
+    workers: usize,
+) -> Result<(Vec<Sample>, usize), DataError> {
+    let encode_chunk = |chunk: &[Conversation]| -> Result<Vec<Option<Sample>>, DataError> {
+        chunk
+            .iter()
+            .map(|row| {
+                let sample = tokenizer.encode_conversation(row, options)?;
+                Ok(truncate(sample, max_length, strategy))
+            })
+            .collect()
+    };
+    let workers = workers.clamp(1, rows.len().max(1));
+    let chunks: Vec<Result<Vec<Option<Sample>>, DataError>> = if workers == 1 {
+        vec![encode_chunk(rows)]
+    } else {
+        let chunk_size = rows.len().div_ceil(workers);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = rows
+                .chunks(chunk_size)
+                .map(|chunk| scope.spawn(move || encode_chunk(chunk)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| handle.join().expect("an encoding worker panicked"))
+                .collect()
+        })
+    };
+    let mut kept = Vec::with_capacity(rows.len());
+    let mut dropped = 0;
+    for chunk in chunks {
+        for sample in chunk? {
+            match sample {
+                Some(sample) => kept.push(sample),
+                None => dropped += 1,
+            }
+        }
+    }
+    Ok((kept, dropped))
 }
 
 /// ms-swift's order: load (with `#N` sampling), split off validation rows, then encode and
@@ -513,18 +596,18 @@ pub fn prepare(
     } else {
         (rows, Vec::new(), Vec::new())
     };
-    let encode_all = |rows: &[Conversation]| -> Result<(Vec<Sample>, usize), DataError> {
-        let mut kept = Vec::with_capacity(rows.len());
-        let mut dropped = 0;
-        for row in rows {
-            let sample = tokenizer.encode_conversation(row, options)?;
-            match truncate(sample, max_length, sft.truncation_strategy) {
-                Some(sample) => kept.push(sample),
-                None => dropped += 1,
-            }
-        }
-        Ok((kept, dropped))
+    let workers = sft.dataloader_num_workers.unwrap_or(1).max(1) as usize;
+    let encode_all = |rows: &[Conversation]| {
+        encode_rows(
+            tokenizer,
+            rows,
+            options,
+            max_length,
+            sft.truncation_strategy,
+            workers,
+        )
     };
+    let think_opener_rows = rows_training_think_opener(&train_rows, options);
     let (train, dropped_train) = encode_all(&train_rows)?;
     let (val, dropped_val) = encode_all(&val_rows)?;
     Ok(PreparedData {
@@ -533,6 +616,8 @@ pub fn prepare(
         split_val_rows,
         dropped_rows,
         dropped_train,
+        think_opener_rows,
+        train_rows: train_rows.len(),
         dropped_val,
     })
 }
@@ -652,6 +737,102 @@ mod tests {
         assert!(segments.iter().any(|s| !s.trained
             && s.text
                 .ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n")));
+    }
+
+    #[test]
+    fn think_opener_rows_are_counted_for_qwen3_thinking_only() {
+        let row = |reply: Message| Conversation {
+            messages: vec![Message::new(Role::User, "q"), reply],
+        };
+        let mut with_reasoning = Message::new(Role::Assistant, "a");
+        with_reasoning.reasoning_content = Some("r".into());
+        let rows = vec![
+            row(Message::new(Role::Assistant, "<think>\nr\n</think>\n\na")),
+            row(with_reasoning),
+            row(Message::new(Role::Assistant, "a")),
+            Conversation {
+                messages: vec![Message::new(Role::User, "no reply")],
+            },
+        ];
+        let options = |template| RenderOptions {
+            template,
+            default_system: None,
+            disable_ignore_empty_think: false,
+        };
+        // Every reply trains the opener under qwen3_thinking, however the data spells it.
+        assert_eq!(
+            rows_training_think_opener(&rows, &options(Template::Qwen3Thinking)),
+            3
+        );
+        for template in [
+            Template::Qwen3,
+            Template::Qwen3NoThinking,
+            Template::Qwen2_5,
+        ] {
+            assert_eq!(rows_training_think_opener(&rows, &options(template)), 0);
+        }
+        assert_eq!(think_opener_warning(0, 4), None);
+        let warning = think_opener_warning(3, 4).unwrap();
+        assert!(warning.contains("3 of 4") && warning.contains("#8130"));
+        assert!(!warning.contains('\n'), "one console line");
+    }
+
+    #[test]
+    fn encoding_on_workers_keeps_the_row_order() {
+        let (tokenizer, _) = fixture();
+        let options = RenderOptions {
+            template: Template::Qwen3Thinking,
+            default_system: None,
+            disable_ignore_empty_think: false,
+        };
+        let rows: Vec<Conversation> = (0..23)
+            .map(|i| Conversation {
+                messages: vec![
+                    Message::new(Role::User, format!("What is {i} + {}?", i * 7)),
+                    Message::new(
+                        Role::Assistant,
+                        format!("<think>\n{}\n</think>\n\n{}", "add ".repeat(i % 5), i * 8),
+                    ),
+                ],
+            })
+            .collect();
+        // A max_length that drops some rows, so dropping is counted across chunks too.
+        let run = |workers| {
+            encode_rows(
+                &tokenizer,
+                &rows,
+                &options,
+                40,
+                TruncationStrategy::Delete,
+                workers,
+            )
+            .unwrap()
+        };
+        let (one, dropped_one) = run(1);
+        assert!(dropped_one > 0 && !one.is_empty());
+        for workers in [2, 4, 64] {
+            assert_eq!(
+                run(workers),
+                (one.clone(), dropped_one),
+                "{workers} workers"
+            );
+        }
+        let (all, dropped) = encode_rows(
+            &tokenizer,
+            &rows,
+            &options,
+            4096,
+            TruncationStrategy::Delete,
+            4,
+        )
+        .unwrap();
+        assert_eq!(dropped, 0);
+        for (row, sample) in rows.iter().zip(&all) {
+            assert_eq!(
+                sample,
+                &tokenizer.encode_conversation(row, &options).unwrap()
+            );
+        }
     }
 
     #[test]

@@ -11,3 +11,6 @@ pub mod recipe;
 
 pub use metrics::ScalarSink;
 pub use recipe::{train, NonFiniteError, Plan, RunSummary};
+
+#[cfg(test)]
+mod template_parity;

@@ -537,6 +537,11 @@ pub fn train(
             prepared.dropped_rows
         ));
     }
+    if let Some(warning) =
+        data::think_opener_warning(prepared.think_opener_rows, prepared.train_rows)
+    {
+        console.line(&warning);
+    }
     for (dropped, name, kept) in [
         (prepared.dropped_train, "train", prepared.train.len()),
         (prepared.dropped_val, "val", prepared.val.len()),
