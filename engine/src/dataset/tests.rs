@@ -137,7 +137,7 @@ fn a_local_clone_of_a_registered_dataset_keeps_its_rules() {
 }
 
 /// A hub-shaped HTTP server on loopback: the repo info and `resolve` endpoints hf-hub calls.
-fn serve_hub(files: Vec<(&'static str, String)>, requests: usize) -> String {
+fn serve_hub(files: Vec<(&'static str, Vec<u8>)>, requests: usize) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
     std::thread::spawn(move || {
@@ -190,7 +190,7 @@ fn serve_hub(files: Vec<(&'static str, String)>, requests: usize) -> String {
                 .iter()
                 .find(|(n, _)| path.ends_with(&format!("/resolve/main/{n}")))
             {
-                let bytes = content.as_bytes();
+                let bytes = content.as_slice();
                 let common = format!("x-repo-commit: {sha}\r\netag: \"etag-{}\"\r\n", bytes.len());
                 match range_start {
                     Some(usize::MAX) => (
@@ -231,8 +231,8 @@ fn hub_datasets_download_through_hf_endpoint_then_work_offline() {
     let rows = "{\"instruction\": \"hi\", \"input\": \"\", \"output\": \"hello\"}\n{\"instruction\": \"bye\", \"input\": \"\", \"output\": \"see you\"}\n";
     let endpoint = serve_hub(
         vec![
-            ("data/train.jsonl", rows.to_string()),
-            ("README.md", "# card".into()),
+            ("data/train.jsonl", rows.as_bytes().to_vec()),
+            ("README.md", b"# card".to_vec()),
         ],
         3,
     );
@@ -465,5 +465,34 @@ mod parquet_files {
         .unwrap();
         let all = load_one(dir.to_str().unwrap(), &options()).unwrap();
         assert_eq!(all.rows.len(), 4);
+    }
+
+    #[test]
+    fn hub_datasets_in_parquet_download_and_load() {
+        let dir = temp_dir("parquet-hub-source");
+        let path = dir.join("train.parquet");
+        write_messages(&path);
+        let endpoint = serve_hub(
+            vec![
+                (
+                    "data/train-00000-of-00001.parquet",
+                    std::fs::read(&path).unwrap(),
+                ),
+                ("README.md", b"# card".to_vec()),
+            ],
+            3,
+        );
+        let online = LoadOptions {
+            hub: HubSettings {
+                endpoint: Some(endpoint),
+                token: None,
+                offline: false,
+                cache_dir: Some(temp_dir("parquet-hub-cache")),
+            },
+            ..options()
+        };
+        let loaded = load_one("someone/parquet-sft", &online).unwrap();
+        assert_eq!(loaded.rows.len(), 2);
+        assert_eq!(loaded.rows[0].messages[1].content, "hello");
     }
 }
