@@ -5,23 +5,62 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn fixture() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/hf-reference"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures/hf-reference"
+    ))
 }
 
 fn losses(dtype: &str, out: &Path) -> Vec<f64> {
-    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo/train.jsonl#48");
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/demo/train.jsonl#48"
+    );
     let output = Command::new(env!("CARGO_BIN_EXE_whet"))
-        .args(["sft", "--tuner_type", "full", "--template", "qwen3_thinking", "--max_steps", "4"])
-        .args(["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3"])
-        .args(["--logging_steps", "1", "--save_steps", "4", "--torch_dtype", dtype, "--dataset", data])
+        .args([
+            "sft",
+            "--tuner_type",
+            "full",
+            "--template",
+            "qwen3_thinking",
+            "--max_steps",
+            "4",
+        ])
+        .args([
+            "--per_device_train_batch_size",
+            "8",
+            "--gradient_accumulation_steps",
+            "1",
+            "--learning_rate",
+            "1e-3",
+        ])
+        .args([
+            "--logging_steps",
+            "1",
+            "--save_steps",
+            "4",
+            "--torch_dtype",
+            dtype,
+            "--dataset",
+            data,
+        ])
         .arg("--model")
         .arg(fixture())
         .arg("--output_dir")
         .arg(out)
         .output()
         .unwrap();
-    assert!(output.status.success(), "{dtype}: {}", String::from_utf8_lossy(&output.stderr));
-    let run = std::fs::read_dir(out).unwrap().next().unwrap().unwrap().path();
+    assert!(
+        output.status.success(),
+        "{dtype}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let run = std::fs::read_dir(out)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     std::fs::read_to_string(run.join("logging.jsonl"))
         .unwrap()
         .lines()
@@ -41,13 +80,24 @@ fn bf16_and_f16_follow_the_f32_run() {
         let half = losses(dtype, &out);
         assert_eq!(half.len(), 4);
         for (a, b) in half.iter().zip(&reference) {
-            assert!(((a - b) / b).abs() < 0.02, "{dtype}: {half:?} vs f32 {reference:?}");
+            assert!(
+                ((a - b) / b).abs() < 0.02,
+                "{dtype}: {half:?} vs f32 {reference:?}"
+            );
         }
         assert!(half[3] < half[0], "{dtype} trains: {half:?}");
-        let run = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
+        let run = std::fs::read_dir(&out)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         let bytes = std::fs::read(run.join("checkpoint-4/model.safetensors")).unwrap();
         let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         let header = String::from_utf8_lossy(&bytes[8..8 + header_len]);
-        assert!(header.contains(&format!("\"dtype\":\"{safetensors_dtype}\"")), "{dtype}: {header}");
+        assert!(
+            header.contains(&format!("\"dtype\":\"{safetensors_dtype}\"")),
+            "{dtype}: {header}"
+        );
     }
 }

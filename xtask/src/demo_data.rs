@@ -1,7 +1,8 @@
 //! `cargo xtask demo-data`: writes the demo's synthetic task to examples/demo/.
 //!
 //! The task is two-number addition, asked in English or Chinese, answered with a short think
-//! block that adds column by column (least significant digit first, with carries) and then the
+//! block (the assistant's `reasoning_content`, rendered as `<think>...</think>`) that adds
+//! column by column (least significant digit first, with carries) and then the
 //! sum alone, so an answer can be checked exactly. Train, validation and held-out test sets use
 //! disjoint problems; the generator is seeded, so the files are reproducible byte for byte.
 
@@ -54,7 +55,7 @@ fn row(a: u32, b: u32, chinese: bool) -> serde_json::Value {
     serde_json::json!({
         "messages": [
             {"role": "user", "content": question},
-            {"role": "assistant", "content": format!("<think>\n{}\n</think>\n\n{}", think(a, b), a + b)}
+            {"role": "assistant", "content": (a + b).to_string(), "reasoning_content": think(a, b)}
         ]
     })
 }

@@ -155,12 +155,26 @@ fn studio() -> Result<()> {
     if !root.join("app/dist/index.html").exists() {
         app()?;
     }
-    cargo(&["build", "--release", "-p", "whet-engine", "-p", "whet-server"])?;
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "whet-engine",
+        "-p",
+        "whet-server",
+    ])?;
     let whet = root.join("target/release/whet");
     let server = root.join("target/release/whet-server");
     let bind = std::env::var("WHET_BIND").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let link = Command::new(&whet)
-        .args(["convert", "--config", "examples/demo.yaml", "--to", "link", "--base"])
+        .args([
+            "convert",
+            "--config",
+            "examples/demo.yaml",
+            "--to",
+            "link",
+            "--base",
+        ])
         .arg(format!("http://{bind}"))
         .current_dir(&root)
         .output()

@@ -38,7 +38,7 @@ impl HubSettings {
     }
 }
 
-const DATA_EXTENSIONS: &[&str] = &[".jsonl", ".json", ".csv"];
+const DATA_EXTENSIONS: &[&str] = &[".jsonl", ".json", ".csv", ".parquet"];
 
 /// Downloads (or finds in the cache) a dataset repository's data files; returns the snapshot
 /// folder that holds them.
@@ -80,7 +80,7 @@ pub fn download_dataset(id: &str, settings: &HubSettings) -> Result<PathBuf, Str
         })
         .collect();
     if files.is_empty() {
-        return Err("the hub repository has no .jsonl, .json or .csv files".into());
+        return Err("the hub repository has no .jsonl, .json, .csv or .parquet files".into());
     }
     let mut snapshot = None;
     for file in &files {

@@ -1,9 +1,10 @@
-//! Datasets: dataset specs resolve to rows of conversations — local jsonl/json/csv files and
+//! Datasets: dataset specs resolve to rows of conversations — local jsonl/json/csv/parquet files and
 //! folders, Hugging Face hub datasets (through hf-hub), and the built-in `self-cognition` —
 //! with ms-swift's `#N` sampling rule, subsets, mixing and its row formats.
 
 mod formats;
 mod hub;
+mod parquet_file;
 mod sampling;
 mod self_cognition;
 
@@ -228,7 +229,7 @@ pub fn load(
     })
 }
 
-const DATA_EXTENSIONS: &[&str] = &["jsonl", "json", "csv"];
+const DATA_EXTENSIONS: &[&str] = &["jsonl", "json", "csv", "parquet"];
 
 /// The data files of a file or folder: the file itself, or the folder's data files (those of the
 /// named subsets when given; those with `train` in their name when any has).
@@ -265,7 +266,7 @@ fn data_files(root: &Path, subsets: &[String]) -> Result<Vec<PathBuf>, String> {
     let files = if train.is_empty() { files } else { train };
     if files.is_empty() {
         return Err(format!(
-            "{} holds no .jsonl, .json or .csv files",
+            "{} holds no .jsonl, .json, .csv or .parquet files",
             root.display()
         ));
     }
@@ -338,8 +339,9 @@ fn read_rows(path: &Path) -> Result<Vec<Result<Value, String>>, String> {
                 })
                 .collect())
         }
+        "parquet" => parquet_file::read_rows(path),
         other => Err(format!(
-            "`.{other}` files are not supported (use .jsonl, .json or .csv)"
+            "`.{other}` files are not supported (use .jsonl, .json, .csv or .parquet)"
         )),
     }
 }

@@ -137,7 +137,7 @@ fn a_local_clone_of_a_registered_dataset_keeps_its_rules() {
 }
 
 /// A hub-shaped HTTP server on loopback: the repo info and `resolve` endpoints hf-hub calls.
-fn serve_hub(files: Vec<(&'static str, String)>, requests: usize) -> String {
+fn serve_hub(files: Vec<(&'static str, Vec<u8>)>, requests: usize) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
     std::thread::spawn(move || {
@@ -190,7 +190,7 @@ fn serve_hub(files: Vec<(&'static str, String)>, requests: usize) -> String {
                 .iter()
                 .find(|(n, _)| path.ends_with(&format!("/resolve/main/{n}")))
             {
-                let bytes = content.as_bytes();
+                let bytes = content.as_slice();
                 let common = format!("x-repo-commit: {sha}\r\netag: \"etag-{}\"\r\n", bytes.len());
                 match range_start {
                     Some(usize::MAX) => (
@@ -231,8 +231,8 @@ fn hub_datasets_download_through_hf_endpoint_then_work_offline() {
     let rows = "{\"instruction\": \"hi\", \"input\": \"\", \"output\": \"hello\"}\n{\"instruction\": \"bye\", \"input\": \"\", \"output\": \"see you\"}\n";
     let endpoint = serve_hub(
         vec![
-            ("data/train.jsonl", rows.to_string()),
-            ("README.md", "# card".into()),
+            ("data/train.jsonl", rows.as_bytes().to_vec()),
+            ("README.md", b"# card".to_vec()),
         ],
         3,
     );
@@ -266,4 +266,233 @@ fn hub_datasets_download_through_hf_endpoint_then_work_offline() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("HF_HUB_OFFLINE"), "{error}");
+}
+
+/// Parquet files written here with the parquet crate's own writer, in the shape pyarrow gives
+/// Hugging Face datasets: nullable columns, and lists as `LIST` groups of `list.element`.
+mod parquet_files {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use parquet::basic::{Compression, GzipLevel, ZstdLevel};
+    use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+
+    use super::*;
+
+    fn text(values: &[&str]) -> Vec<ByteArray> {
+        values.iter().map(|v| ByteArray::from(*v)).collect()
+    }
+
+    /// Columns query, response (strings), system (a null in row 2) and id (int64).
+    fn write_query_response(path: &Path, compression: Compression) {
+        let schema = parse_message_type(
+            "message schema {
+                optional binary query (STRING);
+                optional binary response (STRING);
+                optional binary system (STRING);
+                optional int64 id;
+            }",
+        )
+        .unwrap();
+        let properties = WriterProperties::builder()
+            .set_compression(compression)
+            .build();
+        let file = std::fs::File::create(path).unwrap();
+        let mut writer =
+            SerializedFileWriter::new(file, Arc::new(schema), Arc::new(properties)).unwrap();
+        let mut group = writer.next_row_group().unwrap();
+        let columns: [(Vec<ByteArray>, Vec<i16>); 3] = [
+            (text(&["1+1", "capital of France?"]), vec![1, 1]),
+            (text(&["2", "Paris"]), vec![1, 1]),
+            (text(&["be brief"]), vec![1, 0]),
+        ];
+        for (values, definitions) in &columns {
+            let mut column = group.next_column().unwrap().unwrap();
+            column
+                .typed::<ByteArrayType>()
+                .write_batch(values, Some(definitions), None)
+                .unwrap();
+            column.close().unwrap();
+        }
+        let mut column = group.next_column().unwrap().unwrap();
+        column
+            .typed::<Int64Type>()
+            .write_batch(&[7, 8], Some(&[1, 1]), None)
+            .unwrap();
+        column.close().unwrap();
+        assert!(group.next_column().unwrap().is_none());
+        group.close().unwrap();
+        writer.close().unwrap();
+    }
+
+    /// A `messages` list of role/content structs: a 2-turn and a 3-turn conversation.
+    fn write_messages(path: &Path) {
+        let schema = parse_message_type(
+            "message schema {
+                optional group messages (LIST) {
+                    repeated group list {
+                        optional group element {
+                            optional binary role (STRING);
+                            optional binary content (STRING);
+                        }
+                    }
+                }
+            }",
+        )
+        .unwrap();
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build();
+        let file = std::fs::File::create(path).unwrap();
+        let mut writer =
+            SerializedFileWriter::new(file, Arc::new(schema), Arc::new(properties)).unwrap();
+        let mut group = writer.next_row_group().unwrap();
+        // Every leaf is defined (level 4); repetition 0 starts a row, 1 continues its list.
+        let definitions = [4; 5];
+        let repetitions = [0, 1, 0, 1, 1];
+        let roles = text(&["user", "assistant", "system", "user", "assistant"]);
+        let contents = text(&["hi", "hello", "you are whet", "2*3?", "6"]);
+        for values in [roles, contents] {
+            let mut column = group.next_column().unwrap().unwrap();
+            column
+                .typed::<ByteArrayType>()
+                .write_batch(&values, Some(&definitions), Some(&repetitions))
+                .unwrap();
+            column.close().unwrap();
+        }
+        group.close().unwrap();
+        writer.close().unwrap();
+    }
+
+    #[test]
+    fn reads_parquet_rows_as_json() {
+        let dir = temp_dir("parquet-json");
+        let path = dir.join("qr.parquet");
+        write_query_response(&path, Compression::SNAPPY);
+        let rows: Vec<Value> = read_rows(&path)
+            .unwrap()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                serde_json::json!({"query": "1+1", "response": "2", "system": "be brief", "id": 7}),
+                serde_json::json!({"query": "capital of France?", "response": "Paris", "system": null, "id": 8}),
+            ]
+        );
+        let messages = dir.join("m.parquet");
+        write_messages(&messages);
+        let rows = read_rows(&messages).unwrap();
+        assert_eq!(
+            rows[0].as_ref().unwrap(),
+            &serde_json::json!({"messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+            ]})
+        );
+        // Not parquet: the whole file is an error, not zero rows.
+        std::fs::write(dir.join("bad.parquet"), "not parquet").unwrap();
+        assert!(read_rows(&dir.join("bad.parquet")).is_err());
+    }
+
+    #[test]
+    fn loads_parquet_query_response_with_each_codec() {
+        let dir = temp_dir("parquet-codecs");
+        for (name, compression) in [
+            ("none", Compression::UNCOMPRESSED),
+            ("snappy", Compression::SNAPPY),
+            ("zstd", Compression::ZSTD(ZstdLevel::default())),
+            ("gzip", Compression::GZIP(GzipLevel::default())),
+        ] {
+            let path = dir.join(format!("{name}.parquet"));
+            write_query_response(&path, compression);
+            let loaded = load_one(path.to_str().unwrap(), &options()).unwrap();
+            assert_eq!((loaded.rows.len(), loaded.dropped), (2, 0), "{name}");
+            let first = &loaded.rows[0].messages;
+            assert_eq!(
+                first
+                    .iter()
+                    .map(|m| (m.role, m.content.as_str()))
+                    .collect::<Vec<_>>(),
+                [
+                    (Role::System, "be brief"),
+                    (Role::User, "1+1"),
+                    (Role::Assistant, "2")
+                ],
+                "{name}"
+            );
+            // The null system column is no system message.
+            let second = &loaded.rows[1].messages;
+            assert_eq!(second.len(), 2, "{name}");
+            assert_eq!(second[1].content, "Paris", "{name}");
+        }
+    }
+
+    #[test]
+    fn loads_a_messages_column_and_a_folder_of_parquet_files() {
+        let dir = temp_dir("parquet-folder");
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        write_messages(&dir.join("data/train-00000-of-00001.parquet"));
+        write_query_response(
+            &dir.join("data/test-00000-of-00001.parquet"),
+            Compression::SNAPPY,
+        );
+
+        let file = dir.join("data/train-00000-of-00001.parquet");
+        let loaded = load_one(file.to_str().unwrap(), &options()).unwrap();
+        assert_eq!(loaded.rows.len(), 2);
+        assert_eq!(
+            loaded.rows[1].messages,
+            vec![
+                Message::new(Role::System, "you are whet"),
+                Message::new(Role::User, "2*3?"),
+                Message::new(Role::Assistant, "6"),
+            ]
+        );
+
+        // A folder laid out like a hub dataset: only the train split is read.
+        let folder = load_one(dir.to_str().unwrap(), &options()).unwrap();
+        assert_eq!(folder.rows, loaded.rows);
+        // Without a train split every parquet file is read.
+        std::fs::rename(
+            dir.join("data/train-00000-of-00001.parquet"),
+            dir.join("data/part-0.parquet"),
+        )
+        .unwrap();
+        let all = load_one(dir.to_str().unwrap(), &options()).unwrap();
+        assert_eq!(all.rows.len(), 4);
+    }
+
+    #[test]
+    fn hub_datasets_in_parquet_download_and_load() {
+        let dir = temp_dir("parquet-hub-source");
+        let path = dir.join("train.parquet");
+        write_messages(&path);
+        let endpoint = serve_hub(
+            vec![
+                (
+                    "data/train-00000-of-00001.parquet",
+                    std::fs::read(&path).unwrap(),
+                ),
+                ("README.md", b"# card".to_vec()),
+            ],
+            3,
+        );
+        let online = LoadOptions {
+            hub: HubSettings {
+                endpoint: Some(endpoint),
+                token: None,
+                offline: false,
+                cache_dir: Some(temp_dir("parquet-hub-cache")),
+            },
+            ..options()
+        };
+        let loaded = load_one("someone/parquet-sft", &online).unwrap();
+        assert_eq!(loaded.rows.len(), 2);
+        assert_eq!(loaded.rows[0].messages[1].content, "hello");
+    }
 }

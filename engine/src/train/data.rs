@@ -189,25 +189,19 @@ pub fn generation_prefix(template: Template, enable_thinking: bool) -> &'static 
     }
 }
 
-/// How many rows train a reply to begin with `<think>` under `qwen3_thinking` (0 for the other
-/// templates): what the model learns to emit first after `<|im_start|>assistant\n`. A
-/// Thinking-2507 model's chat template already puts `<think>\n` there at inference, so the model
-/// never generates the opener itself and a client that shows only generated text shows replies
-/// without it (ms-swift issue #8130). Our renderer writes `reasoning_content` and an inline
-/// `<think>...</think>` prefix identically, so this counts what is trained, not how the data
-/// spells it.
+/// Rows whose assistant replies start with `<think>` in the data itself (ms-swift issue #8130)
+/// under the `qwen3_thinking` template: a Qwen3-*-Thinking-2507 chat template puts `<think>\n`
+/// into the prompt at inference, so data written with the opener in the reply trains the model to
+/// produce a reply its template will already have begun. Counted only for `qwen3_thinking`.
 pub fn rows_training_think_opener(rows: &[Conversation], options: &RenderOptions) -> usize {
     if options.template != Template::Qwen3Thinking {
         return 0;
     }
     rows.iter()
         .filter(|row| {
-            render(row, options).windows(2).any(|pair| {
-                !pair[0].trained
-                    && pair[0].text.ends_with("<|im_start|>assistant\n")
-                    && pair[1].trained
-                    && pair[1].text.starts_with("<think>")
-            })
+            row.messages
+                .iter()
+                .any(|m| m.role == Role::Assistant && m.content.trim_start().starts_with("<think>"))
         })
         .count()
 }
@@ -215,7 +209,7 @@ pub fn rows_training_think_opener(rows: &[Conversation], options: &RenderOptions
 /// The console's warning for [`rows_training_think_opener`]'s count, if any.
 pub fn think_opener_warning(rows: usize, total: usize) -> Option<String> {
     (rows > 0).then(|| format!(
-        "Warning: template qwen3_thinking trains {rows} of {total} training row(s) to begin the reply with `<think>`; Qwen3-*-Thinking-2507 models get `<think>\\n` from the chat template at inference, so the model never emits the opener and clients that show only generated text show replies without it (ms-swift #8130). whet renders reasoning_content and an inline <think>...</think> prefix the same way, and has no `--loss_scale ignore_think_prefix`: for a Thinking-2507 model prepend `<think>\\n` when displaying (whet infer does); for a hybrid Qwen3 model use --template qwen3; for an Instruct model drop the think blocks from the data and use --template qwen3_nothinking."
+        "Warning: {rows} of {total} training row(s) start the assistant reply with `<think>` in their content, for template qwen3_thinking. Qwen3-*-Thinking-2507 chat templates already put `<think>\\n` in the prompt at inference, so clients may show replies without the opener or with it twice (ms-swift #8130). Put the reasoning in `reasoning_content` (whet renders it as the think block) so the data says what the template adds, and prepend `<think>\\n` when displaying generated text (whet infer does)."
     ))
 }
 
@@ -759,10 +753,10 @@ mod tests {
             default_system: None,
             disable_ignore_empty_think: false,
         };
-        // Every reply trains the opener under qwen3_thinking, however the data spells it.
+        // Only the row whose data starts the reply with `<think>` counts.
         assert_eq!(
             rows_training_think_opener(&rows, &options(Template::Qwen3Thinking)),
-            3
+            1
         );
         for template in [
             Template::Qwen3,
