@@ -214,9 +214,20 @@ pub fn causal_lm_cross_entropy_sum_composed(
 /// How many label tokens the logits' argmax predicts right, after the causal shift (the
 /// numerator of ms-swift's `token_acc`; the denominator is the label count).
 pub fn causal_lm_correct_tokens(logits: &Tensor, labels: &Tensor) -> Result<usize> {
+    let Some((predictions, targets)) = shifted_predictions(logits, labels)? else {
+        return Ok(0);
+    };
+    // An ignored label (-100) never equals an argmax.
+    let correct = predictions.eq(&targets)?.to_dtype(DType::U32)?.sum_all()?;
+    Ok(correct.to_scalar::<u32>()? as usize)
+}
+
+/// The argmax of `logits[:, :-1]` and `labels[:, 1:]`, both i64 (batch, seq - 1); `None` for
+/// sequences too short to predict anything.
+fn shifted_predictions(logits: &Tensor, labels: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
     let (_, seq, _) = logits.dims3()?;
     if seq < 2 {
-        return Ok(0);
+        return Ok(None);
     }
     let predictions = logits
         .detach()
@@ -224,9 +235,7 @@ pub fn causal_lm_correct_tokens(logits: &Tensor, labels: &Tensor) -> Result<usiz
         .argmax(D::Minus1)?
         .to_dtype(DType::I64)?;
     let targets = labels.to_dtype(DType::I64)?.narrow(1, 1, seq - 1)?;
-    // An ignored label (-100) never equals an argmax.
-    let correct = predictions.eq(&targets)?.to_dtype(DType::U32)?.sum_all()?;
-    Ok(correct.to_scalar::<u32>()? as usize)
+    Ok(Some((predictions, targets)))
 }
 
 /// How many rows have every label token predicted right by the argmax (after the shift).
@@ -234,16 +243,9 @@ pub fn causal_lm_correct_tokens(logits: &Tensor, labels: &Tensor) -> Result<usiz
 /// greedy step picks the argmax, which is the reference token, so by induction the whole reply
 /// (think block and final answer) comes out verbatim. Rows without labels do not count.
 pub fn causal_lm_exact_rows(logits: &Tensor, labels: &Tensor) -> Result<usize> {
-    let (_, seq, _) = logits.dims3()?;
-    if seq < 2 {
+    let Some((predictions, targets)) = shifted_predictions(logits, labels)? else {
         return Ok(0);
-    }
-    let predictions = logits
-        .detach()
-        .narrow(1, 0, seq - 1)?
-        .argmax(D::Minus1)?
-        .to_dtype(DType::I64)?;
-    let targets = labels.to_dtype(DType::I64)?.narrow(1, 1, seq - 1)?;
+    };
     let correct: Vec<u32> = predictions
         .eq(&targets)?
         .to_dtype(DType::U32)?
@@ -428,18 +430,11 @@ pub(crate) mod tests {
     use super::*;
     use candle_core::Var;
 
-    /// Deterministic pseudo-random values in [-1, 1) for tests (splitmix64).
+    /// Deterministic pseudo-random values in [-1, 1) for tests.
     pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f64> {
-        let mut state = seed;
+        let mut rng = crate::rng::SplitMix64::new(seed);
         (0..n)
-            .map(|_| {
-                state = state.wrapping_add(0x9E3779B97F4A7C15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-                z ^= z >> 31;
-                (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-            })
+            .map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
             .collect()
     }
 
