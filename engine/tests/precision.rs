@@ -1,5 +1,6 @@
 //! Half-precision compute with f32 master weights: bf16 and f16 runs follow the f32 run's losses
-//! closely, and their checkpoints hold weights in the run's dtype.
+//! closely, and their checkpoints hold weights in the run's dtype. Data workers (tokenizing and
+//! collating ahead) change nothing in the losses.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,6 +13,10 @@ fn fixture() -> PathBuf {
 }
 
 fn losses(dtype: &str, out: &Path) -> Vec<f64> {
+    losses_with(dtype, out, &[])
+}
+
+fn losses_with(dtype: &str, out: &Path, extra: &[&str]) -> Vec<f64> {
     let data = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../examples/demo/train.jsonl#48"
@@ -48,6 +53,7 @@ fn losses(dtype: &str, out: &Path) -> Vec<f64> {
         .arg(fixture())
         .arg("--output_dir")
         .arg(out)
+        .args(extra)
         .output()
         .unwrap();
     assert!(
@@ -100,4 +106,22 @@ fn bf16_and_f16_follow_the_f32_run() {
             "{dtype}: {header}"
         );
     }
+}
+
+#[test]
+fn batches_and_losses_do_not_depend_on_the_number_of_data_workers() {
+    let base = std::env::temp_dir().join(format!("whet-workers-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let inline = losses_with(
+        "float32",
+        &base.join("w0"),
+        &["--dataloader_num_workers", "0"],
+    );
+    let prefetched = losses_with(
+        "float32",
+        &base.join("w3"),
+        &["--dataloader_num_workers", "3"],
+    );
+    assert_eq!(inline.len(), 4);
+    assert_eq!(inline, prefetched, "bit-identical losses");
 }

@@ -314,6 +314,65 @@ fn accumulate_gradients(
     Ok((step, total))
 }
 
+/// Right-padded batches of one window's micro-batches (sample indices).
+fn collate_window(
+    micro_batches: &[Vec<usize>],
+    samples: &[Sample],
+    pad_id: u32,
+    device: &Device,
+) -> candle_core::Result<Vec<Batch>> {
+    micro_batches
+        .iter()
+        .map(|rows| {
+            let chosen: Vec<&Sample> = rows.iter().map(|&i| &samples[i]).collect();
+            data::collate(&chosen, pad_id, device)
+        })
+        .collect()
+}
+
+/// Collates the windows a copy of the sampler will hand out next, on a thread of its own, a few
+/// windows ahead of the step. The sampler is deterministic, so the copy yields exactly the
+/// windows the loop's own sampler does (checked on every step); the order of batches does not
+/// depend on whether or how far ahead this runs.
+struct Prefetcher {
+    windows: std::sync::mpsc::Receiver<(Vec<Vec<usize>>, candle_core::Result<Vec<Batch>>)>,
+}
+
+impl Prefetcher {
+    fn spawn(
+        mut sampler: Sampler,
+        samples: std::sync::Arc<Vec<Sample>>,
+        accumulation: usize,
+        pad_id: u32,
+        device: Device,
+        windows: u64,
+    ) -> Self {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(2);
+        std::thread::spawn(move || {
+            for _ in 0..windows {
+                let window = sampler.next_window(accumulation);
+                let batches = collate_window(&window.micro_batches, &samples, pad_id, &device);
+                if sender.send((window.micro_batches, batches)).is_err() {
+                    break; // the run ended early
+                }
+            }
+        });
+        Self { windows: receiver }
+    }
+
+    /// The collated batches of `expected`, the window the loop's sampler just handed out.
+    fn next(&mut self, expected: &[Vec<usize>]) -> anyhow::Result<Vec<Batch>> {
+        let (indices, batches) = self
+            .windows
+            .recv()
+            .context("the batch prefetch thread stopped")?;
+        if indices != expected {
+            bail!("internal error: the prefetched window differs from the sampler's");
+        }
+        Ok(batches?)
+    }
+}
+
 fn count_label_tokens(batch: &Batch) -> candle_core::Result<usize> {
     let (_, seq) = batch.labels.dims2()?;
     let shifted = batch.labels.narrow(1, 1, seq.saturating_sub(1))?;
@@ -705,17 +764,30 @@ pub fn train(
     let mut samples_this_run = 0u64;
     console.start(start_step, plan.total_steps);
 
+    // dataloader_num_workers > 0: a thread collates the coming windows ahead of the step.
+    let mut prefetch = (sft.dataloader_num_workers.unwrap_or(1) > 0).then(|| {
+        Prefetcher::spawn(
+            sampler.clone(),
+            std::sync::Arc::new(prepared.train.clone()),
+            plan.accumulation,
+            tokenizer.pad_token_id,
+            device.clone(),
+            plan.total_steps - trainer_state.global_step,
+        )
+    });
     while trainer_state.global_step < plan.total_steps {
         let step = trainer_state.global_step + 1;
+        // The sampler itself advances here too: checkpoints store its state.
         let window = sampler.next_window(plan.accumulation);
-        let micro_batches = window
-            .micro_batches
-            .iter()
-            .map(|rows| {
-                let samples: Vec<&Sample> = rows.iter().map(|&i| &prepared.train[i]).collect();
-                data::collate(&samples, tokenizer.pad_token_id, &device)
-            })
-            .collect::<candle_core::Result<Vec<Batch>>>()?;
+        let micro_batches = match prefetch.as_mut() {
+            Some(prefetch) => prefetch.next(&window.micro_batches)?,
+            None => collate_window(
+                &window.micro_batches,
+                &prepared.train,
+                tokenizer.pad_token_id,
+                &device,
+            )?,
+        };
 
         // Forward, loss and backward over the window; gradients reduced.
         let (step_loss, mut grads) = accumulate_gradients(
