@@ -335,8 +335,11 @@ fn collate_window(
 /// windows the loop's own sampler does (checked on every step); the order of batches does not
 /// depend on whether or how far ahead this runs.
 struct Prefetcher {
-    windows: std::sync::mpsc::Receiver<(Vec<Vec<usize>>, candle_core::Result<Vec<Batch>>)>,
+    windows: std::sync::mpsc::Receiver<PrefetchedWindow>,
 }
+
+/// A window's sample indices and its collated micro-batches.
+type PrefetchedWindow = (Vec<Vec<usize>>, candle_core::Result<Vec<Batch>>);
 
 impl Prefetcher {
     fn spawn(
