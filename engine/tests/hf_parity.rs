@@ -10,7 +10,9 @@ use candle_core::{DType, Device, Tensor};
 use whet_engine::grad::{loss_and_gradients, Batch, LossOptions};
 use whet_engine::model::qwen3::router_aux_loss;
 use whet_engine::model::{Model, ModelConfig, ModelOptions};
-use whet_engine::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
+use whet_engine::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use whet_shared::config::LrSchedulerType;
+use whet_shared::schedule::Schedule;
 
 fn fixtures() -> PathBuf {
     let dir = PathBuf::from(concat!(
@@ -257,11 +259,12 @@ fn check_training(kind: &str) {
         serde_json::from_value(train["grad_norm_before_clip"].clone()).unwrap();
     let want_lrs: Vec<f64> = serde_json::from_value(train["lr"].clone()).unwrap();
 
-    let schedule = LrSchedule {
-        kind: ScheduleKind::Cosine,
+    let schedule = Schedule {
+        kind: LrSchedulerType::Cosine,
         base_lr: 1e-3,
         warmup_steps: 2,
         total_steps: 10,
+        min_lr_rate: 0.0,
     };
     let config = AdamWConfig {
         beta1: 0.9,
@@ -286,7 +289,7 @@ fn check_training(kind: &str) {
             want_norms[step - 1],
             1e-5,
         );
-        let lr = schedule.lr(step);
+        let lr = schedule.lr(step as u64);
         assert!((lr - want_lrs[step - 1]).abs() < 1e-12);
         optimizer.step(&grads, lr).unwrap();
     }
@@ -478,11 +481,12 @@ fn saved_checkpoints_reload_single_and_sharded() {
 #[test]
 fn optimizer_state_resumes_exactly() {
     let batch = load_batch();
-    let schedule = LrSchedule {
-        kind: ScheduleKind::Cosine,
+    let schedule = Schedule {
+        kind: LrSchedulerType::Cosine,
         base_lr: 1e-3,
         warmup_steps: 1,
         total_steps: 10,
+        min_lr_rate: 0.0,
     };
     let config = AdamWConfig {
         weight_decay: 0.1,
@@ -492,7 +496,7 @@ fn optimizer_state_resumes_exactly() {
         let options = LossOptions::for_model(model.config());
         let (_, mut grads) = loss_and_gradients(model, &batch, &options).unwrap();
         clip_grad_norm(&mut grads, 1.0).unwrap();
-        optimizer.step(&grads, schedule.lr(step)).unwrap();
+        optimizer.step(&grads, schedule.lr(step as u64)).unwrap();
     };
 
     let straight = load_model("moe");

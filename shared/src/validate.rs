@@ -746,6 +746,25 @@ fn training_rules(config: &JobConfig, derived: &Derived, out: &mut Vec<Diagnosti
             ),
         );
     }
+    if sft.lr_scheduler_type == crate::config::LrSchedulerType::CosineWithMinLr {
+        let kwargs: Option<serde_json::Value> = sft
+            .lr_scheduler_kwargs
+            .as_deref()
+            .and_then(|k| serde_json::from_str(k).ok());
+        let has = |key: &str| {
+            kwargs
+                .as_ref()
+                .is_some_and(|k| k.get(key).is_some_and(|v| v.is_number()))
+        };
+        if has("min_lr") == has("min_lr_rate") {
+            out.push(Diagnostic::error(
+                "lr_scheduler_kwargs",
+                "min_lr_missing",
+                "cosine_with_min_lr needs exactly one of min_lr and min_lr_rate in lr_scheduler_kwargs",
+                "cosine_with_min_lr 需要在 lr_scheduler_kwargs 中给出 min_lr 或 min_lr_rate（二选一）",
+            ).with_fix("add --lr_scheduler_kwargs '{\"min_lr\": 1e-6}'", "添加 --lr_scheduler_kwargs '{\"min_lr\": 1e-6}'"));
+        }
+    }
     if let Some(kwargs) = &sft.lr_scheduler_kwargs {
         if serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(kwargs).is_err() {
             out.push(

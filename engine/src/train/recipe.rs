@@ -28,6 +28,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use serde_json::Value;
 use whet_shared::config::{IntervalStrategy, LrSchedulerType, TorchDtype, TunerType};
+use whet_shared::schedule::{min_lr_rate, Schedule};
 use whet_shared::{derive, JobConfig, ModelFacts};
 
 use super::checkpoint::{
@@ -42,7 +43,7 @@ use super::metrics::{
 use super::progress::Console;
 use crate::grad::{self, Batch, Gradients, LossOptions};
 use crate::model::{Architecture, Model, ModelConfig, ModelOptions};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 
 /// What a finished run leaves behind.
 #[derive(Debug, Clone)]
@@ -221,21 +222,6 @@ fn scheduler_name(kind: LrSchedulerType) -> &'static str {
         LrSchedulerType::ConstantWithWarmup => "constant_with_warmup",
         LrSchedulerType::CosineWithMinLr => "cosine_with_min_lr",
     }
-}
-
-fn schedule_kind(config: &JobConfig, learning_rate: f64) -> anyhow::Result<ScheduleKind> {
-    let sft = &config.sft;
-    let kwargs: Value = match &sft.lr_scheduler_kwargs {
-        Some(text) => serde_json::from_str(text)
-            .with_context(|| format!("lr_scheduler_kwargs `{text}` is not JSON"))?,
-        None => Value::Null,
-    };
-    Ok(ScheduleKind::parse(
-        scheduler_name(sft.lr_scheduler_type),
-        kwargs.get("min_lr_rate").and_then(Value::as_f64),
-        kwargs.get("min_lr").and_then(Value::as_f64),
-        learning_rate,
-    )?)
 }
 
 /// The model, from a checkpoint when resuming (its f32 masters when saved), else from the
@@ -643,11 +629,13 @@ pub fn train(
             weight_decay: sft.weight_decay,
         },
     )?;
-    let schedule = LrSchedule {
-        kind: schedule_kind(config, plan.learning_rate)?,
+    // The schedule the studio plots is the one that runs (whet-shared computes both).
+    let schedule = Schedule {
+        kind: sft.lr_scheduler_type,
         base_lr: plan.learning_rate,
-        warmup_steps: plan.warmup_steps as usize,
-        total_steps: plan.total_steps as usize,
+        warmup_steps: plan.warmup_steps,
+        total_steps: plan.total_steps,
+        min_lr_rate: min_lr_rate(sft.lr_scheduler_kwargs.as_deref(), plan.learning_rate),
     };
     let mut sampler = Sampler::new(
         prepared.train.len(),
@@ -829,7 +817,7 @@ pub fn train(
             }
             .into());
         }
-        let learning_rate = schedule.lr(step as usize);
+        let learning_rate = schedule.lr(step);
         optimizer.step(&grads, learning_rate)?;
         drop(grads);
 
@@ -954,7 +942,7 @@ pub fn train(
                 lr_scheduler_type: scheduler_name(sft.lr_scheduler_type).into(),
                 base_lrs: vec![plan.learning_rate],
                 last_epoch: step,
-                _last_lr: vec![schedule.lr(step as usize + 1)],
+                _last_lr: vec![schedule.lr(step + 1)],
                 num_warmup_steps: plan.warmup_steps,
                 num_training_steps: plan.total_steps,
             };
