@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::grad::{loss_and_gradients, Batch, LossOptions};
 use crate::model::{Model, ModelConfig, ModelOptions};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::sync::SingleProcess;
 
 /// Steps at the start that are run but not timed (allocator and thread-pool warm-up).
 pub const WARMUP_STEPS: usize = 2;
@@ -176,8 +177,9 @@ pub fn run_train_bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         .context("building the bench model config")?;
     let vocab = config.vocab_size;
     let model = Model::random(config, 0, ModelOptions::default()).context("building the model")?;
+    let mut sync = SingleProcess::new(model.trainable().num_elements());
     let mut optimizer = AdamW::new(
-        model.parameters(),
+        model.trainable(),
         AdamWConfig {
             weight_decay: 0.1,
             ..Default::default()
@@ -194,7 +196,7 @@ pub fn run_train_bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         let batch = tokens.batch(opts.batch, opts.seq, vocab)?;
         let start = Instant::now();
         let (report, mut grads) = loss_and_gradients(&model, &batch, &loss_options)?;
-        clip_grad_norm(&mut grads, 1.0)?;
+        clip_grad_norm(&mut grads, 1.0, &mut sync)?;
         optimizer.step(&grads, 1e-4)?;
         drop(grads);
         step_secs.push(start.elapsed().as_secs_f64());

@@ -1,16 +1,21 @@
-//! The loss of a batch and its gradients with respect to every parameter, computed either in
-//! one backward pass or with gradient checkpointing (each decoder layer recomputed during the
-//! backward pass, so only the layer boundaries are kept alive).
+//! The loss of a batch and its gradients with respect to every trainable parameter, walked
+//! layer by layer in the backward pass — with every layer's activations kept, or with gradient
+//! checkpointing (each decoder layer recomputed just before its backward, so only the layer
+//! boundaries are kept alive) — so that gradient synchronisation can start on a layer as soon
+//! as its gradients exist.
 //!
 //! The loss is transformers' causal-LM loss (a token mean over the whole batch, or over a larger
 //! accumulated batch when `num_label_tokens` says so) plus, for MoE models, the router
 //! load-balancing loss times its coefficient.
 
+use std::ops::Range;
+use std::sync::Arc;
+
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 
 use crate::model::qwen3::router_aux_loss;
-use crate::model::{Model, ModelConfig};
+use crate::model::{FlatLayout, Model, ModelConfig, TrainableParams};
 use crate::ops;
 
 /// One padded training batch, all (batch, seq).
@@ -22,6 +27,17 @@ pub struct Batch {
     pub attention_mask: Tensor,
     /// i64 target ids, -100 where no loss is taken; not shifted (the loss shifts them).
     pub labels: Tensor,
+}
+
+impl Batch {
+    /// The batch on `device` (batches are collated on the CPU, then moved in the loop).
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Batch> {
+        Ok(Batch {
+            input_ids: self.input_ids.to_device(device)?,
+            attention_mask: self.attention_mask.to_device(device)?,
+            labels: self.labels.to_device(device)?,
+        })
+    }
 }
 
 /// How a batch's loss is formed and its gradients computed.
@@ -63,34 +79,45 @@ pub struct LossReport {
     pub num_exact_rows: usize,
 }
 
-/// Gradients of the parameters a model lists, by position in [`Model::parameters`]; `None`
-/// where no gradient reached a parameter.
+/// Gradients of a model's trainable parameters, by position in
+/// [`Model::trainable_parameters`]; `None` where no gradient reached a parameter.
 #[derive(Debug, Clone)]
 pub struct Gradients {
-    entries: Vec<(String, Option<Tensor>)>,
+    names: Arc<[String]>,
+    layout: Arc<FlatLayout>,
+    grads: Vec<Option<Tensor>>,
 }
 
 impl Gradients {
     /// No gradient yet for any of `params`.
-    pub fn empty(params: &[(String, Var)]) -> Self {
+    pub fn empty(params: &TrainableParams) -> Self {
         Self {
-            entries: params
-                .iter()
-                .map(|(name, _)| (name.clone(), None))
-                .collect(),
+            names: params.names().clone(),
+            layout: params.layout().clone(),
+            grads: vec![None; params.len()],
         }
     }
 
-    /// Adds the gradients that `store` holds for `params` (which must be the list this was made
-    /// for); the rest of the store (activations' gradients) is dropped with it.
-    pub fn add_from_store(&mut self, params: &[(String, Var)], store: &GradStore) -> Result<()> {
-        for ((_, var), (_, slot)) in params.iter().zip(self.entries.iter_mut()) {
-            if let Some(grad) = store.get(var.as_tensor()) {
-                let grad = grad.detach();
-                *slot = Some(match slot.take() {
-                    Some(existing) => (existing + grad)?,
-                    None => grad,
-                });
+    fn add(&mut self, index: usize, grad: Tensor) -> Result<()> {
+        let slot = &mut self.grads[index];
+        *slot = Some(match slot.take() {
+            Some(existing) => (existing + grad)?,
+            None => grad,
+        });
+        Ok(())
+    }
+
+    /// Adds the gradients `store` holds for the parameters with the given indices; the rest of
+    /// the store (activations' gradients) is dropped with it.
+    pub fn add_from_store(
+        &mut self,
+        params: &TrainableParams,
+        indices: impl IntoIterator<Item = usize>,
+        store: &GradStore,
+    ) -> Result<()> {
+        for i in indices {
+            if let Some(grad) = store.get(params.as_slice()[i].1.as_tensor()) {
+                self.add(i, grad.detach())?;
             }
         }
         Ok(())
@@ -98,12 +125,9 @@ impl Gradients {
 
     /// Adds another set of gradients for the same parameters (gradient accumulation).
     pub fn accumulate(&mut self, other: &Gradients) -> Result<()> {
-        for ((_, mine), (_, theirs)) in self.entries.iter_mut().zip(&other.entries) {
+        for (i, theirs) in other.grads.iter().enumerate() {
             if let Some(theirs) = theirs {
-                *mine = Some(match mine.take() {
-                    Some(existing) => (existing + theirs)?,
-                    None => theirs.clone(),
-                });
+                self.add(i, theirs.clone())?;
             }
         }
         Ok(())
@@ -111,7 +135,7 @@ impl Gradients {
 
     /// Multiplies every gradient by `factor`.
     pub fn scale(&mut self, factor: f64) -> Result<()> {
-        for (_, grad) in &mut self.entries {
+        for grad in &mut self.grads {
             if let Some(g) = grad.take() {
                 *grad = Some((g * factor)?);
             }
@@ -119,43 +143,82 @@ impl Gradients {
         Ok(())
     }
 
+    /// The sum of squared gradient elements inside `range` of the flat space, in f64 (missing
+    /// gradients count as zero), summed parameter by parameter in order.
+    pub fn sum_of_squares(&self, range: Range<usize>) -> Result<f64> {
+        let mut sum = 0f64;
+        for piece in self.layout.pieces(range) {
+            let Some(grad) = &self.grads[piece.param] else {
+                continue;
+            };
+            let flat = grad.flatten_all()?;
+            let part = if piece.within.len() == flat.elem_count() {
+                flat
+            } else {
+                flat.narrow(0, piece.within.start, piece.within.len())?
+            };
+            sum += sum_of_squares(&part)?;
+        }
+        Ok(sum)
+    }
+
+    pub fn layout(&self) -> &FlatLayout {
+        &self.layout
+    }
+
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.grads.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.grads.is_empty()
     }
 
     /// How many parameters received a gradient.
     pub fn num_present(&self) -> usize {
-        self.entries.iter().filter(|(_, g)| g.is_some()).count()
+        self.grads.iter().filter(|g| g.is_some()).count()
     }
 
     pub fn get(&self, index: usize) -> Option<&Tensor> {
-        self.entries.get(index).and_then(|(_, g)| g.as_ref())
+        self.grads.get(index).and_then(Option::as_ref)
     }
 
     pub fn get_by_name(&self, name: &str) -> Option<&Tensor> {
-        self.entries
-            .iter()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, g)| g.as_ref())
+        let index = self.names.iter().position(|n| n == name)?;
+        self.get(index)
     }
 
     pub fn name(&self, index: usize) -> &str {
-        &self.entries[index].0
+        &self.names[index]
     }
 
     /// `(name, gradient)` in parameter order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, Option<&Tensor>)> {
-        self.entries.iter().map(|(n, g)| (n.as_str(), g.as_ref()))
+        self.names
+            .iter()
+            .zip(&self.grads)
+            .map(|(n, g)| (n.as_str(), g.as_ref()))
     }
 
     /// Replaces the gradient at `index`.
     pub fn set(&mut self, index: usize, grad: Option<Tensor>) {
-        self.entries[index].1 = grad;
+        self.grads[index] = grad;
     }
+}
+
+/// `sum(x^2)` in f64: one pass over a contiguous f32 CPU tensor, else the tensor form (both
+/// add the same f64 squares in the same order).
+fn sum_of_squares(x: &Tensor) -> Result<f64> {
+    if x.dtype() == DType::F32 && x.is_contiguous() {
+        let squares = ops::with_cpu_slice(x, |xs: &[f32]| {
+            xs.iter()
+                .fold(0f64, |acc, &v| acc + f64::from(v) * f64::from(v))
+        })?;
+        if let Some(squares) = squares {
+            return Ok(squares);
+        }
+    }
+    x.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()
 }
 
 /// The differentiable total loss and its parts.
@@ -213,65 +276,82 @@ pub fn evaluate(model: &Model, batch: &Batch, options: &LossOptions) -> Result<L
     Ok(loss_terms(&out.logits, &out.router_logits, batch, model, options)?.report)
 }
 
-/// The loss of `batch` and the gradient of it with respect to every parameter of `model`.
+/// The loss of `batch` and its gradient with respect to every trainable parameter of `model`.
 pub fn loss_and_gradients(
     model: &Model,
     batch: &Batch,
     options: &LossOptions,
 ) -> Result<(LossReport, Gradients)> {
-    if options.gradient_checkpointing {
-        return checkpointed_loss_and_gradients(model, batch, options);
-    }
-    let out = model.forward(&batch.input_ids, &batch.attention_mask)?;
-    let terms = loss_terms(&out.logits, &out.router_logits, batch, model, options)?;
-    let store = terms.total.backward()?;
-    let mut grads = Gradients::empty(model.parameters());
-    grads.add_from_store(model.parameters(), &store)?;
-    Ok((terms.report, grads))
+    let mut grads = Gradients::empty(model.trainable());
+    let report = backward(model, batch, options, &mut grads, &mut |_, _| Ok(()))?;
+    Ok((report, grads))
 }
 
-/// Gradient checkpointing per decoder layer. The forward pass keeps only each layer's
-/// (detached) input; the backward pass then walks the layers in reverse, recomputing one layer
-/// at a time from its saved input and injecting the upstream gradient `g` through the surrogate
-/// `sum(out * g)`, whose gradient with respect to `out` is exactly `g`.
-fn checkpointed_loss_and_gradients(
+/// One decoder layer's output during a backward walk: kept with its graph, or recomputed.
+struct LayerRecord {
+    /// The layer's input, a leaf: its gradient is the upstream gradient of the layer below.
+    input: Var,
+    /// Output and router logits with their graph (None under gradient checkpointing).
+    kept: Option<(Tensor, Option<Tensor>)>,
+    /// The router logits as a leaf in the loss, whose gradient is injected into the layer.
+    router_leaf: Option<Var>,
+}
+
+/// Forward and backward of one batch, layer by layer: adds the batch's gradients to `grads`
+/// and calls `on_layer(i, grads)` as soon as decoder layer i's are in (the last layer first).
+///
+/// Each layer's input is a leaf, so the loss's backward stops at the last layer; then each layer
+/// is differentiated on its own, from the top, by injecting the upstream gradient `g` through
+/// the surrogate `sum(out * g)` (whose gradient with respect to `out` is exactly `g`). The plain
+/// path keeps every layer's graph; gradient checkpointing keeps only the layer inputs and
+/// recomputes each layer just before its backward.
+pub fn backward(
     model: &Model,
     batch: &Batch,
     options: &LossOptions,
-) -> Result<(LossReport, Gradients)> {
-    let params = model.parameters();
+    grads: &mut Gradients,
+    on_layer: &mut dyn FnMut(usize, &mut Gradients) -> Result<()>,
+) -> Result<LossReport> {
+    let params = model.trainable();
     let ctx = model.context(&batch.attention_mask)?;
+    let embedded = model.embed(&batch.input_ids)?;
 
-    let mut layer_inputs = vec![model.embed(&batch.input_ids)?.detach()];
-    let mut router_logits = Vec::new();
+    let mut records = Vec::with_capacity(model.layers().len());
+    let mut x = Var::from_tensor(&embedded.detach())?;
     for layer in model.layers() {
-        let x = layer_inputs.last().expect("starts with the embeddings");
-        let (out, logits) = layer.forward(x, &ctx)?;
-        // Layer i's router logits stay in the loss only as leaves; their gradient is injected
-        // when layer i is recomputed.
-        router_logits.push(logits.map(|l| Var::from_tensor(&l.detach())).transpose()?);
-        layer_inputs.push(out.detach());
+        let (out, logits) = layer.forward(x.as_tensor(), &ctx)?;
+        let router_leaf = logits
+            .as_ref()
+            .map(|l| Var::from_tensor(&l.detach()))
+            .transpose()?;
+        let next = Var::from_tensor(&out.detach())?;
+        let kept = (!options.gradient_checkpointing).then_some((out, logits));
+        records.push(LayerRecord {
+            input: x,
+            kept,
+            router_leaf,
+        });
+        x = next;
     }
 
-    let final_hidden = Var::from_tensor(layer_inputs.last().expect("at least the embeddings"))?;
-    let logits = model.head(final_hidden.as_tensor())?;
-    let router_leaves: Vec<Tensor> = router_logits
+    let logits = model.head(x.as_tensor())?;
+    let router_leaves: Vec<Tensor> = records
         .iter()
-        .flatten()
-        .map(|v| v.as_tensor().clone())
+        .filter_map(|r| r.router_leaf.as_ref().map(|v| v.as_tensor().clone()))
         .collect();
     let terms = loss_terms(&logits, &router_leaves, batch, model, options)?;
+    drop(logits);
     let store = terms.total.backward()?;
-    let mut grads = Gradients::empty(params);
-    grads.add_from_store(params, &store)?;
+    grads.add_from_store(params, params.outside_layers(), &store)?;
     let mut upstream = store
-        .get(final_hidden.as_tensor())
+        .get(x.as_tensor())
         .expect("the loss depends on the last hidden state")
         .detach();
-    let router_upstream: Vec<Option<Tensor>> = router_logits
+    let router_upstream: Vec<Option<Tensor>> = records
         .iter()
-        .map(|leaf| {
-            leaf.as_ref()
+        .map(|r| {
+            r.router_leaf
+                .as_ref()
                 .and_then(|l| store.get(l.as_tensor()))
                 .map(Tensor::detach)
         })
@@ -279,22 +359,29 @@ fn checkpointed_loss_and_gradients(
     drop(store);
 
     for (i, layer) in model.layers().iter().enumerate().rev() {
-        let input = Var::from_tensor(&layer_inputs[i])?;
-        let (out, logits) = layer.forward(input.as_tensor(), &ctx)?;
+        let record = &mut records[i];
+        let (out, logits) = match record.kept.take() {
+            Some(kept) => kept,
+            None => layer.forward(record.input.as_tensor(), &ctx)?,
+        };
         let mut surrogate = (out * &upstream)?.sum_all()?;
         if let (Some(logits), Some(g)) = (logits, &router_upstream[i]) {
             surrogate = (surrogate + (logits * g)?.sum_all()?)?;
         }
         let store = surrogate.backward()?;
-        grads.add_from_store(params, &store)?;
+        grads.add_from_store(params, params.layer(i), &store)?;
         upstream = store
-            .get(input.as_tensor())
+            .get(record.input.as_tensor())
             .expect("a layer's output depends on its input")
             .detach();
+        drop(store);
+        on_layer(i, grads)?;
     }
 
-    let embedded = model.embed(&batch.input_ids)?;
-    let store = (embedded * &upstream)?.sum_all()?.backward()?;
-    grads.add_from_store(params, &store)?;
-    Ok((terms.report, grads))
+    let embeddings = params.before_layers();
+    if !embeddings.is_empty() {
+        let store = (embedded * &upstream)?.sum_all()?.backward()?;
+        grads.add_from_store(params, embeddings, &store)?;
+    }
+    Ok(terms.report)
 }

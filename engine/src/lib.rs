@@ -5,6 +5,8 @@
 pub mod bench;
 pub mod cli;
 pub mod dataset;
+pub mod device;
+pub mod dtype;
 pub mod generate;
 pub mod grad;
 pub mod model;
@@ -12,5 +14,7 @@ pub mod ops;
 pub mod optim;
 pub mod plot;
 pub mod rng;
+pub mod sync;
+pub mod tensor_files;
 pub mod tensorboard;
 pub mod train;

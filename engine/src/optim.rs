@@ -1,17 +1,24 @@
 //! The optimizer side of a training step: AdamW exactly as `torch.optim.AdamW` computes it
-//! (with transformers' Trainer parameter groups: no weight decay on biases and norm weights),
-//! global-norm gradient clipping as `torch.nn.utils.clip_grad_norm_`, and the learning-rate
-//! schedules of transformers' `get_scheduler`.
+//! (with transformers' Trainer parameter groups: no weight decay on biases and norm weights) and
+//! global-norm gradient clipping as `torch.nn.utils.clip_grad_norm_`. The learning rate comes
+//! from whet-shared's `schedule`, the one the studio plots.
 //!
-//! The optimizer state (step count, exp_avg, exp_avg_sq per parameter) round-trips through a
-//! safetensors file for exact resume.
+//! AdamW keeps its moments for a contiguous range of the flat trainable space
+//! ([`crate::model::FlatLayout`]) — the whole space in one process, a shard of it on a ZeRO rank
+//! — and they round-trip through a safetensors file for an exact resume.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use crate::grad::Gradients;
+use crate::model::params::Piece;
+use crate::model::{FlatLayout, TrainableParams};
+use crate::sync::GradSync;
+use crate::tensor_files;
 
 /// Whether transformers' Trainer puts a parameter in the weight-decay group: everything except
 /// biases and norm weights (its rule matches `bias`, `layernorm`, `rmsnorm`, a `norm` path
@@ -46,15 +53,6 @@ impl Default for AdamWConfig {
     }
 }
 
-#[derive(Debug)]
-struct ParamState {
-    name: String,
-    var: Var,
-    decays: bool,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-}
-
 /// AdamW with decoupled weight decay, per element at step `s` with learning rate `lr`:
 /// `p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g^2;
 ///  p -= lr/(1-b1^s) * m / (sqrt(v)/sqrt(1-b2^s) + eps)`.
@@ -62,7 +60,14 @@ struct ParamState {
 pub struct AdamW {
     config: AdamWConfig,
     step: u64,
-    states: Vec<ParamState>,
+    params: Vec<(String, Var)>,
+    decays: Vec<bool>,
+    layout: Arc<FlatLayout>,
+    /// The part of the flat space this optimizer updates.
+    range: Range<usize>,
+    /// First and second moments of `range`, flat, in f32 (f64 for f64 masters).
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
     /// Use the single-pass CPU update where it applies (off only to test it against the
     /// tensor form).
     fused: bool,
@@ -73,37 +78,63 @@ pub struct AdamW {
 pub enum OptimizerStateError {
     #[error("cannot read optimizer state {path}: {message}")]
     Read { path: String, message: String },
-    #[error("optimizer state {path} does not match the model: {message}")]
+    #[error("optimizer state {path} does not match this run: {message}")]
     Mismatch { path: String, message: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 
+/// The file format [`AdamW::save`] writes.
+const STATE_FORMAT: &str = "whet-adamw-flat-v1";
+
+/// A fingerprint of the parameters' names and sizes, so that state saved for other parameters
+/// (another model, another tuner) is refused instead of applied.
+fn layout_fingerprint(params: &[(String, Var)]) -> String {
+    // FNV-1a, 64 bit.
+    let mut hash: u64 = 0xcbf29ce484222325;
+    for (name, var) in params {
+        for byte in format!("{name}:{};", var.elem_count()).bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x100000001b3);
+        }
+    }
+    format!("{hash:016x}")
+}
+
 impl AdamW {
-    /// One state per parameter, in the order of `params` (which gradients must follow).
-    pub fn new(params: &[(String, Var)], config: AdamWConfig) -> Result<Self> {
-        let states = params
-            .iter()
-            .map(|(name, var)| {
-                // Moments in f32 at least, whatever the master dtype.
-                let dtype = if var.dtype() == DType::F64 {
-                    DType::F64
-                } else {
-                    DType::F32
-                };
-                Ok(ParamState {
-                    name: name.clone(),
-                    var: var.clone(),
-                    decays: applies_weight_decay(name),
-                    exp_avg: Tensor::zeros(var.shape(), dtype, var.device())?,
-                    exp_avg_sq: Tensor::zeros(var.shape(), dtype, var.device())?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+    /// State for every trainable parameter (one process).
+    pub fn new(params: &TrainableParams, config: AdamWConfig) -> Result<Self> {
+        Self::for_range(params, 0..params.num_elements(), config)
+    }
+
+    /// State for `range` of the flat trainable space only (a rank's shard).
+    pub fn for_range(
+        params: &TrainableParams,
+        range: Range<usize>,
+        config: AdamWConfig,
+    ) -> Result<Self> {
+        let list = params.as_slice();
+        let (dtype, device) = match list.first() {
+            // Moments in f32 at least, whatever the master dtype.
+            Some((_, var)) if var.dtype() == DType::F64 => (DType::F64, var.device().clone()),
+            Some((_, var)) => (DType::F32, var.device().clone()),
+            None => (DType::F32, Device::Cpu),
+        };
+        if range.end > params.num_elements() || range.start > range.end {
+            candle_core::bail!(
+                "optimizer range {range:?} is outside the {} trainable elements",
+                params.num_elements()
+            );
+        }
         Ok(Self {
             config,
             step: 0,
-            states,
+            params: list.to_vec(),
+            decays: list.iter().map(|(n, _)| applies_weight_decay(n)).collect(),
+            layout: params.layout().clone(),
+            exp_avg: Tensor::zeros(range.len(), dtype, &device)?,
+            exp_avg_sq: Tensor::zeros(range.len(), dtype, &device)?,
+            range,
             fused: true,
         })
     }
@@ -117,13 +148,18 @@ impl AdamW {
         self.step
     }
 
-    /// One update with learning rate `lr`. A parameter without a gradient is updated as if its
-    /// gradient were zero (moments decay, weight decay applies), which is what torch does for
-    /// an MoE expert that no token chose, since transformers stores experts in fused tensors.
+    pub fn range(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    /// One update with learning rate `lr` of every parameter element in the range. A parameter
+    /// without a gradient is updated as if its gradient were zero (moments decay, weight decay
+    /// applies), which is what torch does for an MoE expert that no token chose, since
+    /// transformers stores experts in fused tensors.
     pub fn step(&mut self, grads: &Gradients, lr: f64) -> Result<()> {
         assert_eq!(
             grads.len(),
-            self.states.len(),
+            self.params.len(),
             "gradients were computed for other parameters"
         );
         self.step += 1;
@@ -136,62 +172,77 @@ impl AdamW {
         let bias_correction1 = 1.0 - beta1.powi(self.step as i32);
         let bias_correction2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
         let step_size = lr / bias_correction1;
-        for (i, state) in self.states.iter_mut().enumerate() {
-            debug_assert_eq!(grads.name(i), state.name);
+        let layout = self.layout.clone();
+        for piece in layout.pieces(self.range.clone()) {
+            debug_assert_eq!(grads.name(piece.param), self.params[piece.param].0);
             let constants = StepConstants {
-                decay: if state.decays && weight_decay != 0.0 {
-                    Some(1.0 - lr * weight_decay)
-                } else {
-                    None
-                },
+                decay: (self.decays[piece.param] && weight_decay != 0.0)
+                    .then(|| 1.0 - lr * weight_decay),
                 beta1,
                 beta2,
                 eps,
                 bias_correction2_sqrt,
                 step_size,
             };
-            if self.fused && fused_cpu_update(state, grads.get(i), &constants)? {
-                continue;
-            }
-            let dtype = state.exp_avg.dtype();
-            let grad = match grads.get(i) {
-                Some(g) => g.to_dtype(dtype)?,
-                None => state.exp_avg.zeros_like()?,
-            };
-            let mut param = state.var.as_detached_tensor().to_dtype(dtype)?;
-            if state.decays && weight_decay != 0.0 {
-                param = param.affine(1.0 - lr * weight_decay, 0.0)?;
-            }
-            // torch: exp_avg.lerp_(grad, 1 - beta1), i.e. m + (1 - b1) * (g - m).
-            state.exp_avg =
-                (&state.exp_avg + (&grad - &state.exp_avg)?.affine(1.0 - beta1, 0.0)?)?;
-            state.exp_avg_sq =
-                (state.exp_avg_sq.affine(beta2, 0.0)? + grad.sqr()?.affine(1.0 - beta2, 0.0)?)?;
-            let scalar = |v: f64| Tensor::new(v, state.var.device())?.to_dtype(dtype);
-            let denom = state
-                .exp_avg_sq
-                .sqrt()?
-                .broadcast_div(&scalar(bias_correction2_sqrt)?)?
-                .affine(1.0, eps)?;
-            let update = (&state.exp_avg / denom)?.affine(-step_size, 0.0)?;
-            state
-                .var
-                .set(&(param + update)?.to_dtype(state.var.dtype())?)?;
+            self.update_piece(&piece, grads.get(piece.param), &constants)?;
         }
         Ok(())
     }
 
-    /// The state as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`) plus metadata
-    /// (`step`, and the hyper-parameters for the record).
-    pub fn state_tensors(&self) -> (Vec<(String, Tensor)>, HashMap<String, String>) {
-        let mut tensors = Vec::with_capacity(2 * self.states.len());
-        for s in &self.states {
-            tensors.push((format!("{}.exp_avg", s.name), s.exp_avg.clone()));
-            tensors.push((format!("{}.exp_avg_sq", s.name), s.exp_avg_sq.clone()));
+    /// Updates one parameter's elements `piece.within` and their moments.
+    fn update_piece(
+        &mut self,
+        piece: &Piece,
+        grad: Option<&Tensor>,
+        c: &StepConstants,
+    ) -> Result<()> {
+        let var = self.params[piece.param].1.clone();
+        let len = piece.within.len();
+        let whole = len == var.elem_count();
+        let flat_param = var.as_tensor().flatten_all()?;
+        let cut = |t: Tensor| {
+            if whole {
+                Ok(t)
+            } else {
+                t.narrow(0, piece.within.start, len)
+            }
+        };
+        let param = cut(flat_param.clone())?;
+        let grad = grad.map(|g| cut(g.flatten_all()?)).transpose()?;
+        let m = self.exp_avg.narrow(0, piece.at, len)?;
+        let v = self.exp_avg_sq.narrow(0, piece.at, len)?;
+        let fused = if self.fused {
+            fused_cpu_update(&param, grad.as_ref(), &m, &v, c)?
+        } else {
+            None
+        };
+        let (new_param, new_m, new_v) = match fused {
+            Some(updated) => updated,
+            None => tensor_update(&param, grad.as_ref(), &m, &v, c)?,
+        };
+        self.exp_avg.slice_set(&new_m, 0, piece.at)?;
+        self.exp_avg_sq.slice_set(&new_v, 0, piece.at)?;
+        let new_param = new_param.to_dtype(var.dtype())?;
+        if whole {
+            var.set(&new_param.reshape(var.shape())?)
+        } else {
+            flat_param.slice_set(&new_param, 0, piece.within.start)
         }
+    }
+
+    /// The state as flat tensors (`exp_avg`, `exp_avg_sq` over the range) plus metadata
+    /// (`step`, the range, the parameters' fingerprint, and the hyper-parameters for the record).
+    pub fn state_tensors(&self) -> (Vec<(String, Tensor)>, HashMap<String, String>) {
+        let tensors = vec![
+            ("exp_avg".to_string(), self.exp_avg.clone()),
+            ("exp_avg_sq".to_string(), self.exp_avg_sq.clone()),
+        ];
         let metadata = HashMap::from([
-            ("format".to_string(), "whet-adamw".to_string()),
+            ("format".to_string(), STATE_FORMAT.to_string()),
             ("step".to_string(), self.step.to_string()),
+            ("range_start".to_string(), self.range.start.to_string()),
+            ("range_end".to_string(), self.range.end.to_string()),
+            ("parameters".to_string(), layout_fingerprint(&self.params)),
             ("beta1".to_string(), self.config.beta1.to_string()),
             ("beta2".to_string(), self.config.beta2.to_string()),
             ("eps".to_string(), self.config.eps.to_string()),
@@ -206,15 +257,14 @@ impl AdamW {
     pub fn save(&self, path: impl AsRef<Path>) -> std::result::Result<(), OptimizerStateError> {
         let path = path.as_ref();
         let (tensors, metadata) = self.state_tensors();
-        crate::model::qwen3::write_safetensors(path, tensors, metadata).map_err(|e| {
-            OptimizerStateError::Read {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            }
+        tensor_files::write(path, tensors, metadata).map_err(|e| OptimizerStateError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
         })
     }
 
-    /// Restores the step count and moments saved by [`AdamW::save`] for the same parameters.
+    /// Restores the step count and moments saved by [`AdamW::save`] for the same parameters and
+    /// range.
     pub fn load(&mut self, path: impl AsRef<Path>) -> std::result::Result<(), OptimizerStateError> {
         let path = path.as_ref();
         let read_err = |message: String| OptimizerStateError::Read {
@@ -225,34 +275,46 @@ impl AdamW {
             path: path.display().to_string(),
             message,
         };
-        let bytes = std::fs::read(path).map_err(|e| read_err(e.to_string()))?;
-        let (_, header) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| read_err(e.to_string()))?;
-        let step: u64 = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("step"))
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| read_err("no `step` in the metadata".into()))?;
-        let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
-        for s in &mut self.states {
-            for (suffix, slot) in [
-                ("exp_avg", &mut s.exp_avg),
-                ("exp_avg_sq", &mut s.exp_avg_sq),
-            ] {
-                let key = format!("{}.{suffix}", s.name);
-                let t = tensors
-                    .remove(&key)
-                    .ok_or_else(|| mismatch(format!("no `{key}`")))?;
-                if t.shape() != slot.shape() {
-                    return Err(mismatch(format!(
-                        "`{key}` has shape {:?}, expected {:?}",
-                        t.dims(),
-                        slot.dims()
-                    )));
-                }
-                *slot = t.to_dtype(slot.dtype())?.to_device(s.var.device())?;
+        let metadata = tensor_files::read_metadata(path).map_err(|e| read_err(e.to_string()))?;
+        let field = |key: &str| metadata.get(key).map(String::as_str).unwrap_or("");
+        if field("format") != STATE_FORMAT {
+            return Err(mismatch(format!(
+                "it has format `{}`, this whet reads `{STATE_FORMAT}`; resume with --resume_only_model true to load the weights only",
+                field("format")
+            )));
+        }
+        if field("parameters") != layout_fingerprint(&self.params) {
+            return Err(mismatch(
+                "it was saved for other trainable parameters (another model or tuner)".into(),
+            ));
+        }
+        let saved_range = format!("{}..{}", field("range_start"), field("range_end"));
+        if saved_range != format!("{:?}", self.range) {
+            return Err(mismatch(format!(
+                "it holds elements {saved_range} of the parameters, this process updates {:?}",
+                self.range
+            )));
+        }
+        let step: u64 = field("step")
+            .parse()
+            .map_err(|_| read_err("no `step` in the metadata".into()))?;
+        let mut tensors =
+            tensor_files::read_all(path, &Device::Cpu).map_err(|e| read_err(e.to_string()))?;
+        for (key, slot) in [
+            ("exp_avg", &mut self.exp_avg),
+            ("exp_avg_sq", &mut self.exp_avg_sq),
+        ] {
+            let t = tensors
+                .remove(key)
+                .ok_or_else(|| mismatch(format!("no `{key}`")))?;
+            if t.dims() != slot.dims() {
+                return Err(mismatch(format!(
+                    "`{key}` has shape {:?}, expected {:?}",
+                    t.dims(),
+                    slot.dims()
+                )));
             }
+            *slot = t.to_dtype(slot.dtype())?.to_device(slot.device())?;
         }
         self.step = step;
         Ok(())
@@ -273,36 +335,60 @@ struct StepConstants {
     step_size: f64,
 }
 
-/// The AdamW update of one f32 parameter on the CPU in a single pass over its elements,
-/// instead of a dozen whole-tensor temporaries. It performs the very f32 operations, in the
-/// same order, that the tensor form in [`AdamW::step`] does (candle's `affine(m, a)` is
-/// `x * m + a` in f32), so the results are bit-identical. Returns false (nothing done) for
-/// other dtypes and devices.
-fn fused_cpu_update(
-    state: &mut ParamState,
+/// New (param, exp_avg, exp_avg_sq) of one flat piece, as whole-tensor operations (any device).
+fn tensor_update(
+    param: &Tensor,
     grad: Option<&Tensor>,
+    m: &Tensor,
+    v: &Tensor,
     c: &StepConstants,
-) -> Result<bool> {
-    let param = state.var.as_tensor();
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dtype = m.dtype();
+    let grad = match grad {
+        Some(g) => g.to_dtype(dtype)?,
+        None => m.zeros_like()?,
+    };
+    let mut param = param.to_dtype(dtype)?;
+    if let Some(decay) = c.decay {
+        param = param.affine(decay, 0.0)?;
+    }
+    // torch: exp_avg.lerp_(grad, 1 - beta1), i.e. m + (1 - b1) * (g - m).
+    let m = (m + (&grad - m)?.affine(1.0 - c.beta1, 0.0)?)?;
+    let v = (v.affine(c.beta2, 0.0)? + grad.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
+    let scalar = |x: f64| Tensor::new(x, m.device())?.to_dtype(dtype);
+    let denom = v
+        .sqrt()?
+        .broadcast_div(&scalar(c.bias_correction2_sqrt)?)?
+        .affine(1.0, c.eps)?;
+    let update = (&m / denom)?.affine(-c.step_size, 0.0)?;
+    Ok(((param + update)?, m, v))
+}
+
+/// The same update of one f32 piece on the CPU in a single pass over its elements, instead of
+/// a dozen whole-tensor temporaries. It performs the very f32 operations, in the same order,
+/// that [`tensor_update`] does (candle's `affine(m, a)` is `x * m + a` in f32), so the results
+/// are bit-identical. Returns None (nothing done) for other dtypes and devices.
+fn fused_cpu_update(
+    param: &Tensor,
+    grad: Option<&Tensor>,
+    m: &Tensor,
+    v: &Tensor,
+    c: &StepConstants,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let all_f32 = param.dtype() == DType::F32
-        && state.exp_avg.dtype() == DType::F32
+        && m.dtype() == DType::F32
         && grad.is_none_or(|g| g.dtype() == DType::F32);
-    if !param.device().is_cpu() || !all_f32 || !param.is_contiguous() {
-        return Ok(false);
+    if !param.device().is_cpu() || !all_f32 {
+        return Ok(None);
     }
     let grad = grad.map(Tensor::contiguous).transpose()?;
-    let (exp_avg, exp_avg_sq) = (state.exp_avg.contiguous()?, state.exp_avg_sq.contiguous()?);
+    let (param, m, v) = (param.contiguous()?, m.contiguous()?, v.contiguous()?);
     let n = param.elem_count();
     let (mut new_param, mut new_avg, mut new_avg_sq) =
         (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
     {
-        let guards = [
-            Some(param),
-            Some(&exp_avg),
-            Some(&exp_avg_sq),
-            grad.as_ref(),
-        ]
-        .map(|t| t.map(Tensor::storage_and_layout));
+        let guards = [Some(&param), Some(&m), Some(&v), grad.as_ref()]
+            .map(|t| t.map(Tensor::storage_and_layout));
         let slices: Vec<Option<&[f32]>> = guards
             .iter()
             .map(|guard| match guard {
@@ -362,41 +448,26 @@ fn fused_cpu_update(
             });
         }
     }
-    let (shape, device) = (param.shape().clone(), param.device().clone());
-    state.exp_avg = Tensor::from_vec(new_avg, &shape, &device)?;
-    state.exp_avg_sq = Tensor::from_vec(new_avg_sq, &shape, &device)?;
-    state
-        .var
-        .set(&Tensor::from_vec(new_param, &shape, &device)?)?;
-    Ok(true)
+    let device = param.device();
+    Ok(Some((
+        Tensor::from_vec(new_param, n, device)?,
+        Tensor::from_vec(new_avg, n, device)?,
+        Tensor::from_vec(new_avg_sq, n, device)?,
+    )))
 }
 
 /// Scales all gradients so that their global L2 norm is at most `max_norm` and returns the norm
 /// before clipping, as `torch.nn.utils.clip_grad_norm_`: every gradient is multiplied by
-/// `min(1, max_norm / (norm + 1e-6))`. Missing gradients count as zero.
-pub fn clip_grad_norm(grads: &mut Gradients, max_norm: f64) -> Result<f64> {
-    let mut sum_sq = 0f64;
-    for (_, grad) in grads.iter() {
-        let Some(g) = grad else { continue };
-        // One pass over a contiguous f32 CPU gradient, with the same f64 squares summed in the
-        // same order as the tensor form below (whose temporaries cost three passes).
-        if g.dtype() == DType::F32 && g.is_contiguous() {
-            let squares = crate::ops::with_cpu_slice(g, |xs: &[f32]| {
-                xs.iter()
-                    .fold(0f64, |acc, &x| acc + f64::from(x) * f64::from(x))
-            })?;
-            if let Some(squares) = squares {
-                sum_sq += squares;
-                continue;
-            }
-        }
-        sum_sq += g
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-    }
-    let norm = sum_sq.sqrt();
+/// `min(1, max_norm / (norm + 1e-6))`. The squares are summed over the range this process
+/// owns and then over all processes, so every rank clips by the same global norm.
+pub fn clip_grad_norm(
+    grads: &mut Gradients,
+    max_norm: f64,
+    sync: &mut dyn GradSync,
+) -> Result<f64> {
+    let mut sum_sq = [grads.sum_of_squares(sync.owned())?];
+    sync.sum_scalars(&mut sum_sq)?;
+    let norm = sum_sq[0].sqrt();
     // torch computes the coefficient in float32; multiplying by a clamped 1.0 changes nothing.
     let coef = ((max_norm as f32) / (norm as f32 + 1e-6)).min(1.0);
     if coef < 1.0 {
@@ -434,7 +505,7 @@ mod tests {
 
     #[test]
     fn adamw_matches_hand_computation_and_state_round_trips() {
-        let params = vec![
+        let params = TrainableParams::from_vars(vec![
             (
                 "w".to_string(),
                 Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap(),
@@ -443,7 +514,7 @@ mod tests {
                 "norm.weight".to_string(),
                 Var::new(&[0.5f32], &Device::Cpu).unwrap(),
             ),
-        ];
+        ]);
         let config = AdamWConfig {
             weight_decay: 0.1,
             ..Default::default()
@@ -454,10 +525,10 @@ mod tests {
         grads.set(1, Some(Tensor::new(&[0.2f32], &Device::Cpu).unwrap()));
         opt.step(&grads, 0.01).unwrap();
         // Step 1: m_hat = g, v_hat = g^2, so the update is lr * sign(g) (up to eps).
-        let w: Vec<f32> = params[0].1.to_vec1().unwrap();
+        let w: Vec<f32> = params.as_slice()[0].1.to_vec1().unwrap();
         let expected0 = 1.0 * (1.0 - 0.01 * 0.1) - 0.01 * 0.3 / (0.3 + 1e-8);
         assert!((w[0] as f64 - expected0).abs() < 1e-6, "{w:?}");
-        let n: Vec<f32> = params[1].1.to_vec1().unwrap();
+        let n: Vec<f32> = params.as_slice()[1].1.to_vec1().unwrap();
         assert!(
             (n[0] as f64 - (0.5 - 0.01)).abs() < 1e-6,
             "no decay on norms: {n:?}"
@@ -470,15 +541,28 @@ mod tests {
         let mut restored = AdamW::new(&params, config).unwrap();
         restored.load(&path).unwrap();
         assert_eq!(restored.step_count(), 1);
-        for (a, b) in opt.states.iter().zip(&restored.states) {
-            let d = (&a.exp_avg_sq - &b.exp_avg_sq)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap();
-            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+        for (a, b) in [
+            (&opt.exp_avg, &restored.exp_avg),
+            (&opt.exp_avg_sq, &restored.exp_avg_sq),
+        ] {
+            let (a, b): (Vec<f32>, Vec<f32>) = (a.to_vec1().unwrap(), b.to_vec1().unwrap());
+            assert_eq!(a, b);
         }
+        // State saved for other parameters or another shard is refused, not applied.
+        let other = TrainableParams::from_vars(vec![(
+            "w".to_string(),
+            Var::new(&[1.0f32, -2.0, 3.0], &Device::Cpu).unwrap(),
+        )]);
+        let err = AdamW::new(&other, config).unwrap().load(&path).unwrap_err();
+        assert!(
+            err.to_string().contains("other trainable parameters"),
+            "{err}"
+        );
+        let err = AdamW::for_range(&params, 1..3, config)
+            .unwrap()
+            .load(&path)
+            .unwrap_err();
+        assert!(err.to_string().contains("updates 1..3"), "{err}");
         std::fs::remove_dir_all(dir).ok();
     }
 
@@ -486,7 +570,7 @@ mod tests {
     fn fused_update_is_bit_identical_to_the_tensor_form() {
         let values = |n: usize, seed: u64| crate::ops::tests::test_values(n, seed);
         let make_params = || {
-            vec![
+            TrainableParams::from_vars(vec![
                 (
                     "w".to_string(),
                     Var::from_vec(
@@ -504,7 +588,7 @@ mod tests {
                     "unused".to_string(),
                     Var::new(&[0.25f32], &Device::Cpu).unwrap(),
                 ),
-            ]
+            ])
         };
         let config = AdamWConfig {
             weight_decay: 0.1,
@@ -532,7 +616,7 @@ mod tests {
             );
             fused.step(&grads, 1e-3 * (step + 1) as f64).unwrap();
             plain.step(&grads, 1e-3 * (step + 1) as f64).unwrap();
-            for ((name, a), (_, b)) in fused_params.iter().zip(&plain_params) {
+            for ((name, a), (_, b)) in fused_params.as_slice().iter().zip(plain_params.as_slice()) {
                 let (a, b): (Vec<f32>, Vec<f32>) = (
                     a.flatten_all().unwrap().to_vec1().unwrap(),
                     b.flatten_all().unwrap().to_vec1().unwrap(),
@@ -540,27 +624,96 @@ mod tests {
                 let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
                 assert!(same, "{name} differs after step {step}");
             }
-            for (a, b) in fused.states.iter().zip(&plain.states) {
-                for (x, y) in [(&a.exp_avg, &b.exp_avg), (&a.exp_avg_sq, &b.exp_avg_sq)] {
-                    let (x, y): (Vec<f32>, Vec<f32>) = (
-                        x.flatten_all().unwrap().to_vec1().unwrap(),
-                        y.flatten_all().unwrap().to_vec1().unwrap(),
-                    );
-                    assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
-                }
+            for (x, y) in [
+                (&fused.exp_avg, &plain.exp_avg),
+                (&fused.exp_avg_sq, &plain.exp_avg_sq),
+            ] {
+                let (x, y): (Vec<f32>, Vec<f32>) = (x.to_vec1().unwrap(), y.to_vec1().unwrap());
+                assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
             }
         }
     }
 
+    /// Shards of the flat space updated one by one give exactly the whole-space update: a
+    /// parameter cut between two ranges is updated half here, half there.
+    #[test]
+    fn ranges_of_the_flat_space_update_like_the_whole() {
+        let values = |n: usize, seed: u64| -> Vec<f32> {
+            crate::ops::tests::test_values(n, seed)
+                .iter()
+                .map(|&v| v as f32)
+                .collect()
+        };
+        let make = || {
+            TrainableParams::from_vars(vec![
+                (
+                    "a".into(),
+                    Var::from_vec(values(6, 1), (2, 3), &Device::Cpu).unwrap(),
+                ),
+                (
+                    "norm.weight".into(),
+                    Var::from_vec(values(4, 2), 4, &Device::Cpu).unwrap(),
+                ),
+                (
+                    "b".into(),
+                    Var::from_vec(values(5, 3), 5, &Device::Cpu).unwrap(),
+                ),
+            ])
+        };
+        let config = AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let (whole_params, shard_params) = (make(), make());
+        let mut whole = AdamW::new(&whole_params, config).unwrap();
+        let mut shards: Vec<AdamW> = [0..4, 4..8, 8..15]
+            .into_iter()
+            .map(|r| AdamW::for_range(&shard_params, r, config).unwrap())
+            .collect();
+        shards[1].fused = false; // the tensor form on ranges too
+        for step in 0..3u64 {
+            let mut grads = Gradients::empty(&whole_params);
+            grads.set(
+                0,
+                Some(Tensor::from_vec(values(6, 10 + step), (2, 3), &Device::Cpu).unwrap()),
+            );
+            grads.set(
+                2,
+                Some(Tensor::from_vec(values(5, 20 + step), 5, &Device::Cpu).unwrap()),
+            );
+            whole.step(&grads, 1e-2).unwrap();
+            for shard in &mut shards {
+                shard.step(&grads, 1e-2).unwrap();
+            }
+        }
+        for ((name, a), (_, b)) in whole_params.as_slice().iter().zip(shard_params.as_slice()) {
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                a.flatten_all().unwrap().to_vec1().unwrap(),
+                b.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(a, b, "{name}");
+        }
+        let joined: Vec<f32> = shards
+            .iter()
+            .flat_map(|s| s.exp_avg_sq.to_vec1::<f32>().unwrap())
+            .collect();
+        assert_eq!(joined, whole.exp_avg_sq.to_vec1::<f32>().unwrap());
+    }
+
     #[test]
     fn clipping_scales_to_max_norm() {
-        let params = vec![(
+        let params = TrainableParams::from_vars(vec![(
             "a".to_string(),
             Var::new(&[0f32, 0.0], &Device::Cpu).unwrap(),
-        )];
+        )]);
         let mut grads = Gradients::empty(&params);
         grads.set(0, Some(Tensor::new(&[3f32, 4.0], &Device::Cpu).unwrap()));
-        let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
+        let norm = clip_grad_norm(
+            &mut grads,
+            1.0,
+            &mut crate::sync::SingleProcess::new(params.num_elements()),
+        )
+        .unwrap();
         assert!((norm - 5.0).abs() < 1e-9);
         let g: Vec<f32> = grads.get(0).unwrap().to_vec1().unwrap();
         assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6);
@@ -570,9 +723,18 @@ mod tests {
             .map(|&v| v as f32)
             .collect();
         let g = Tensor::from_vec(values, 10_000, &Device::Cpu).unwrap();
+        let params = TrainableParams::from_vars(vec![(
+            "a".to_string(),
+            Var::zeros(10_000, DType::F32, &Device::Cpu).unwrap(),
+        )]);
         let mut grads = Gradients::empty(&params);
         grads.set(0, Some(g.clone()));
-        let fast = clip_grad_norm(&mut grads, 1e9).unwrap();
+        let fast = clip_grad_norm(
+            &mut grads,
+            1e9,
+            &mut crate::sync::SingleProcess::new(params.num_elements()),
+        )
+        .unwrap();
         let tensor_form = g
             .to_dtype(DType::F64)
             .unwrap()

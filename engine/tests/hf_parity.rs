@@ -11,6 +11,12 @@ use whet_engine::grad::{loss_and_gradients, Batch, LossOptions};
 use whet_engine::model::qwen3::router_aux_loss;
 use whet_engine::model::{Model, ModelConfig, ModelOptions};
 use whet_engine::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use whet_engine::sync::SingleProcess;
+
+/// The gradient synchroniser of one process, for `model`'s trainable parameters.
+fn single_process(model: &Model) -> SingleProcess {
+    SingleProcess::new(model.trainable().num_elements())
+}
 use whet_shared::config::LrSchedulerType;
 use whet_shared::schedule::Schedule;
 
@@ -175,14 +181,14 @@ fn check_forward_and_gradients(kind: &str) {
     // Every trainable Var received a gradient.
     assert_eq!(
         grads.num_present(),
-        model.parameters().len(),
+        model.trainable_parameters().len(),
         "{kind}: parameters without gradient"
     );
 
     let want = expected_tensors(&format!("{kind}_grads.safetensors"));
     assert_eq!(
         want.len(),
-        model.parameters().len(),
+        model.trainable_parameters().len(),
         "{kind}: parameter count vs reference"
     );
     let mut worst = 0f64;
@@ -228,7 +234,7 @@ fn moe_aux_loss_router_gradients_match_transformers() {
     let want = expected_tensors("moe_aux_router_grads.safetensors");
     assert_eq!(want.len(), 2);
     let mut worst = 0f64;
-    for (name, var) in model.parameters() {
+    for (name, var) in model.trainable_parameters() {
         match want.get(name) {
             Some(reference) => {
                 let grad = store
@@ -272,7 +278,7 @@ fn check_training(kind: &str) {
         eps: 1e-8,
         weight_decay: 0.1,
     };
-    let mut optimizer = AdamW::new(model.parameters(), config).unwrap();
+    let mut optimizer = AdamW::new(model.trainable(), config).unwrap();
     let options = LossOptions::for_model(model.config());
     for step in 1..=3 {
         let (report, mut grads) = loss_and_gradients(&model, &batch, &options).unwrap();
@@ -282,7 +288,7 @@ fn check_training(kind: &str) {
             want_losses[step - 1],
             1e-5,
         );
-        let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
+        let norm = clip_grad_norm(&mut grads, 1.0, &mut single_process(&model)).unwrap();
         assert_rel(
             &format!("{kind} step {step} grad norm"),
             norm,
@@ -303,7 +309,7 @@ fn check_training(kind: &str) {
 
     let want = expected_tensors(&format!("{kind}_params_after_3_steps.safetensors"));
     let (mut worst, mut over, mut total) = (0f64, 0usize, 0usize);
-    for (name, var) in model.parameters() {
+    for (name, var) in model.trainable_parameters() {
         let reference = want
             .get(name)
             .unwrap_or_else(|| panic!("reference lacks {name}"));
@@ -346,7 +352,7 @@ fn check_checkpointing_identical(model: &Model, batch: &Batch) {
     let (report_a, grads_a) = loss_and_gradients(model, batch, &plain).unwrap();
     let (report_b, grads_b) = loss_and_gradients(model, batch, &checkpointed).unwrap();
     assert_eq!(report_a.loss, report_b.loss);
-    assert_eq!(grads_b.num_present(), model.parameters().len());
+    assert_eq!(grads_b.num_present(), model.trainable_parameters().len());
     let mut worst = 0f64;
     for ((name, a), (_, b)) in grads_a.iter().zip(grads_b.iter()) {
         let (a, b) = (
@@ -381,7 +387,11 @@ const QWEN2_CONFIG: &str = r#"{"architectures": ["Qwen2ForCausalLM"], "model_typ
 fn qwen2_style_model_trains_every_parameter() {
     let config = ModelConfig::from_json_str(QWEN2_CONFIG).unwrap();
     let model = Model::random(config, 7, ModelOptions::default()).unwrap();
-    let names: Vec<&str> = model.parameters().iter().map(|(n, _)| n.as_str()).collect();
+    let names: Vec<&str> = model
+        .trainable_parameters()
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
     assert!(names.contains(&"model.layers.0.self_attn.q_proj.bias"));
     assert!(!names.contains(&"model.layers.0.self_attn.o_proj.bias"));
     assert!(!names
@@ -399,7 +409,7 @@ fn qwen2_style_model_trains_every_parameter() {
         report.loss.is_finite() && (report.loss - (512f64).ln()).abs() < 0.5,
         "{report:?}"
     );
-    assert_eq!(grads.num_present(), model.parameters().len());
+    assert_eq!(grads.num_present(), model.trainable_parameters().len());
     check_checkpointing_identical(&model, &batch);
 }
 
@@ -414,7 +424,7 @@ fn bf16_compute_runs_with_f32_masters() {
     let (report, grads) =
         loss_and_gradients(&model, &batch, &LossOptions::for_model(model.config())).unwrap();
     assert!((report.ce_loss - 6.322655).abs() < 0.05, "{report:?}");
-    assert_eq!(grads.num_present(), model.parameters().len());
+    assert_eq!(grads.num_present(), model.trainable_parameters().len());
     for (_, g) in grads.iter() {
         assert_eq!(g.unwrap().dtype(), DType::F32);
     }
@@ -427,8 +437,15 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 fn assert_same_parameters(a: &Model, b: &Model) {
-    assert_eq!(a.parameters().len(), b.parameters().len());
-    for ((na, va), (nb, vb)) in a.parameters().iter().zip(b.parameters()) {
+    assert_eq!(
+        a.trainable_parameters().len(),
+        b.trainable_parameters().len()
+    );
+    for ((na, va), (nb, vb)) in a
+        .trainable_parameters()
+        .iter()
+        .zip(b.trainable_parameters())
+    {
         assert_eq!(na, nb);
         assert_eq!(max_abs_diff(va.as_tensor(), vb.as_tensor()), 0.0, "{na}");
     }
@@ -471,7 +488,7 @@ fn saved_checkpoints_reload_single_and_sharded() {
         .unwrap();
     let bf16 = candle_core::safetensors::load(dir.join("bf16.safetensors"), &Device::Cpu).unwrap();
     assert!(bf16.values().all(|t| t.dtype() == DType::BF16));
-    assert_eq!(bf16.len(), model.parameters().len());
+    assert_eq!(bf16.len(), model.trainable_parameters().len());
 
     for d in [dir, sharded] {
         std::fs::remove_dir_all(d).ok();
@@ -495,19 +512,19 @@ fn optimizer_state_resumes_exactly() {
     let train_step = |model: &Model, optimizer: &mut AdamW, step: usize| {
         let options = LossOptions::for_model(model.config());
         let (_, mut grads) = loss_and_gradients(model, &batch, &options).unwrap();
-        clip_grad_norm(&mut grads, 1.0).unwrap();
+        clip_grad_norm(&mut grads, 1.0, &mut single_process(model)).unwrap();
         optimizer.step(&grads, schedule.lr(step as u64)).unwrap();
     };
 
     let straight = load_model("moe");
-    let mut optimizer = AdamW::new(straight.parameters(), config).unwrap();
+    let mut optimizer = AdamW::new(straight.trainable(), config).unwrap();
     for step in 1..=3 {
         train_step(&straight, &mut optimizer, step);
     }
 
     let dir = temp_dir("resume");
     let first = load_model("moe");
-    let mut optimizer = AdamW::new(first.parameters(), config).unwrap();
+    let mut optimizer = AdamW::new(first.trainable(), config).unwrap();
     for step in 1..=2 {
         train_step(&first, &mut optimizer, step);
     }
@@ -522,7 +539,7 @@ fn optimizer_state_resumes_exactly() {
     optimizer.save(dir.join("optimizer.safetensors")).unwrap();
 
     let resumed = Model::from_pretrained(&dir, ModelOptions::default()).unwrap();
-    let mut optimizer = AdamW::new(resumed.parameters(), config).unwrap();
+    let mut optimizer = AdamW::new(resumed.trainable(), config).unwrap();
     optimizer.load(dir.join("optimizer.safetensors")).unwrap();
     assert_eq!(optimizer.step_count(), 2);
     train_step(&resumed, &mut optimizer, 3);

@@ -73,11 +73,22 @@ impl TorchDtype {
             TorchDtype::Float16 | TorchDtype::Bfloat16 => 2.0,
         }
     }
-    pub fn as_str(self) -> &'static str {
+    /// The name transformers writes (`torch_dtype`/`dtype` in config.json, ms-swift's flag).
+    pub const fn as_str(self) -> &'static str {
         match self {
             TorchDtype::Float32 => "float32",
             TorchDtype::Float16 => "float16",
             TorchDtype::Bfloat16 => "bfloat16",
+        }
+    }
+
+    /// Reads a dtype name as transformers and ms-swift spell it (also `bf16`, `fp16`, `half`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "float32" | "fp32" => Some(TorchDtype::Float32),
+            "float16" | "fp16" | "half" => Some(TorchDtype::Float16),
+            "bfloat16" | "bf16" => Some(TorchDtype::Bfloat16),
+            _ => None,
         }
     }
 }
@@ -90,6 +101,19 @@ pub enum LrSchedulerType {
     Constant,
     ConstantWithWarmup,
     CosineWithMinLr,
+}
+
+impl LrSchedulerType {
+    /// transformers' name of the schedule (`--lr_scheduler_type`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LrSchedulerType::Cosine => "cosine",
+            LrSchedulerType::Linear => "linear",
+            LrSchedulerType::Constant => "constant",
+            LrSchedulerType::ConstantWithWarmup => "constant_with_warmup",
+            LrSchedulerType::CosineWithMinLr => "cosine_with_min_lr",
+        }
+    }
 }
 
 /// `eval_strategy` / `save_strategy`.

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::config::{IntervalStrategy, JobConfig, TunerType, ZeroSettings};
 use crate::dataset_spec::DatasetSpec;
+use crate::events::{self, EventPlan};
 use crate::gpus::{self, Gpu};
 use crate::memory::{self, MemoryEstimate, Sharding};
 use crate::models::{self, ModelFacts};
@@ -87,6 +88,8 @@ pub struct Derived {
     pub steps_per_epoch: Option<u64>,
     pub total_steps: Option<u64>,
     pub warmup_steps: Option<u64>,
+    /// Train log lines in logging.jsonl (eval lines and the end-of-train lines aside).
+    pub num_logs: Option<u64>,
     pub num_evals: Option<u64>,
     pub num_saves: Option<u64>,
     pub memory: Option<MemoryEstimate>,
@@ -156,6 +159,12 @@ pub fn output_dir(config: &JobConfig) -> String {
     }
 }
 
+/// Rows split_dataset_ratio holds out of `rows` (the engine splits exactly this many): at least
+/// one, at most all.
+pub fn split_val_rows(rows: u64, ratio: f64) -> u64 {
+    ((rows as f64 * ratio) as u64).max(1).min(rows)
+}
+
 /// Rows of the training data when every spec is a local `.jsonl` file or has `#N`.
 fn local_rows(specs: &[String], read_file: &dyn Fn(&str) -> Option<String>) -> Option<u64> {
     if specs.is_empty() {
@@ -191,18 +200,6 @@ fn rows_from_specs(specs: &[String], field: &str) -> Option<u64> {
         .sum()
 }
 
-/// Steps of one interval strategy: every `every` steps plus the forced final one.
-fn count_events(strategy: IntervalStrategy, every: u64, total: u64, updates_per_epoch: u64) -> u64 {
-    match strategy {
-        IntervalStrategy::No => 0,
-        IntervalStrategy::Steps if every > 0 => {
-            total / every + u64::from(!total.is_multiple_of(every))
-        }
-        IntervalStrategy::Steps => 0,
-        IntervalStrategy::Epoch => total.div_ceil(updates_per_epoch.max(1)),
-    }
-}
-
 pub fn derive(
     config: &JobConfig,
     facts: Option<&ModelFacts>,
@@ -214,17 +211,12 @@ pub fn derive(
     let accumulation = gradient_accumulation_steps(config);
     let batch = sft.per_device_train_batch_size.max(1) as u64;
     let eval = eval_strategy(config);
-    let eval_steps = sft
-        .eval_steps
-        .filter(|s| *s > 0)
-        .unwrap_or(sft.save_steps)
-        .max(0) as u64;
 
     // --- rows
     let rows = dataset_rows.or_else(|| rows_from_specs(&sft.dataset, "dataset"));
     let (train_rows, val_rows) = match rows {
         Some(n) if sft.val_dataset.is_empty() && sft.split_dataset_ratio > 0.0 => {
-            let val = ((n as f64 * sft.split_dataset_ratio) as u64).max(1).min(n);
+            let val = split_val_rows(n, sft.split_dataset_ratio);
             (Some(n - val), Some(val))
         }
         Some(n) => (Some(n), rows_from_specs(&sft.val_dataset, "val_dataset")),
@@ -256,15 +248,10 @@ pub fn derive(
         }
     });
     let per_epoch = steps_per_epoch.unwrap_or(total_steps.unwrap_or(1));
-    let num_evals = total_steps.map(|t| count_events(eval, eval_steps, t, per_epoch));
-    let num_saves = total_steps.map(|t| {
-        count_events(
-            sft.save_strategy,
-            sft.save_steps.max(0) as u64,
-            t,
-            per_epoch,
-        )
-    });
+    let events = total_steps.map(|t| EventPlan::new(config, per_epoch, t).counts());
+    let num_logs = events.map(|e| e.logs);
+    let num_evals = events.map(|e| e.evals);
+    let num_saves = events.map(|e| e.saves);
 
     // --- memory and disk
     let zero = sft.zero().unwrap_or_else(ZeroSettings::none);
@@ -295,7 +282,8 @@ pub fn derive(
         gradient_accumulation_steps: accumulation,
         learning_rate: learning_rate(config),
         eval_strategy: eval.as_str(),
-        eval_steps: (eval == IntervalStrategy::Steps).then_some(eval_steps),
+        eval_steps: (eval == IntervalStrategy::Steps)
+            .then_some(events::eval_steps(config).max(0) as u64),
         save_strategy: sft.save_strategy.as_str(),
         model_type: sft
             .model_type
@@ -312,6 +300,7 @@ pub fn derive(
         steps_per_epoch,
         total_steps,
         warmup_steps,
+        num_logs,
         num_evals,
         num_saves,
         memory,

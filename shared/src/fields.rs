@@ -106,7 +106,11 @@ pub struct Field {
 }
 
 pub const TUNER_TYPES: &[&str] = &["full", "lora", "qlora"];
-pub const DTYPES: &[&str] = &["float32", "float16", "bfloat16"];
+pub const DTYPES: &[&str] = &[
+    TorchDtype::Float32.as_str(),
+    TorchDtype::Float16.as_str(),
+    TorchDtype::Bfloat16.as_str(),
+];
 pub const SCHEDULERS: &[&str] = &[
     "cosine",
     "linear",
@@ -172,6 +176,7 @@ const fn sft(
     }
 }
 
+use crate::config::TorchDtype;
 use Group as G;
 use Kind as K;
 

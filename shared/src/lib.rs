@@ -14,6 +14,7 @@ pub mod config;
 pub mod dataset_spec;
 pub mod derive;
 pub mod diagnostics;
+pub mod events;
 pub mod fields;
 pub mod files;
 pub mod form;

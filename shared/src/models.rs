@@ -203,12 +203,7 @@ impl ModelFacts {
             .get("torch_dtype")
             .or_else(|| value.get("dtype"))
             .and_then(|d| d.as_str())
-            .and_then(|d| match d {
-                "float32" => Some(TorchDtype::Float32),
-                "float16" => Some(TorchDtype::Float16),
-                "bfloat16" => Some(TorchDtype::Bfloat16),
-                _ => None,
-            });
+            .and_then(TorchDtype::from_name);
         let facts = ModelFacts {
             name: name.to_string(),
             architecture,

@@ -802,6 +802,17 @@ fn eval_save_rules(config: &JobConfig, derived: &Derived, out: &mut Vec<Diagnost
     }
     if let Some(steps) = sft.eval_steps {
         positive(out, "eval_steps", steps, "50");
+    } else if derive::eval_strategy(config) == IntervalStrategy::Steps && sft.save_steps < 1 {
+        // eval_steps follows save_steps, which an epoch save strategy may leave at 0.
+        out.push(
+            Diagnostic::error(
+                "eval_steps",
+                "eval_steps_missing",
+                format!("eval_strategy is steps but eval_steps is unset and save_steps ({}) gives no interval", sft.save_steps),
+                format!("eval_strategy 为 steps，但未设置 eval_steps，且 save_steps（{}）不是有效间隔", sft.save_steps),
+            )
+            .with_fix("set --eval_steps 50 (or --eval_strategy epoch)", "设置 --eval_steps 50（或 --eval_strategy epoch）"),
+        );
     }
     if sft.save_strategy == IntervalStrategy::Steps {
         positive(out, "save_steps", sft.save_steps, "50");

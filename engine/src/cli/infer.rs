@@ -11,7 +11,7 @@ use whet_shared::models::{default_template, Architecture};
 
 use crate::dataset::{self, Conversation, HubSettings, LoadOptions, Message, Role};
 use crate::generate::{generate, SamplingOptions};
-use crate::model::{Model, ModelConfig, ModelOptions};
+use crate::model::{Model, ModelConfig, ModelOptions, Trainable};
 use crate::rng::SplitMix64;
 use crate::train::data::{
     generation_prefix, render_prompt, ChatTokenizer, RenderOptions, Template,
@@ -108,7 +108,12 @@ pub fn run(args: InferArgs) -> anyhow::Result<ExitCode> {
     let model_config = ModelConfig::from_model_dir(&args.model)
         .with_context(|| format!("reading {}/config.json", args.model.display()))?;
     let template = template_for(&args.model, &model_config, args.template.as_deref())?;
-    let model = Model::from_pretrained(&args.model, ModelOptions::default())
+    // Nothing is trained: every weight frozen, so no forward pass records a backward graph.
+    let options = ModelOptions {
+        trainable: Trainable::Nothing,
+        ..ModelOptions::default()
+    };
+    let model = Model::from_pretrained(&args.model, options)
         .with_context(|| format!("loading the model in {}", args.model.display()))?;
     let tokenizer = ChatTokenizer::from_model_dir(&args.model)?;
     let stop: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]

@@ -161,16 +161,6 @@ fn required(value: Option<usize>, field: &'static str) -> Result<usize, ConfigEr
     }
 }
 
-/// Parses a dtype name as transformers writes it.
-pub fn parse_dtype(name: &str) -> Option<DType> {
-    match name {
-        "float32" | "fp32" => Some(DType::F32),
-        "bfloat16" | "bf16" => Some(DType::BF16),
-        "float16" | "fp16" | "half" => Some(DType::F16),
-        _ => None,
-    }
-}
-
 impl TryFrom<RawConfig> for ModelConfig {
     type Error = ConfigError;
 
@@ -253,11 +243,15 @@ impl ModelConfig {
 
         let torch_dtype = match raw.dtype.as_ref().or(raw.torch_dtype.as_ref()) {
             None => None,
-            Some(name) => Some(parse_dtype(name).ok_or_else(|| ConfigError::Unsupported {
-                field: "dtype",
-                value: name.clone(),
-                fix: "use float32, bfloat16 or float16",
-            })?),
+            Some(name) => {
+                Some(
+                    crate::dtype::parse(name).ok_or_else(|| ConfigError::Unsupported {
+                        field: "dtype",
+                        value: name.clone(),
+                        fix: "use float32, bfloat16 or float16",
+                    })?,
+                )
+            }
         };
 
         let hidden_size = required(raw.hidden_size, "hidden_size")?;

@@ -1,20 +1,22 @@
 //! The Qwen3 decoder (also Qwen3-MoE and Qwen2/2.5, which differ only by flags in
-//! [`ModelConfig`]), built for training: every parameter is a `candle_core::Var` in f32 (the
-//! master copy) keyed by its Hugging Face tensor name, and the forward pass uses only the
-//! differentiable ops of [`crate::ops`], casting weights to the compute dtype on the way in so
-//! that gradients flow back to the f32 masters.
+//! [`ModelConfig`]), built for training: every weight is a [`Param`] keyed by its Hugging Face
+//! tensor name — trainable (an f32 master `Var`) or frozen (stored in the compute dtype) — and the
+//! forward pass uses only the differentiable ops of [`crate::ops`], casting weights to the
+//! compute dtype on the way in so that gradients flow back to the masters.
 //!
-//! This module owns the network's math (attention, MLP, sparse MoE block, router aux loss),
-//! loading a model folder's safetensors (single file or sharded with an index), listing the
-//! parameters by name and saving them back in the Hugging Face layout.
+//! This module owns the network's math (attention, MLP, sparse MoE block, router aux loss) and
+//! builds the model from a [`WeightSource`] (memory-mapped safetensors, tensors, or random).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::config::{ConfigError, ModelConfig};
+use super::params::{Init, Param, ParamBuilder, Trainable, TrainableParams, WeightSource};
 use crate::ops;
+use crate::tensor_files::{self, MappedWeights, TensorFileError};
 
 /// Failures while building, loading or saving a model.
 #[derive(Debug, thiserror::Error)]
@@ -31,10 +33,8 @@ pub enum ModelError {
     },
     #[error("checkpoint has tensors config.json does not account for: {names}; does config.json match the weights (e.g. attention_bias, tie_word_embeddings, num_experts)?")]
     UnexpectedTensors { names: String },
-    #[error("no weights in {dir}: expected model.safetensors or model.safetensors.index.json")]
-    NoWeights { dir: String },
-    #[error("cannot read or write {path}: {message}")]
-    Read { path: String, message: String },
+    #[error(transparent)]
+    Files(#[from] TensorFileError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -47,6 +47,8 @@ pub struct ModelOptions {
     pub compute_dtype: DType,
     /// Dtype of the trainable `Var`s (the master weights). F32 unless memory forbids it.
     pub master_dtype: DType,
+    /// Which weights are trained; the rest are frozen in the compute dtype.
+    pub trainable: Trainable,
 }
 
 impl Default for ModelOptions {
@@ -55,6 +57,7 @@ impl Default for ModelOptions {
             device: Device::Cpu,
             compute_dtype: DType::F32,
             master_dtype: DType::F32,
+            trainable: Trainable::All,
         }
     }
 }
@@ -68,138 +71,55 @@ pub struct ModelOutput {
     pub router_logits: Vec<Tensor>,
 }
 
-/// How parameters are initialised when there is no checkpoint (tests, the demo model).
-#[derive(Debug, Clone, Copy)]
-enum Init {
-    /// N(0, std), the projections and embeddings.
-    Normal,
-    /// RMSNorm weights.
-    Ones,
-    /// Biases.
-    Zeros,
+/// `y = x W^T (+ b)`; the weight is used in the input's dtype (a master copy stays f32).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Param,
+    bias: Option<Param>,
 }
 
-/// Hands out the model's parameters while it is built, from a checkpoint or at random, and
-/// records them in order under their Hugging Face names.
-struct ParamBuilder {
-    checkpoint: Option<HashMap<String, Tensor>>,
-    random: RandomNormal,
-    init_std: f64,
-    options: ModelOptions,
-    params: Vec<(String, Var)>,
-}
-
-impl ParamBuilder {
-    fn get(
-        &mut self,
-        name: &str,
-        shape: &[usize],
-        init: Init,
-    ) -> std::result::Result<Var, ModelError> {
-        let tensor = match &mut self.checkpoint {
-            Some(tensors) => {
-                let tensor = tensors
-                    .remove(name)
-                    .ok_or_else(|| ModelError::MissingTensor {
-                        name: name.to_string(),
-                    })?;
-                if tensor.dims() != shape {
-                    return Err(ModelError::ShapeMismatch {
-                        name: name.to_string(),
-                        expected: shape.to_vec(),
-                        found: tensor.dims().to_vec(),
-                    });
-                }
-                tensor.to_device(&self.options.device)?
-            }
-            None => {
-                let n: usize = shape.iter().product();
-                let values: Vec<f32> = match init {
-                    Init::Normal => (0..n)
-                        .map(|_| (self.random.next() * self.init_std) as f32)
-                        .collect(),
-                    Init::Ones => vec![1.0; n],
-                    Init::Zeros => vec![0.0; n],
-                };
-                Tensor::from_vec(values, shape, &self.options.device)?
-            }
-        };
-        let var = Var::from_tensor(&tensor.to_dtype(self.options.master_dtype)?)?;
-        self.params.push((name.to_string(), var.clone()));
-        Ok(var)
-    }
-
-    fn linear(
-        &mut self,
+impl Linear {
+    fn new(
+        pb: &mut ParamBuilder,
         prefix: &str,
         in_dim: usize,
         out_dim: usize,
         bias: bool,
-    ) -> std::result::Result<Linear, ModelError> {
-        let weight = self.get(
+    ) -> std::result::Result<Self, ModelError> {
+        let weight = pb.get(
             &format!("{prefix}.weight"),
             &[out_dim, in_dim],
             Init::Normal,
         )?;
         let bias = if bias {
-            Some(self.get(&format!("{prefix}.bias"), &[out_dim], Init::Zeros)?)
+            Some(pb.get(&format!("{prefix}.bias"), &[out_dim], Init::Zeros)?)
         } else {
             None
         };
         Ok(Linear { weight, bias })
     }
 
-    fn norm(&mut self, name: &str, dim: usize) -> std::result::Result<Var, ModelError> {
-        self.get(name, &[dim], Init::Ones)
-    }
-}
-
-/// Standard normal samples from a seeded generator (splitmix64 + Box-Muller), so that random
-/// models are reproducible on every device.
-struct RandomNormal {
-    state: u64,
-}
-
-impl RandomNormal {
-    fn uniform(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^= z >> 31;
-        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    fn next(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-}
-
-/// `y = x W^T (+ b)`; the weight is cast to the input's dtype so its master copy stays f32.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Var,
-    bias: Option<Var>,
-}
-
-impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (out_dim, in_dim) = self.weight.dims2()?;
+        let weight = self.weight.for_compute(x.dtype())?;
+        let (out_dim, in_dim) = weight.dims2()?;
         let mut out_shape = x.dims().to_vec();
         let rows = x.elem_count() / in_dim;
         *out_shape
             .last_mut()
             .expect("linear input has a feature dim") = out_dim;
-        let weight = self.weight.to_dtype(x.dtype())?;
         // (…, in) -> (rows, in) x (in, out) -> (…, out)
         let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
         let y = match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.to_dtype(x.dtype())?)?,
+            Some(bias) => y.broadcast_add(&bias.for_compute(x.dtype())?)?,
             None => y,
         };
         y.reshape(out_shape)
     }
+}
+
+/// An RMSNorm weight.
+fn norm(pb: &mut ParamBuilder, name: &str, dim: usize) -> std::result::Result<Param, ModelError> {
+    pb.get(name, &[dim], Init::Ones)
 }
 
 /// Per-forward constants shared by every layer: the rotary tables and the attention bias.
@@ -217,8 +137,8 @@ pub struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
-    q_norm: Option<Var>,
-    k_norm: Option<Var>,
+    q_norm: Option<Param>,
+    k_norm: Option<Param>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -233,14 +153,32 @@ impl Attention {
     ) -> std::result::Result<Self, ModelError> {
         let (hidden, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-        let q_proj = pb.linear(&format!("{prefix}.q_proj"), hidden, q_dim, cfg.qkv_bias)?;
-        let k_proj = pb.linear(&format!("{prefix}.k_proj"), hidden, kv_dim, cfg.qkv_bias)?;
-        let v_proj = pb.linear(&format!("{prefix}.v_proj"), hidden, kv_dim, cfg.qkv_bias)?;
-        let o_proj = pb.linear(&format!("{prefix}.o_proj"), q_dim, hidden, cfg.o_proj_bias)?;
+        let q_proj = Linear::new(pb, &format!("{prefix}.q_proj"), hidden, q_dim, cfg.qkv_bias)?;
+        let k_proj = Linear::new(
+            pb,
+            &format!("{prefix}.k_proj"),
+            hidden,
+            kv_dim,
+            cfg.qkv_bias,
+        )?;
+        let v_proj = Linear::new(
+            pb,
+            &format!("{prefix}.v_proj"),
+            hidden,
+            kv_dim,
+            cfg.qkv_bias,
+        )?;
+        let o_proj = Linear::new(
+            pb,
+            &format!("{prefix}.o_proj"),
+            q_dim,
+            hidden,
+            cfg.o_proj_bias,
+        )?;
         let (q_norm, k_norm) = if cfg.qk_norm {
             (
-                Some(pb.norm(&format!("{prefix}.q_norm.weight"), hd)?),
-                Some(pb.norm(&format!("{prefix}.k_norm.weight"), hd)?),
+                Some(norm(pb, &format!("{prefix}.q_norm.weight"), hd)?),
+                Some(norm(pb, &format!("{prefix}.k_norm.weight"), hd)?),
             )
         } else {
             (None, None)
@@ -261,11 +199,17 @@ impl Attention {
 
     /// Projects to (batch, heads, seq, head_dim), normalising each head first when the model has
     /// a q/k norm.
-    fn heads(&self, proj: &Linear, norm: Option<&Var>, x: &Tensor, heads: usize) -> Result<Tensor> {
+    fn heads(
+        &self,
+        proj: &Linear,
+        norm: Option<&Param>,
+        x: &Tensor,
+        heads: usize,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let h = proj.forward(x)?.reshape((b, t, heads, self.head_dim))?;
         let h = match norm {
-            Some(w) => ops::rms_norm(&h, w, self.rms_norm_eps)?,
+            Some(w) => ops::rms_norm(&h, &w.for_compute(h.dtype())?, self.rms_norm_eps)?,
             None => h,
         };
         // (b, t, heads, hd) -> (b, heads, t, hd)
@@ -392,9 +336,27 @@ impl Mlp {
         pb: &mut ParamBuilder,
     ) -> std::result::Result<Self, ModelError> {
         Ok(Self {
-            gate_proj: pb.linear(&format!("{prefix}.gate_proj"), hidden, intermediate, false)?,
-            up_proj: pb.linear(&format!("{prefix}.up_proj"), hidden, intermediate, false)?,
-            down_proj: pb.linear(&format!("{prefix}.down_proj"), intermediate, hidden, false)?,
+            gate_proj: Linear::new(
+                pb,
+                &format!("{prefix}.gate_proj"),
+                hidden,
+                intermediate,
+                false,
+            )?,
+            up_proj: Linear::new(
+                pb,
+                &format!("{prefix}.up_proj"),
+                hidden,
+                intermediate,
+                false,
+            )?,
+            down_proj: Linear::new(
+                pb,
+                &format!("{prefix}.down_proj"),
+                intermediate,
+                hidden,
+                false,
+            )?,
         })
     }
 
@@ -403,14 +365,21 @@ impl Mlp {
         self.down_proj.forward(&gated)
     }
 
-    /// A zero that depends on every weight, so an expert no token chose still gets an
-    /// (all-zero) gradient, as transformers' fused expert tensors do.
-    fn zero_touching_weights(&self) -> Result<Tensor> {
-        let total = (self.gate_proj.weight.sum_all()?
-            + self.up_proj.weight.sum_all()?
-            + self.down_proj.weight.sum_all()?)?;
+    /// A zero that depends on every trainable weight, so an expert no token chose still gets
+    /// an (all-zero) gradient, as transformers' fused expert tensors do; None when frozen.
+    fn zero_touching_weights(&self) -> Result<Option<Tensor>> {
+        let mut total: Option<Tensor> = None;
+        for linear in [&self.gate_proj, &self.up_proj, &self.down_proj] {
+            if let Param::Trainable(weight) = &linear.weight {
+                let sum = weight.sum_all()?;
+                total = Some(match total {
+                    Some(t) => (t + sum)?,
+                    None => sum,
+                });
+            }
+        }
         // Not affine(0, 0): candle prunes a zero-multiplier affine from the backward graph.
-        &total * total.zeros_like()?
+        total.map(|t| &t * t.zeros_like()?).transpose()
     }
 }
 
@@ -445,7 +414,8 @@ impl SparseMoeBlock {
             .moe
             .as_ref()
             .expect("sparse layer in a model without MoE settings");
-        let gate = pb.linear(
+        let gate = Linear::new(
+            pb,
             &format!("{prefix}.gate"),
             cfg.hidden_size,
             moe.num_experts,
@@ -499,7 +469,9 @@ impl SparseMoeBlock {
         let mut out = Tensor::zeros((rows, hidden), x.dtype(), device)?;
         for (e, expert) in self.experts.iter().enumerate() {
             if rows_of[e].is_empty() {
-                out = out.broadcast_add(&expert.zero_touching_weights()?.to_dtype(x.dtype())?)?;
+                if let Some(zero) = expert.zero_touching_weights()? {
+                    out = out.broadcast_add(&zero.to_dtype(x.dtype())?)?;
+                }
                 continue;
             }
             let token_rows = Tensor::new(rows_of[e].as_slice(), device)?;
@@ -524,9 +496,9 @@ pub enum FeedForward {
 /// One pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
-    input_layernorm: Var,
+    input_layernorm: Param,
     self_attn: Attention,
-    post_attention_layernorm: Var,
+    post_attention_layernorm: Param,
     mlp: FeedForward,
     rms_norm_eps: f64,
 }
@@ -538,10 +510,14 @@ impl DecoderLayer {
         pb: &mut ParamBuilder,
     ) -> std::result::Result<Self, ModelError> {
         let prefix = format!("model.layers.{index}");
-        let input_layernorm =
-            pb.norm(&format!("{prefix}.input_layernorm.weight"), cfg.hidden_size)?;
+        let input_layernorm = norm(
+            pb,
+            &format!("{prefix}.input_layernorm.weight"),
+            cfg.hidden_size,
+        )?;
         let self_attn = Attention::new(cfg, &format!("{prefix}.self_attn"), pb)?;
-        let post_attention_layernorm = pb.norm(
+        let post_attention_layernorm = norm(
+            pb,
             &format!("{prefix}.post_attention_layernorm.weight"),
             cfg.hidden_size,
         )?;
@@ -566,9 +542,9 @@ impl DecoderLayer {
 
     /// Returns the layer output and, for a sparse layer, its router logits.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardContext) -> Result<(Tensor, Option<Tensor>)> {
-        let normed = ops::rms_norm(x, &self.input_layernorm, self.rms_norm_eps)?;
+        let normed = self.norm(&self.input_layernorm, x)?;
         let x = (x + self.self_attn.forward(&normed, ctx)?)?;
-        let normed = ops::rms_norm(&x, &self.post_attention_layernorm, self.rms_norm_eps)?;
+        let normed = self.norm(&self.post_attention_layernorm, &x)?;
         let (mlp_out, router_logits) = match &self.mlp {
             FeedForward::Dense(mlp) => (mlp.forward(&normed)?, None),
             FeedForward::Sparse(moe) => {
@@ -581,6 +557,10 @@ impl DecoderLayer {
 }
 
 impl DecoderLayer {
+    fn norm(&self, weight: &Param, x: &Tensor) -> Result<Tensor> {
+        ops::rms_norm(x, &weight.for_compute(x.dtype())?, self.rms_norm_eps)
+    }
+
     fn forward_cached(
         &self,
         x: &Tensor,
@@ -589,11 +569,11 @@ impl DecoderLayer {
         bias: Option<&Tensor>,
         slot: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let normed = ops::rms_norm(x, &self.input_layernorm, self.rms_norm_eps)?;
+        let normed = self.norm(&self.input_layernorm, x)?;
         let x = (x + self
             .self_attn
             .forward_cached(&normed, rotary, offset, bias, slot)?)?;
-        let normed = ops::rms_norm(&x, &self.post_attention_layernorm, self.rms_norm_eps)?;
+        let normed = self.norm(&self.post_attention_layernorm, &x)?;
         let mlp_out = match &self.mlp {
             FeedForward::Dense(mlp) => mlp.forward(&normed)?,
             FeedForward::Sparse(moe) => moe.forward(&normed)?.0,
@@ -607,26 +587,27 @@ impl DecoderLayer {
 pub struct Model {
     config: ModelConfig,
     options: ModelOptions,
-    embed_tokens: Var,
+    embed_tokens: Param,
     layers: Vec<DecoderLayer>,
-    norm: Var,
+    norm: Param,
     /// None when the output projection is tied to `embed_tokens`.
-    lm_head: Option<Var>,
-    /// Every trainable parameter under its Hugging Face name, in checkpoint order.
-    parameters: Vec<(String, Var)>,
+    lm_head: Option<Param>,
+    /// Every parameter under its Hugging Face name, in checkpoint order.
+    params: Vec<(String, Param)>,
+    trainable: TrainableParams,
 }
 
 impl Model {
     /// Loads `<dir>/config.json` and the weights (`model.safetensors` or the shards named by
-    /// `model.safetensors.index.json`).
+    /// `model.safetensors.index.json`), memory-mapped: only the tensors the model takes are read.
     pub fn from_pretrained(
         dir: impl AsRef<Path>,
         options: ModelOptions,
     ) -> std::result::Result<Self, ModelError> {
         let dir = dir.as_ref();
         let config = ModelConfig::from_model_dir(dir)?;
-        let tensors = load_checkpoint(dir, &Device::Cpu)?;
-        Self::from_tensors(config, tensors, options)
+        let weights = MappedWeights::open_model_dir(dir)?;
+        Self::build(config, WeightSource::Files(vec![weights]), options)
     }
 
     /// Builds the model from named checkpoint tensors (any float dtype). A tensor the config
@@ -637,7 +618,7 @@ impl Model {
         tensors: HashMap<String, Tensor>,
         options: ModelOptions,
     ) -> std::result::Result<Self, ModelError> {
-        Self::build(config, Some(tensors), 0, options)
+        Self::build(config, WeightSource::Tensors(tensors), options)
     }
 
     /// A model with freshly initialised weights: N(0, 0.02) projections and embeddings, unit
@@ -647,22 +628,15 @@ impl Model {
         seed: u64,
         options: ModelOptions,
     ) -> std::result::Result<Self, ModelError> {
-        Self::build(config, None, seed, options)
+        Self::build(config, WeightSource::Random { seed }, options)
     }
 
-    fn build(
+    pub fn build(
         config: ModelConfig,
-        checkpoint: Option<HashMap<String, Tensor>>,
-        seed: u64,
+        source: WeightSource,
         options: ModelOptions,
     ) -> std::result::Result<Self, ModelError> {
-        let mut pb = ParamBuilder {
-            checkpoint,
-            random: RandomNormal { state: seed },
-            init_std: 0.02,
-            options: options.clone(),
-            params: Vec::new(),
-        };
+        let mut pb = ParamBuilder::new(source, &options);
         let cfg = &config;
         let embed_tokens = pb.get(
             "model.embed_tokens.weight",
@@ -670,9 +644,9 @@ impl Model {
             Init::Normal,
         )?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, i, &mut pb))
+            .map(|i| pb.layer(|pb| DecoderLayer::new(cfg, i, pb)))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let norm = pb.norm("model.norm.weight", cfg.hidden_size)?;
+        let norm = norm(&mut pb, "model.norm.weight", cfg.hidden_size)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
@@ -682,19 +656,7 @@ impl Model {
                 Init::Normal,
             )?)
         };
-        if let Some(leftover) = pb.checkpoint {
-            // A tied checkpoint may still carry lm_head.weight, and old ones rotary buffers.
-            let mut unexpected: Vec<String> = leftover
-                .into_keys()
-                .filter(|name| name != "lm_head.weight" && !name.ends_with("rotary_emb.inv_freq"))
-                .collect();
-            if !unexpected.is_empty() {
-                unexpected.sort();
-                return Err(ModelError::UnexpectedTensors {
-                    names: unexpected.join(", "),
-                });
-            }
-        }
+        let (params, trainable) = pb.finish()?;
         Ok(Self {
             config,
             options,
@@ -702,7 +664,8 @@ impl Model {
             layers,
             norm,
             lm_head,
-            parameters: pb.params,
+            params,
+            trainable,
         })
     }
 
@@ -718,14 +681,30 @@ impl Model {
         &self.layers
     }
 
-    /// Every trainable parameter under its Hugging Face tensor name, in checkpoint order; a
-    /// tied embedding appears once.
-    pub fn parameters(&self) -> &[(String, Var)] {
-        &self.parameters
+    /// The trainable parameters (what the optimizer, clipping and gradient reduction see),
+    /// with their flat layout and per-layer ranges.
+    pub fn trainable(&self) -> &TrainableParams {
+        &self.trainable
     }
 
+    /// The trainable parameters under their Hugging Face names, in checkpoint order; a tied
+    /// embedding appears once.
+    pub fn trainable_parameters(&self) -> &[(String, Var)] {
+        self.trainable.as_slice()
+    }
+
+    /// Indices (in [`Self::trainable_parameters`]) of decoder layer `layer`'s parameters.
+    pub fn layer_parameters(&self, layer: usize) -> Range<usize> {
+        self.trainable.layer(layer)
+    }
+
+    /// Every parameter, trainable or frozen.
     pub fn num_parameters(&self) -> usize {
-        self.parameters.iter().map(|(_, v)| v.elem_count()).sum()
+        self.params.iter().map(|(_, p)| p.elem_count()).sum()
+    }
+
+    pub fn num_trainable_parameters(&self) -> usize {
+        self.trainable.num_elements()
     }
 
     /// The per-forward constants for a batch whose `attention_mask` is (batch, seq).
@@ -747,9 +726,12 @@ impl Model {
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        // Select rows of the master table first, then cast only those.
-        let x = self
-            .embed_tokens
+        // Select rows of the stored table first, then cast only those.
+        let table = match &self.embed_tokens {
+            Param::Trainable(var) => var.as_tensor().clone(),
+            Param::Frozen(tensor) => tensor.clone(),
+        };
+        let x = table
             .index_select(&ids, 0)?
             .to_dtype(self.options.compute_dtype)?;
         x.reshape((b, t, self.config.hidden_size))
@@ -757,7 +739,11 @@ impl Model {
 
     /// Final norm and output projection: (batch, seq, hidden) -> (batch, seq, vocab).
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
-        let x = ops::rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
+        let x = ops::rms_norm(
+            x,
+            &self.norm.for_compute(x.dtype())?,
+            self.config.rms_norm_eps,
+        )?;
         let output = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         Linear {
             weight: output.clone(),
@@ -813,11 +799,21 @@ impl Model {
         self.head(&x)
     }
 
-    /// The parameters as named tensors in `dtype`, ready to write as a checkpoint.
+    /// Every parameter as a named tensor in `dtype`, ready to write as a checkpoint.
     pub fn state_dict(&self, dtype: DType) -> Result<Vec<(String, Tensor)>> {
-        self.parameters
+        self.params
             .iter()
-            .map(|(name, var)| Ok((name.clone(), var.as_detached_tensor().to_dtype(dtype)?)))
+            .map(|(name, param)| Ok((name.clone(), param.value().to_dtype(dtype)?)))
+            .collect()
+    }
+
+    /// The trainable parameters' masters (f32), which a checkpoint keeps beside narrower
+    /// weights for an exact resume.
+    pub fn trainable_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        self.trainable
+            .as_slice()
+            .iter()
+            .map(|(name, var)| Ok((name.clone(), var.as_detached_tensor())))
             .collect()
     }
 
@@ -828,138 +824,29 @@ impl Model {
         path: impl AsRef<Path>,
         dtype: DType,
     ) -> std::result::Result<(), ModelError> {
-        let path = path.as_ref();
         let state = self.state_dict(dtype)?;
-        write_safetensors(
-            path,
+        Ok(tensor_files::write(
+            path.as_ref(),
             state,
-            [("format".to_string(), "pt".to_string())].into(),
-        )
+            tensor_files::pt_metadata(),
+        )?)
     }
 
-    /// Writes the weights into `dir` as `save_pretrained` does: one `model.safetensors`, or,
-    /// when they exceed `max_shard_bytes`, `model-0000i-of-0000n.safetensors` shards plus
-    /// `model.safetensors.index.json`. Returns the files written.
+    /// Writes the weights into `dir` as `save_pretrained` does (sharded past
+    /// `max_shard_bytes`, with an index). Returns the files written.
     pub fn save_pretrained_weights(
         &self,
         dir: impl AsRef<Path>,
         dtype: DType,
         max_shard_bytes: usize,
     ) -> std::result::Result<Vec<std::path::PathBuf>, ModelError> {
-        let dir = dir.as_ref();
         let state = self.state_dict(dtype)?;
-        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let total_size: usize = state.iter().map(|(_, t)| bytes(t)).sum();
-        if total_size <= max_shard_bytes {
-            let path = dir.join("model.safetensors");
-            self.save_safetensors(&path, dtype)?;
-            return Ok(vec![path]);
-        }
-        // Greedy in checkpoint order, as transformers shards: a tensor larger than the limit
-        // gets a shard of its own.
-        let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
-        let mut current = 0usize;
-        for (name, tensor) in state {
-            let size = bytes(&tensor);
-            let last = shards.last_mut().expect("one shard at least");
-            if !last.is_empty() && current + size > max_shard_bytes {
-                shards.push(Vec::new());
-                current = 0;
-            }
-            current += size;
-            shards
-                .last_mut()
-                .expect("one shard at least")
-                .push((name, tensor));
-        }
-        let count = shards.len();
-        let mut weight_map = serde_json::Map::new();
-        let mut written = Vec::with_capacity(count + 1);
-        for (i, shard) in shards.into_iter().enumerate() {
-            let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
-            for (name, _) in &shard {
-                weight_map.insert(name.clone(), file.clone().into());
-            }
-            let path = dir.join(&file);
-            write_safetensors(
-                &path,
-                shard,
-                [("format".to_string(), "pt".to_string())].into(),
-            )?;
-            written.push(path);
-        }
-        let index = serde_json::json!({
-            "metadata": {"total_size": total_size},
-            "weight_map": weight_map,
-        });
-        let path = dir.join("model.safetensors.index.json");
-        std::fs::write(
-            &path,
-            serde_json::to_string_pretty(&index).expect("valid JSON"),
-        )
-        .map_err(|e| ModelError::Read {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        written.push(path);
-        Ok(written)
+        Ok(tensor_files::write_model_weights(
+            dir.as_ref(),
+            state,
+            max_shard_bytes,
+        )?)
     }
-}
-
-/// Writes named tensors (moved to the CPU) with the given metadata.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: Vec<(String, Tensor)>,
-    metadata: HashMap<String, String>,
-) -> std::result::Result<(), ModelError> {
-    let tensors = tensors
-        .into_iter()
-        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|e| ModelError::Read {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })
-}
-
-/// Reads every tensor of a model folder's safetensors checkpoint, single-file or sharded.
-pub fn load_checkpoint(
-    dir: &Path,
-    device: &Device,
-) -> std::result::Result<HashMap<String, Tensor>, ModelError> {
-    let read = |path: &Path| {
-        candle_core::safetensors::load(path, device).map_err(|e| ModelError::Read {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
-    };
-    let single = dir.join("model.safetensors");
-    if single.exists() {
-        return read(&single);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    if !index.exists() {
-        return Err(ModelError::NoWeights {
-            dir: dir.display().to_string(),
-        });
-    }
-    let bad_index = |message: String| ModelError::Read {
-        path: index.display().to_string(),
-        message,
-    };
-    let text = std::fs::read_to_string(&index).map_err(|e| bad_index(e.to_string()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad_index(e.to_string()))?;
-    let weight_map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad_index("no `weight_map` object".into()))?;
-    let shards: BTreeSet<&str> = weight_map.values().filter_map(|v| v.as_str()).collect();
-    let mut tensors = HashMap::new();
-    for shard in shards {
-        tensors.extend(read(&dir.join(shard))?);
-    }
-    Ok(tensors)
 }
 
 /// Switch-Transformer load-balancing loss over the router logits of all MoE layers pooled
@@ -1044,7 +931,7 @@ mod tests {
             &LossOptions::for_model(model.config()),
         )
         .unwrap();
-        assert_eq!(grads.num_present(), model.parameters().len());
+        assert_eq!(grads.num_present(), model.trainable_parameters().len());
         // 3 tokens, top-1 of 8 experts: at least 5 experts are idle and their gradient is 0.
         let idle = (0..8)
             .filter(|e| {

@@ -15,13 +15,17 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::data::SamplerState;
-use crate::model::{Model, ModelConfig, ModelOptions};
+use super::data::{Sampler, SamplerState};
+pub use super::metrics::LogWindow;
+use super::plan::Plan;
+use super::step::StepLoss;
+use crate::model::{Model, ModelConfig, ModelOptions, WeightSource};
 use crate::optim::AdamW;
+use crate::tensor_files::{self, MappedWeights};
 
 /// transformers shards checkpoints past 5 GB (`max_shard_size="5GB"`, decimal).
 pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
@@ -101,6 +105,83 @@ pub struct TrainerState {
 }
 
 impl TrainerState {
+    /// The state at step 0 of `config`'s run with `plan` (the intervals as transformers records
+    /// them, whatever the strategy).
+    pub fn new(plan: &Plan, config: &whet_shared::JobConfig) -> Self {
+        let eval_steps = whet_shared::events::eval_steps(config).max(1) as u64;
+        Self {
+            best_global_step: None,
+            best_metric: None,
+            best_model_checkpoint: None,
+            epoch: 0.0,
+            eval_steps,
+            global_step: 0,
+            is_hyper_param_search: false,
+            is_local_process_zero: true,
+            is_world_process_zero: true,
+            log_history: Vec::new(),
+            logging_steps: plan.events.logging_steps,
+            max_steps: plan.total_steps,
+            num_input_tokens_seen: 0,
+            num_train_epochs: plan.num_train_epochs(),
+            save_steps: config.sft.save_steps.max(1) as u64,
+            stateful_callbacks: Self::default_callbacks(),
+            total_flos: 0.0,
+            train_batch_size: plan.batch_size as u64,
+            trial_name: None,
+            trial_params: None,
+        }
+    }
+
+    /// Takes over a checkpoint's counters, best metric and log history (this run's plan keeps
+    /// its own intervals and limits).
+    pub fn continue_from(&mut self, saved: &TrainerState) {
+        self.global_step = saved.global_step;
+        self.epoch = saved.epoch;
+        self.log_history = saved.log_history.clone();
+        self.best_global_step = saved.best_global_step;
+        self.best_metric = saved.best_metric;
+        self.best_model_checkpoint = saved.best_model_checkpoint.clone();
+        self.num_input_tokens_seen = saved.num_input_tokens_seen;
+        self.total_flos = saved.total_flos;
+    }
+
+    /// Optimizer step `step` is done; `epoch` is the fractional epoch after it. FLOPs are
+    /// transformers' estimate, 6 x tokens x non-embedding parameters.
+    pub fn record_step(
+        &mut self,
+        step: u64,
+        epoch: f64,
+        loss: &StepLoss,
+        non_embedding_params: f64,
+    ) {
+        self.global_step = step;
+        self.epoch = epoch;
+        self.num_input_tokens_seen += loss.input_tokens;
+        self.total_flos += 6.0 * loss.padded_tokens as f64 * non_embedding_params;
+    }
+
+    /// Tracks the best eval metric (transformers' `_determine_best_metric`).
+    pub fn observe_eval(&mut self, metric: f64, step: u64, greater_is_better: bool) {
+        let better = match self.best_metric {
+            None => true,
+            Some(best) if greater_is_better => metric > best,
+            Some(best) => metric < best,
+        };
+        if better {
+            self.best_metric = Some(metric);
+            self.best_global_step = Some(step);
+        }
+    }
+
+    /// Before checkpoint `dir` of `step` is written: it is the best one if the best metric
+    /// came from this step.
+    pub fn note_checkpoint(&mut self, step: u64, dir: &Path) {
+        if self.best_global_step == Some(step) {
+            self.best_model_checkpoint = Some(dir.display().to_string());
+        }
+    }
+
     /// transformers' `TrainerControl` as its `stateful_callbacks` entry records it after a save.
     pub fn default_callbacks() -> Value {
         serde_json::json!({
@@ -130,16 +211,6 @@ impl TrainerState {
     }
 }
 
-/// The logging interval not yet written: sums over its optimizer steps.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct LogWindow {
-    pub steps: u64,
-    pub loss_sum: f64,
-    pub aux_loss_sum: f64,
-    pub label_tokens: u64,
-    pub correct_tokens: u64,
-}
-
 /// What a resume needs beyond weights and optimizer: `training_state.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingState {
@@ -166,6 +237,20 @@ pub struct SchedulerState {
     pub _last_lr: Vec<f64>,
     pub num_warmup_steps: u64,
     pub num_training_steps: u64,
+}
+
+impl SchedulerState {
+    /// The schedule's state after optimizer step `step`.
+    pub fn after_step(schedule: &whet_shared::schedule::Schedule, step: u64) -> Self {
+        Self {
+            lr_scheduler_type: schedule.kind.as_str().into(),
+            base_lrs: vec![schedule.base_lr],
+            last_epoch: step,
+            _last_lr: vec![schedule.lr(step + 1)],
+            num_warmup_steps: schedule.warmup_steps,
+            num_training_steps: schedule.total_steps,
+        }
+    }
 }
 
 /// Everything [`Checkpointer::save`] writes beyond the model and optimizer.
@@ -251,10 +336,10 @@ impl Checkpointer {
         )?;
         if self.save_dtype != DType::F32 {
             // model.safetensors lost the masters' low bits; keep them for an exact resume.
-            crate::model::qwen3::write_safetensors(
+            tensor_files::write(
                 &optimizer_dir.join("master_weights.safetensors"),
-                c.model.state_dict(DType::F32)?,
-                [("format".to_string(), "pt".to_string())].into(),
+                c.model.trainable_state_dict()?,
+                tensor_files::pt_metadata(),
             )?;
         }
         Ok(())
@@ -265,11 +350,7 @@ impl Checkpointer {
     fn write_model_config(&self, dir: &Path) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(self.model_dir.join("config.json"))?;
         let mut config: Value = serde_json::from_str(&text)?;
-        let dtype_name = match self.save_dtype {
-            DType::BF16 => "bfloat16",
-            DType::F16 => "float16",
-            _ => "float32",
-        };
+        let dtype_name = crate::dtype::torch_name(self.save_dtype);
         if let Some(map) = config.as_object_mut() {
             let key = if map.contains_key("torch_dtype") && !map.contains_key("dtype") {
                 "torch_dtype"
@@ -392,14 +473,55 @@ impl ResumePoint {
         })
     }
 
-    /// The checkpoint's model: its f32 masters when saved apart, else model.safetensors.
+    /// The checkpoint's model: the trainable parameters from its f32 masters when saved apart,
+    /// everything else from model.safetensors (memory-mapped).
     pub fn load_model(&self, options: ModelOptions) -> anyhow::Result<Model> {
+        let config = ModelConfig::from_model_dir(&self.dir)?;
+        let mut sources = Vec::new();
         if let Some(master) = &self.master_weights {
-            let config = ModelConfig::from_model_dir(&self.dir)?;
-            let tensors = candle_core::safetensors::load(master, &Device::Cpu)?;
-            return Ok(Model::from_tensors(config, tensors, options)?);
+            sources.push(MappedWeights::open(
+                std::slice::from_ref(master),
+                &self.dir,
+            )?);
         }
-        Ok(Model::from_pretrained(&self.dir, options)?)
+        sources.push(MappedWeights::open_model_dir(&self.dir)?);
+        Ok(Model::build(config, WeightSource::Files(sources), options)?)
+    }
+
+    /// Continues from this checkpoint: the trainer state's counters, best metric and log
+    /// history; then the optimizer moments and the sampler's exact position, or — with
+    /// resume_only_model — a fresh optimizer and the data already trained on skipped. Returns
+    /// the open logging window and the running loss sum.
+    pub fn restore(
+        &self,
+        resume_only_model: bool,
+        accumulation: usize,
+        trainer_state: &mut TrainerState,
+        optimizer: &mut AdamW,
+        sampler: &mut Sampler,
+    ) -> anyhow::Result<(LogWindow, f64)> {
+        trainer_state.continue_from(&self.trainer_state);
+        if resume_only_model {
+            for _ in 0..self.trainer_state.global_step {
+                sampler.next_window(accumulation);
+            }
+            return Ok((LogWindow::default(), 0.0));
+        }
+        let Some(state) = &self.training_state else {
+            bail!(
+                "{} holds weights only (saved with save_only_model); resume with --resume_only_model true",
+                self.dir.display()
+            );
+        };
+        let Some(optimizer_state) = &self.optimizer else {
+            bail!(
+                "{} has no optimizer/optimizer.safetensors; resume with --resume_only_model true to load the weights only",
+                self.dir.display()
+            );
+        };
+        optimizer.load(optimizer_state)?;
+        sampler.restore(state.sampler);
+        Ok((state.log_window, state.loss_sum))
     }
 }
 
@@ -444,13 +566,13 @@ mod tests {
     fn checkpoint_reload_gives_identical_logits() {
         use crate::grad::Gradients;
         use crate::optim::AdamWConfig;
-        use candle_core::Tensor;
+        use candle_core::{Device, Tensor};
 
         let model = Model::from_pretrained(fixture_dir(), ModelOptions::default()).unwrap();
         // One optimizer step so the weights differ from the fixture's file.
-        let mut optimizer = AdamW::new(model.parameters(), AdamWConfig::default()).unwrap();
-        let mut grads = Gradients::empty(model.parameters());
-        for (i, (_, var)) in model.parameters().iter().enumerate() {
+        let mut optimizer = AdamW::new(model.trainable(), AdamWConfig::default()).unwrap();
+        let mut grads = Gradients::empty(model.trainable());
+        for (i, (_, var)) in model.trainable_parameters().iter().enumerate() {
             grads.set(i, Some(var.as_tensor().affine(0.5, 0.01).unwrap()));
         }
         optimizer.step(&grads, 1e-3).unwrap();

@@ -339,7 +339,7 @@ pub fn load_specs(
 /// `train_test_split` with shuffling): returns (train, val).
 pub fn split_rows<T>(rows: Vec<T>, ratio: f64, rng: &mut SplitMix64) -> (Vec<T>, Vec<T>) {
     let n = rows.len();
-    let val_size = ((n as f64 * ratio) as usize).max(1).min(n);
+    let val_size = whet_shared::derive::split_val_rows(n as u64, ratio) as usize;
     let order = rng.permutation(n);
     let mut slots: Vec<Option<T>> = rows.into_iter().map(Some).collect();
     let val = order[..val_size]

@@ -1,11 +1,17 @@
-//! Where a run's numbers go: `logging.jsonl` in ms-swift's key order and formats, and the
-//! [`ScalarSink`] hook that TensorBoard event files and PNG plots plug into.
+//! Where a run's numbers go: `logging.jsonl` in ms-swift's key order and formats (the train,
+//! eval, end-of-train and summary records), and the [`ScalarSink`] hook that TensorBoard event
+//! files and PNG plots plug into.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
+use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use super::checkpoint::TrainerState;
+use super::step::StepLoss;
 
 /// One logging.jsonl record: keys in the order they are written.
 pub type Record = Vec<(String, Value)>;
@@ -213,6 +219,182 @@ pub fn history_entry(entry: Record, step: u64) -> serde_json::Map<String, Value>
     let mut map: serde_json::Map<String, Value> = entry.into_iter().collect();
     map.insert("step".into(), Value::from(step));
     map
+}
+
+/// The logging interval not yet written: sums over its optimizer steps (saved in checkpoints,
+/// so a resumed run logs the very numbers the uninterrupted one does).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogWindow {
+    pub steps: u64,
+    pub loss_sum: f64,
+    pub aux_loss_sum: f64,
+    pub label_tokens: u64,
+    pub correct_tokens: u64,
+}
+
+impl LogWindow {
+    pub fn add(&mut self, step: &StepLoss) {
+        self.steps += 1;
+        self.loss_sum += step.loss;
+        self.aux_loss_sum += step.aux_loss;
+        self.label_tokens += step.label_tokens;
+        self.correct_tokens += step.correct_tokens;
+    }
+
+    /// The train log line of the window (ms-swift's keys and order); the window starts over.
+    pub fn take_record(
+        &mut self,
+        grad_norm: f64,
+        learning_rate: f64,
+        epoch: f64,
+        moe: bool,
+    ) -> Record {
+        let steps = self.steps.max(1) as f64;
+        let mut entry: Record = vec![
+            ("loss".into(), float(round8(self.loss_sum / steps))),
+            ("grad_norm".into(), float(round8(grad_norm))),
+            ("learning_rate".into(), float(round8(learning_rate))),
+            (
+                "token_acc".into(),
+                float(round8(
+                    self.correct_tokens as f64 / self.label_tokens.max(1) as f64,
+                )),
+            ),
+        ];
+        if moe {
+            entry.push(("aux_loss".into(), float(round8(self.aux_loss_sum / steps))));
+        }
+        entry.push(("epoch".into(), float(round8(epoch))));
+        *self = LogWindow::default();
+        entry
+    }
+}
+
+/// Wall time of this process's part of the run, for ms-swift's time fields.
+pub struct RunClock {
+    started: Instant,
+    start_step: u64,
+}
+
+impl RunClock {
+    pub fn start(start_step: u64) -> Self {
+        Self {
+            started: Instant::now(),
+            start_step,
+        }
+    }
+
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    pub fn steps_done(&self, step: u64) -> u64 {
+        step - self.start_step
+    }
+
+    /// The time and progress fields ms-swift appends to every logging.jsonl line (they stay out
+    /// of trainer_state.json's log_history). `memory(GiB)` is left out on the CPU, as ms-swift
+    /// omits a zero device memory.
+    pub fn progress_fields(&self, step: u64, total: u64) -> Record {
+        let elapsed = self.elapsed();
+        let speed = elapsed / self.steps_done(step).max(1) as f64;
+        vec![
+            (
+                "global_step/max_steps".into(),
+                Value::from(format!("{step}/{total}")),
+            ),
+            ("elapsed_time".into(), Value::from(format_time(elapsed))),
+            (
+                "remaining_time".into(),
+                Value::from(format_time(speed * total.saturating_sub(step) as f64)),
+            ),
+            ("train_speed(s/it)".into(), float(round_to(speed, 6))),
+        ]
+    }
+}
+
+/// Counters over this process's part of the run, for the end-of-train line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunTotals {
+    pub input_tokens: u64,
+    pub samples: u64,
+}
+
+impl RunTotals {
+    pub fn add(&mut self, step: &StepLoss) {
+        self.input_tokens += step.input_tokens;
+        self.samples += step.samples;
+    }
+}
+
+/// transformers' end-of-train line: runtime, throughput, total_flos, train_loss.
+pub fn end_of_train_record(
+    clock: &RunClock,
+    totals: &RunTotals,
+    state: &TrainerState,
+    loss_sum: f64,
+) -> Record {
+    let runtime = clock.elapsed();
+    let per_second = |n: f64| float(round_to(n / runtime.max(1e-9), 3));
+    vec![
+        ("train_runtime".into(), float(round_to(runtime, 4))),
+        (
+            "train_samples_per_second".into(),
+            per_second(totals.samples as f64),
+        ),
+        (
+            "train_steps_per_second".into(),
+            per_second(clock.steps_done(state.global_step) as f64),
+        ),
+        ("total_flos".into(), float(state.total_flos)),
+        (
+            "train_loss".into(),
+            float(round8(loss_sum / state.global_step.max(1) as f64)),
+        ),
+        ("epoch".into(), float(round8(state.epoch))),
+    ]
+}
+
+/// ms-swift's last logging.jsonl line: the model, the datasets, the checkpoints, the history.
+pub fn summary_record(
+    parameter_info: String,
+    train_dataset: Value,
+    val_dataset: Value,
+    last_checkpoint: Option<&Path>,
+    state: &TrainerState,
+) -> Record {
+    vec![
+        ("model_parameter_info".into(), Value::from(parameter_info)),
+        ("train_dataset".into(), train_dataset),
+        ("val_dataset".into(), val_dataset),
+        (
+            "last_model_checkpoint".into(),
+            last_checkpoint.map_or(Value::Null, |p| Value::from(p.display().to_string())),
+        ),
+        (
+            "best_model_checkpoint".into(),
+            state
+                .best_model_checkpoint
+                .clone()
+                .map_or(Value::Null, Value::from),
+        ),
+        (
+            "best_metric".into(),
+            state.best_metric.map_or(Value::Null, float),
+        ),
+        ("global_step".into(), Value::from(state.global_step)),
+        (
+            "log_history".into(),
+            Value::Array(
+                state
+                    .log_history
+                    .iter()
+                    .cloned()
+                    .map(Value::Object)
+                    .collect(),
+            ),
+        ),
+    ]
 }
 
 #[cfg(test)]

@@ -1,0 +1,423 @@
+//! Parameters with roles. Every weight of the network is a [`Param`]: *trainable* (an f32 master
+//! `Var` that the forward pass casts to the compute dtype, so its gradient reaches the master) or
+//! *frozen* (stored once, already in the compute dtype, with no gradient and no optimizer state).
+//! A quantized frozen kind (QLoRA's 4-bit base) is a third variant that dequantises in
+//! [`Param::for_compute`]; nothing outside this file needs to change for it.
+//!
+//! The trainable ones, in checkpoint order, make [`TrainableParams`]: the only parameters the
+//! optimizer, clipping and gradient reduction ever see, laid end to end in a flat space
+//! ([`FlatLayout`]) so that a rank can own a contiguous range of it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use super::qwen3::ModelError;
+use crate::tensor_files::MappedWeights;
+
+/// One weight of the network.
+#[derive(Debug, Clone)]
+pub enum Param {
+    /// Trained: the master copy (f32), cast to the compute dtype on use.
+    Trainable(Var),
+    /// Not trained: stored once in the compute dtype.
+    Frozen(Tensor),
+}
+
+impl Param {
+    /// The weight as the forward pass uses it, in `dtype`.
+    pub fn for_compute(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            Param::Trainable(var) => var.as_tensor().to_dtype(dtype),
+            Param::Frozen(tensor) => tensor.to_dtype(dtype),
+        }
+    }
+
+    /// The stored value without any graph: the master, or the frozen tensor.
+    pub fn value(&self) -> Tensor {
+        match self {
+            Param::Trainable(var) => var.as_detached_tensor(),
+            Param::Frozen(tensor) => tensor.clone(),
+        }
+    }
+
+    pub fn is_trainable(&self) -> bool {
+        matches!(self, Param::Trainable(_))
+    }
+
+    pub fn elem_count(&self) -> usize {
+        match self {
+            Param::Trainable(var) => var.elem_count(),
+            Param::Frozen(tensor) => tensor.elem_count(),
+        }
+    }
+}
+
+/// Which parameters a model trains.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Trainable {
+    /// Full fine-tuning.
+    #[default]
+    All,
+    /// Inference, or a frozen base under adapters.
+    Nothing,
+    /// These Hugging Face names only.
+    Only(BTreeSet<String>),
+}
+
+impl Trainable {
+    pub fn includes(&self, name: &str) -> bool {
+        match self {
+            Trainable::All => true,
+            Trainable::Nothing => false,
+            Trainable::Only(names) => names.contains(name),
+        }
+    }
+}
+
+/// Where each trainable parameter sits in one flat space of `total` elements, in checkpoint
+/// order: parameter i is `offsets[i]..offsets[i] + sizes[i]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlatLayout {
+    offsets: Vec<usize>,
+    sizes: Vec<usize>,
+    total: usize,
+}
+
+/// The part of one parameter inside a range of the flat space.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Piece {
+    /// Index of the parameter.
+    pub param: usize,
+    /// Elements of the (flattened) parameter.
+    pub within: Range<usize>,
+    /// Where `within` starts, counted from the start of the range asked for.
+    pub at: usize,
+}
+
+impl FlatLayout {
+    pub fn new(sizes: Vec<usize>) -> Self {
+        let mut offsets = Vec::with_capacity(sizes.len());
+        let mut total = 0;
+        for size in &sizes {
+            offsets.push(total);
+            total += size;
+        }
+        Self {
+            offsets,
+            sizes,
+            total,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    pub fn len(&self) -> usize {
+        self.sizes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sizes.is_empty()
+    }
+
+    /// Parameter `index`'s place in the flat space.
+    pub fn range(&self, index: usize) -> Range<usize> {
+        self.offsets[index]..self.offsets[index] + self.sizes[index]
+    }
+
+    /// The parameters overlapping `range`, in order, each cut to the overlap.
+    pub fn pieces(&self, range: Range<usize>) -> impl Iterator<Item = Piece> + '_ {
+        // The first parameter that ends after range.start.
+        let first = self
+            .offsets
+            .partition_point(|&o| o <= range.start)
+            .saturating_sub(1);
+        (first..self.sizes.len())
+            .take_while(move |&i| self.offsets[i] < range.end)
+            .filter_map(move |i| {
+                let own = self.range(i);
+                let start = own.start.max(range.start);
+                let end = own.end.min(range.end);
+                (start < end).then(|| Piece {
+                    param: i,
+                    within: start - own.start..end - own.start,
+                    at: start - range.start,
+                })
+            })
+    }
+}
+
+/// The trainable parameters of a model under their Hugging Face names, in checkpoint order,
+/// with their flat layout and which of them belong to each decoder layer.
+#[derive(Debug, Clone)]
+pub struct TrainableParams {
+    params: Vec<(String, Var)>,
+    names: Arc<[String]>,
+    layout: Arc<FlatLayout>,
+    /// Indices of decoder layer i's parameters (contiguous: the model is built layer by layer).
+    layers: Vec<Range<usize>>,
+}
+
+impl TrainableParams {
+    pub fn new(params: Vec<(String, Var)>, layers: Vec<Range<usize>>) -> Self {
+        let names: Arc<[String]> = params.iter().map(|(n, _)| n.clone()).collect();
+        let layout = Arc::new(FlatLayout::new(
+            params.iter().map(|(_, v)| v.elem_count()).collect(),
+        ));
+        Self {
+            params,
+            names,
+            layout,
+            layers,
+        }
+    }
+
+    /// Parameters outside any decoder layer (tests, standalone optimizers).
+    pub fn from_vars(params: Vec<(String, Var)>) -> Self {
+        Self::new(params, Vec::new())
+    }
+
+    pub fn as_slice(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
+    pub fn names(&self) -> &Arc<[String]> {
+        &self.names
+    }
+
+    pub fn layout(&self) -> &Arc<FlatLayout> {
+        &self.layout
+    }
+
+    /// Indices of decoder layer `layer`'s trainable parameters.
+    pub fn layer(&self, layer: usize) -> Range<usize> {
+        self.layers.get(layer).cloned().unwrap_or(0..0)
+    }
+
+    /// Indices before the first decoder layer (the embeddings).
+    pub fn before_layers(&self) -> Range<usize> {
+        0..self.layers.first().map_or(self.params.len(), |r| r.start)
+    }
+
+    /// Indices outside every decoder layer (embeddings, final norm, output projection).
+    pub fn outside_layers(&self) -> impl Iterator<Item = usize> + '_ {
+        let after = self.layers.last().map_or(self.params.len(), |r| r.end);
+        self.before_layers().chain(after..self.params.len())
+    }
+
+    pub fn num_elements(&self) -> usize {
+        self.layout.total()
+    }
+}
+
+/// How parameters are initialised when there is no checkpoint (tests, the demo model).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Init {
+    /// N(0, std), the projections and embeddings.
+    Normal,
+    /// RMSNorm weights.
+    Ones,
+    /// Biases.
+    Zeros,
+}
+
+/// Where a model's weights come from.
+pub enum WeightSource {
+    /// Fresh N(0, 0.02) weights, reproducible from the seed.
+    Random { seed: u64 },
+    /// Named tensors in memory (tests, conversions).
+    Tensors(HashMap<String, Tensor>),
+    /// Memory-mapped files; a name is taken from the first set that has it (a checkpoint's f32
+    /// masters before its narrower model.safetensors).
+    Files(Vec<MappedWeights>),
+}
+
+/// Hands out the model's parameters while it is built, in checkpoint order, giving each its
+/// role, and records which trainable ones each decoder layer owns.
+pub(super) struct ParamBuilder {
+    source: WeightSource,
+    random: RandomNormal,
+    taken: BTreeSet<String>,
+    device: Device,
+    compute_dtype: DType,
+    master_dtype: DType,
+    trainable: Trainable,
+    all: Vec<(String, Param)>,
+    trainable_params: Vec<(String, Var)>,
+    layers: Vec<Range<usize>>,
+}
+
+impl ParamBuilder {
+    pub(super) fn new(source: WeightSource, options: &super::ModelOptions) -> Self {
+        let seed = match &source {
+            WeightSource::Random { seed } => *seed,
+            _ => 0,
+        };
+        Self {
+            source,
+            random: RandomNormal { state: seed },
+            taken: BTreeSet::new(),
+            device: options.device.clone(),
+            compute_dtype: options.compute_dtype,
+            master_dtype: options.master_dtype,
+            trainable: options.trainable.clone(),
+            all: Vec::new(),
+            trainable_params: Vec::new(),
+            layers: Vec::new(),
+        }
+    }
+
+    fn stored(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+    ) -> std::result::Result<Tensor, ModelError> {
+        let missing = || ModelError::MissingTensor {
+            name: name.to_string(),
+        };
+        let tensor = match &mut self.source {
+            WeightSource::Tensors(tensors) => tensors.remove(name).ok_or_else(missing)?,
+            WeightSource::Files(sets) => {
+                let set = sets.iter().find(|s| s.contains(name)).ok_or_else(missing)?;
+                self.taken.insert(name.to_string());
+                set.load(name, &self.device)?
+            }
+            WeightSource::Random { .. } => {
+                let n: usize = shape.iter().product();
+                let values: Vec<f32> = match init {
+                    Init::Normal => (0..n).map(|_| (self.random.next() * 0.02) as f32).collect(),
+                    Init::Ones => vec![1.0; n],
+                    Init::Zeros => vec![0.0; n],
+                };
+                Tensor::from_vec(values, shape, &self.device)?
+            }
+        };
+        if tensor.dims() != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: tensor.dims().to_vec(),
+            });
+        }
+        Ok(tensor.to_device(&self.device)?)
+    }
+
+    pub(super) fn get(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+    ) -> std::result::Result<Param, ModelError> {
+        let tensor = self.stored(name, shape, init)?;
+        let param = if self.trainable.includes(name) {
+            let var = Var::from_tensor(&tensor.to_dtype(self.master_dtype)?)?;
+            self.trainable_params.push((name.to_string(), var.clone()));
+            Param::Trainable(var)
+        } else {
+            Param::Frozen(tensor.to_dtype(self.compute_dtype)?)
+        };
+        self.all.push((name.to_string(), param.clone()));
+        Ok(param)
+    }
+
+    /// Builds decoder layer `build`, recording the trainable parameters it took.
+    pub(super) fn layer<T>(
+        &mut self,
+        build: impl FnOnce(&mut Self) -> std::result::Result<T, ModelError>,
+    ) -> std::result::Result<T, ModelError> {
+        let start = self.trainable_params.len();
+        let layer = build(self)?;
+        self.layers.push(start..self.trainable_params.len());
+        Ok(layer)
+    }
+
+    /// The parameters, and an error for checkpoint tensors the model did not take (except a
+    /// tied checkpoint's `lm_head.weight` and old rotary `inv_freq` buffers).
+    pub(super) fn finish(
+        self,
+    ) -> std::result::Result<(Vec<(String, Param)>, TrainableParams), ModelError> {
+        let leftover: Vec<String> = match &self.source {
+            WeightSource::Random { .. } => Vec::new(),
+            WeightSource::Tensors(tensors) => tensors.keys().cloned().collect(),
+            WeightSource::Files(sets) => sets
+                .iter()
+                .flat_map(|s| s.names().iter())
+                .filter(|n| !self.taken.contains(*n))
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+        };
+        let mut unexpected: Vec<String> = leftover
+            .into_iter()
+            .filter(|name| name != "lm_head.weight" && !name.ends_with("rotary_emb.inv_freq"))
+            .collect();
+        if !unexpected.is_empty() {
+            unexpected.sort();
+            return Err(ModelError::UnexpectedTensors {
+                names: unexpected.join(", "),
+            });
+        }
+        let trainable = TrainableParams::new(self.trainable_params, self.layers);
+        Ok((self.all, trainable))
+    }
+}
+
+/// Standard normal samples from a seeded generator (splitmix64 + Box-Muller), so that random
+/// models are reproducible on every device.
+struct RandomNormal {
+    state: u64,
+}
+
+impl RandomNormal {
+    fn uniform(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^= z >> 31;
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn next(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cut_parameters_to_a_range() {
+        let layout = FlatLayout::new(vec![4, 0, 3, 5]);
+        assert_eq!(layout.total(), 12);
+        let all: Vec<Piece> = layout.pieces(0..12).collect();
+        assert_eq!(all.len(), 3, "the empty parameter has no piece");
+        let cut: Vec<(usize, Range<usize>, usize)> = layout
+            .pieces(2..9)
+            .map(|p| (p.param, p.within, p.at))
+            .collect();
+        assert_eq!(cut, vec![(0, 2..4, 0), (2, 0..3, 2), (3, 0..2, 5)]);
+        let inside: Vec<(usize, Range<usize>, usize)> = layout
+            .pieces(8..10)
+            .map(|p| (p.param, p.within, p.at))
+            .collect();
+        assert_eq!(inside, vec![(3, 1..3, 0)]);
+        assert_eq!(layout.pieces(12..12).count(), 0);
+    }
+}

@@ -1,0 +1,91 @@
+//! How one process's gradients and scalars meet the others'. The training loop talks to a
+//! [`GradSync`] and nothing else about distribution: it is told each decoder layer's gradients as
+//! backward produces them (so a data-parallel or ZeRO implementation can start reducing while
+//! backward goes on), once more when the window's backward is complete, and it sums the scalars
+//! every rank must agree on (label-token counts, loss sums, eval sums, squared gradient norms).
+//!
+//! Invariants every implementation keeps:
+//! * after [`GradSync::finish`], the gradients inside [`GradSync::owned`] are the sum over all
+//!   ranks (what one process holding every batch would have computed);
+//! * the optimizer keeps state for `owned()` only, and clipping counts squares in `owned()` only,
+//!   so ranges of different ranks never overlap and together cover the flat space.
+
+use std::ops::Range;
+
+use candle_core::Result;
+
+use crate::grad::Gradients;
+
+/// Which micro-batch of the accumulation window a backward pass belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MicroBatch {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl MicroBatch {
+    /// The window's last backward: after it, the gradients are final for this step.
+    pub fn is_last(&self) -> bool {
+        self.index + 1 == self.count
+    }
+}
+
+pub trait GradSync {
+    /// Ranks taking part (1 in one process).
+    fn world_size(&self) -> usize;
+
+    /// The range of the flat trainable space (see [`crate::model::FlatLayout`]) whose reduced
+    /// gradients this process holds after `finish`, and whose optimizer state it keeps.
+    fn owned(&self) -> Range<usize>;
+
+    /// Backward of `micro_batch` has just added the gradients of the trainable parameters with
+    /// indices `params` (one decoder layer's) to `grads`.
+    fn layer_ready(
+        &mut self,
+        grads: &mut Gradients,
+        params: Range<usize>,
+        micro_batch: MicroBatch,
+    ) -> Result<()>;
+
+    /// Every backward of the window is done: reduce what is left (embeddings, final norm,
+    /// output projection, and anything a layer hook deferred).
+    fn finish(&mut self, grads: &mut Gradients) -> Result<()>;
+
+    /// Replaces each value by its sum over all ranks.
+    fn sum_scalars(&mut self, values: &mut [f64]) -> Result<()>;
+}
+
+/// One process: every reduction is the identity and it owns the whole flat space.
+#[derive(Debug, Clone)]
+pub struct SingleProcess {
+    total: usize,
+}
+
+impl SingleProcess {
+    /// For a flat space of `total` elements (`TrainableParams::num_elements`).
+    pub fn new(total: usize) -> Self {
+        Self { total }
+    }
+}
+
+impl GradSync for SingleProcess {
+    fn world_size(&self) -> usize {
+        1
+    }
+
+    fn owned(&self) -> Range<usize> {
+        0..self.total
+    }
+
+    fn layer_ready(&mut self, _: &mut Gradients, _: Range<usize>, _: MicroBatch) -> Result<()> {
+        Ok(())
+    }
+
+    fn finish(&mut self, _: &mut Gradients) -> Result<()> {
+        Ok(())
+    }
+
+    fn sum_scalars(&mut self, _: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,183 @@
+//! Safetensors files, the one place whet reads and writes them: a model folder's weights
+//! memory-mapped (one `model.safetensors`, or shards named by `model.safetensors.index.json`)
+//! with only the tensors asked for materialised, and named tensors written as one file or as
+//! transformers' shards plus index (the model, the optimizer state and checkpoints all use it).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{Device, Tensor};
+
+/// What went wrong with a safetensors file.
+#[derive(Debug, thiserror::Error)]
+pub enum TensorFileError {
+    #[error("no weights in {dir}: expected model.safetensors or model.safetensors.index.json")]
+    NoWeights { dir: String },
+    #[error("cannot read or write {path}: {message}")]
+    Io { path: String, message: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+fn io_error(path: &Path, message: impl ToString) -> TensorFileError {
+    TensorFileError::Io {
+        path: path.display().to_string(),
+        message: message.to_string(),
+    }
+}
+
+/// The `format: pt` metadata transformers expects in a model's safetensors.
+pub fn pt_metadata() -> HashMap<String, String> {
+    [("format".to_string(), "pt".to_string())].into()
+}
+
+/// Weights in one or more memory-mapped safetensors files. Opening reads only the headers;
+/// [`MappedWeights::load`] copies one tensor out, so a process never holds more of a large
+/// checkpoint in its own memory than the tensors it asked for (the mapped pages are the page
+/// cache's, shared and evictable).
+pub struct MappedWeights {
+    files: MmapedSafetensors,
+    names: BTreeSet<String>,
+    origin: PathBuf,
+}
+
+impl MappedWeights {
+    /// The files of a model folder: `model.safetensors`, else every shard of the index.
+    pub fn open_model_dir(dir: &Path) -> Result<Self, TensorFileError> {
+        let single = dir.join("model.safetensors");
+        if single.exists() {
+            return Self::open(&[single], dir);
+        }
+        let index = dir.join("model.safetensors.index.json");
+        if !index.exists() {
+            return Err(TensorFileError::NoWeights {
+                dir: dir.display().to_string(),
+            });
+        }
+        let text = std::fs::read_to_string(&index).map_err(|e| io_error(&index, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| io_error(&index, e))?;
+        let weight_map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| io_error(&index, "no `weight_map` object"))?;
+        let shards: BTreeSet<&str> = weight_map.values().filter_map(|v| v.as_str()).collect();
+        let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+        Self::open(&paths, dir)
+    }
+
+    /// Several files as one set of names (a name in two files: the later file's tensor).
+    pub fn open(paths: &[PathBuf], origin: &Path) -> Result<Self, TensorFileError> {
+        for path in paths {
+            if !path.exists() {
+                return Err(io_error(path, "file not found"));
+            }
+        }
+        // SAFETY: the files are mapped read-only and each tensor is copied out on load; whet
+        // never writes a file it has mapped (checkpoints are written to new temporary folders).
+        let files = unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| io_error(origin, e))?;
+        let names = files.tensors().into_iter().map(|(name, _)| name).collect();
+        Ok(Self {
+            files,
+            names,
+            origin: origin.to_path_buf(),
+        })
+    }
+
+    pub fn names(&self) -> &BTreeSet<String> {
+        &self.names
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    /// The tensor `name` on `device`, in its stored dtype.
+    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor, TensorFileError> {
+        self.files
+            .load(name, device)
+            .map_err(|e| io_error(&self.origin, format!("tensor `{name}`: {e}")))
+    }
+}
+
+/// Reads every tensor of one small file (optimizer state, fixtures) onto `device`.
+pub fn read_all(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, TensorFileError> {
+    candle_core::safetensors::load(path, device).map_err(|e| io_error(path, e))
+}
+
+/// The string metadata of a safetensors file's header.
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>, TensorFileError> {
+    let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| io_error(path, e))?;
+    Ok(header.metadata().clone().unwrap_or_default())
+}
+
+/// Writes named tensors (moved to the CPU) with the given metadata to one file.
+pub fn write(
+    path: &Path,
+    tensors: Vec<(String, Tensor)>,
+    metadata: HashMap<String, String>,
+) -> Result<(), TensorFileError> {
+    let tensors = tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|e| io_error(path, e))
+}
+
+/// Writes a model's weights into `dir` as `save_pretrained` does: one `model.safetensors`, or,
+/// past `max_shard_bytes`, `model-0000i-of-0000n.safetensors` shards plus
+/// `model.safetensors.index.json`. Returns the files written.
+pub fn write_model_weights(
+    dir: &Path,
+    state: Vec<(String, Tensor)>,
+    max_shard_bytes: usize,
+) -> Result<Vec<PathBuf>, TensorFileError> {
+    let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+    let total_size: usize = state.iter().map(|(_, t)| bytes(t)).sum();
+    if total_size <= max_shard_bytes {
+        let path = dir.join("model.safetensors");
+        write(&path, state, pt_metadata())?;
+        return Ok(vec![path]);
+    }
+    // Greedy in checkpoint order, as transformers shards: a tensor larger than the limit gets a
+    // shard of its own.
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let mut current = 0usize;
+    for (name, tensor) in state {
+        let size = bytes(&tensor);
+        let last = shards.last_mut().expect("one shard at least");
+        if !last.is_empty() && current + size > max_shard_bytes {
+            shards.push(Vec::new());
+            current = 0;
+        }
+        current += size;
+        shards
+            .last_mut()
+            .expect("one shard at least")
+            .push((name, tensor));
+    }
+    let count = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut written = Vec::with_capacity(count + 1);
+    for (i, shard) in shards.into_iter().enumerate() {
+        let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+        for (name, _) in &shard {
+            weight_map.insert(name.clone(), file.clone().into());
+        }
+        let path = dir.join(&file);
+        write(&path, shard, pt_metadata())?;
+        written.push(path);
+    }
+    let index = serde_json::json!({
+        "metadata": {"total_size": total_size},
+        "weight_map": weight_map,
+    });
+    let path = dir.join("model.safetensors.index.json");
+    let text = serde_json::to_string_pretty(&index).expect("valid JSON");
+    std::fs::write(&path, text).map_err(|e| io_error(&path, e))?;
+    written.push(path);
+    Ok(written)
+}

@@ -1,0 +1,316 @@
+//! Everything a run needs before its first step: the model folder, dtype and device, the
+//! tokenizer and template, the prepared data, the plan, the resume point and the model itself.
+//! A job this build cannot do as configured is refused here, before any work.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use serde_json::Value;
+use whet_shared::config::TunerType;
+use whet_shared::schedule::{min_lr_rate, Schedule};
+use whet_shared::{derive, JobConfig, ModelFacts};
+
+use super::checkpoint::ResumePoint;
+use super::data::{self, ChatTokenizer, PreparedData, RenderOptions, Template};
+use super::metrics::float;
+use super::plan::Plan;
+use super::progress::Console;
+use crate::model::{Architecture, Model, ModelConfig, ModelOptions, Trainable};
+use crate::optim::AdamWConfig;
+
+/// What this version of the loop does not do yet, refused before any work.
+fn check_supported(config: &JobConfig) -> anyhow::Result<()> {
+    let sft = &config.sft;
+    if sft.tuner_type != TunerType::Full {
+        bail!(
+            "tuner_type {:?} is not implemented in whet sft yet; use --tuner_type full",
+            sft.tuner_type
+        );
+    }
+    if sft.packing || sft.streaming {
+        bail!("packing and streaming are not implemented in whet sft yet; leave them false");
+    }
+    if !matches!(sft.loss_scale.as_str(), "default" | "ignore_empty_think") {
+        bail!(
+            "loss_scale `{}` is not implemented in whet sft yet; use default",
+            sft.loss_scale
+        );
+    }
+    Ok(())
+}
+
+pub struct Setup {
+    pub model_id: String,
+    pub model_dir: PathBuf,
+    pub model_config: ModelConfig,
+    pub dtype: DType,
+    pub device: Device,
+    pub template_name: String,
+    pub tokenizer: ChatTokenizer,
+    pub max_length: usize,
+    pub data: PreparedData,
+    pub plan: Plan,
+    pub resume: Option<ResumePoint>,
+    pub model: Model,
+}
+
+impl Setup {
+    pub fn new(config: &JobConfig, console: &Console) -> anyhow::Result<Self> {
+        let sft = &config.sft;
+        check_supported(config)?;
+        let device = crate::device::select_device(config)?;
+
+        let model_id = sft
+            .model
+            .clone()
+            .context("--model is required: a local model folder")?;
+        let model_dir = PathBuf::from(&model_id);
+        if !model_dir.join("config.json").exists() {
+            bail!(
+                "--model {model_id} is not a local model folder with a config.json; downloading from a hub comes later, so pass a local folder"
+            );
+        }
+        let model_config = ModelConfig::from_model_dir(&model_dir)?;
+        let dtype = sft
+            .torch_dtype
+            .map(crate::dtype::to_candle)
+            .or(model_config.torch_dtype)
+            .unwrap_or(DType::F32);
+
+        let config_text = std::fs::read_to_string(model_dir.join("config.json"))?;
+        let facts = ModelFacts::from_config_json(&model_id, &config_text).ok();
+        let template_name = sft
+            .template
+            .clone()
+            .or_else(|| facts.as_ref().map(|f| f.template.clone()))
+            .unwrap_or_else(|| "qwen3".into());
+        let tokenizer = ChatTokenizer::from_model_dir(&model_dir)?;
+        let max_length = sft
+            .max_length
+            .map_or(model_config.max_position_embeddings, |m| m.max(1) as usize);
+        let data = prepare_data(config, &template_name, &tokenizer, max_length, console)?;
+        let plan = Plan::new(config, data.train.len() as u64)?;
+        if plan.evaluates() && data.val.is_empty() {
+            bail!("evaluation is on but no validation sample is left; check --val_dataset, --split_dataset_ratio and --max_length");
+        }
+
+        let resume = sft
+            .resume_from_checkpoint
+            .as_deref()
+            .map(|dir| ResumePoint::read(Path::new(dir)))
+            .transpose()?;
+        let options = ModelOptions {
+            device: device.clone(),
+            compute_dtype: dtype,
+            master_dtype: DType::F32,
+            trainable: Trainable::All,
+        };
+        let model = load_model(
+            &model_dir,
+            resume.as_ref(),
+            sft.seed as u64,
+            options,
+            console,
+        )?;
+        Ok(Self {
+            model_id,
+            model_dir,
+            model_config,
+            dtype,
+            device,
+            template_name,
+            tokenizer,
+            max_length,
+            data,
+            plan,
+            resume,
+            model,
+        })
+    }
+
+    /// The schedule the studio plots is the one that runs (whet-shared computes both).
+    pub fn schedule(&self, config: &JobConfig) -> Schedule {
+        let plan = &self.plan;
+        Schedule {
+            kind: config.sft.lr_scheduler_type,
+            base_lr: plan.learning_rate,
+            warmup_steps: plan.warmup_steps,
+            total_steps: plan.total_steps,
+            min_lr_rate: min_lr_rate(
+                config.sft.lr_scheduler_kwargs.as_deref(),
+                plan.learning_rate,
+            ),
+        }
+    }
+
+    /// The MoE router aux-loss coefficient (0 for a dense model).
+    pub fn router_aux_loss_coef(&self, config: &JobConfig) -> f64 {
+        if self.model_config.moe.is_some() {
+            config.sft.router_aux_loss_coef
+        } else {
+            0.0
+        }
+    }
+
+    /// Parameters outside the embedding table, for transformers' FLOP estimate.
+    pub fn non_embedding_params(&self) -> f64 {
+        let embedding = self.model_config.vocab_size * self.model_config.hidden_size;
+        self.model.num_parameters().saturating_sub(embedding) as f64
+    }
+
+    /// ms-swift's `model_parameter_info` line.
+    pub fn parameter_info(&self) -> String {
+        let architecture = match self.model_config.architecture {
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+        };
+        let total = self.model.num_parameters() as f64 / 1e6;
+        let trainable = self.model.num_trainable_parameters() as f64 / 1e6;
+        let share = 100.0 * trainable / total.max(1e-12);
+        format!(
+            "{architecture}: {total:.4}M Params ({trainable:.4}M Trainable [{share:.4}%]), 0.0000M Buffers."
+        )
+    }
+
+    /// The run's opening line.
+    pub fn describe(&self, run_dir: &Path) -> String {
+        let plan = &self.plan;
+        format!(
+            "Training {} ({:.4}M parameters, {}) on {} samples ({} val): {} steps = {} per epoch, batch {} x accumulation {}, lr {:e}; output {}",
+            self.model_id,
+            self.model.num_parameters() as f64 / 1e6,
+            crate::dtype::torch_name(self.dtype),
+            self.data.train.len(),
+            self.data.val.len(),
+            plan.total_steps,
+            plan.steps_per_epoch,
+            plan.batch_size,
+            plan.accumulation,
+            plan.learning_rate,
+            run_dir.display()
+        )
+    }
+
+    /// args.json: the sft fields flat, with the auto values resolved.
+    pub fn args_json(&self, config: &JobConfig, run_dir: &Path) -> anyhow::Result<Value> {
+        let plan = &self.plan;
+        let mut args = serde_json::to_value(&config.sft)?;
+        let map = args.as_object_mut().expect("SftConfig is a struct");
+        let resolved = [
+            ("output_dir", Value::from(run_dir.display().to_string())),
+            (
+                "logging_dir",
+                Value::from(run_dir.join("runs").display().to_string()),
+            ),
+            (
+                "gradient_accumulation_steps",
+                Value::from(plan.accumulation),
+            ),
+            ("learning_rate", float(plan.learning_rate)),
+            (
+                "eval_strategy",
+                Value::from(derive::eval_strategy(config).as_str()),
+            ),
+            (
+                "eval_steps",
+                Value::from(whet_shared::events::eval_steps(config).max(1)),
+            ),
+            ("template", Value::from(self.template_name.as_str())),
+            (
+                "torch_dtype",
+                Value::from(crate::dtype::torch_name(self.dtype)),
+            ),
+            ("max_length", Value::from(self.max_length)),
+            (
+                "metric_for_best_model",
+                Value::from(plan.metric_for_best_model.trim_start_matches("eval_")),
+            ),
+            ("greater_is_better", Value::from(plan.greater_is_better)),
+            ("world_size", Value::from(1)),
+        ];
+        for (key, value) in resolved {
+            map.insert(key.to_string(), value);
+        }
+        Ok(args)
+    }
+}
+
+/// AdamW's hyper-parameters from the config (the learning rate comes with each step).
+pub fn adamw_config(config: &JobConfig) -> AdamWConfig {
+    let sft = &config.sft;
+    AdamWConfig {
+        beta1: sft.adam_beta1,
+        beta2: sft.adam_beta2,
+        eps: sft.adam_epsilon,
+        weight_decay: sft.weight_decay,
+    }
+}
+
+/// Loads, renders and tokenizes the datasets, saying on the console what was dropped.
+fn prepare_data(
+    config: &JobConfig,
+    template_name: &str,
+    tokenizer: &ChatTokenizer,
+    max_length: usize,
+    console: &Console,
+) -> anyhow::Result<PreparedData> {
+    let sft = &config.sft;
+    let render_options = RenderOptions {
+        template: Template::parse(template_name)?,
+        default_system: sft.system.clone(),
+        disable_ignore_empty_think: sft.disable_ignore_empty_think,
+    };
+    let prepared = data::prepare(sft, tokenizer, &render_options, max_length)?;
+    if prepared.dropped_rows > 0 {
+        console.line(&format!(
+            "Dataset rows dropped: {} malformed row(s) (use --strict true to stop at the first one instead)",
+            prepared.dropped_rows
+        ));
+    }
+    if let Some(warning) =
+        data::think_opener_warning(prepared.think_opener_rows, prepared.train_rows)
+    {
+        console.line(&warning);
+    }
+    for (dropped, name, kept) in [
+        (prepared.dropped_train, "train", prepared.train.len()),
+        (prepared.dropped_val, "val", prepared.val.len()),
+    ] {
+        if dropped > 0 {
+            console.line(&format!(
+                "Dataset filtered ({name}): {dropped} sample(s) longer than max_length {max_length} dropped (truncation_strategy delete), {kept} left"
+            ));
+        }
+    }
+    if prepared.train.is_empty() {
+        bail!("no training samples left; check --dataset and --max_length");
+    }
+    Ok(prepared)
+}
+
+/// The model, from a checkpoint when resuming (its f32 masters when saved), else from the
+/// model folder, else — a folder with only config.json — freshly initialised from `seed`.
+fn load_model(
+    model_dir: &Path,
+    resume: Option<&ResumePoint>,
+    seed: u64,
+    options: ModelOptions,
+    console: &Console,
+) -> anyhow::Result<Model> {
+    if let Some(resume) = resume {
+        return resume.load_model(options);
+    }
+    let has_weights = model_dir.join("model.safetensors").exists()
+        || model_dir.join("model.safetensors.index.json").exists();
+    if has_weights {
+        return Ok(Model::from_pretrained(model_dir, options)?);
+    }
+    console.line(&format!(
+        "{} has no weights: initialising the model at random (seed {seed})",
+        model_dir.display()
+    ));
+    let config = ModelConfig::from_model_dir(model_dir)?;
+    Ok(Model::random(config, seed, options)?)
+}
