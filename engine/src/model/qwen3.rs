@@ -698,6 +698,11 @@ impl Model {
         self.trainable.layer(layer)
     }
 
+    /// Every parameter, trainable or frozen, under its Hugging Face name in checkpoint order.
+    pub fn params(&self) -> &[(String, Param)] {
+        &self.params
+    }
+
     /// Every parameter, trainable or frozen.
     pub fn num_parameters(&self) -> usize {
         self.params.iter().map(|(_, p)| p.elem_count()).sum()
