@@ -404,10 +404,9 @@ impl ModelConfig {
 
 impl MoeConfig {
     /// transformers' rule: not listed in mlp_only_layers, and hit by decoder_sparse_step.
-    // `%` rather than is_multiple_of, which needs a newer Rust than the workspace's 1.85.
-    #[allow(clippy::manual_is_multiple_of)]
     pub fn is_sparse_layer(&self, layer: usize) -> bool {
-        !self.mlp_only_layers.contains(&layer) && (layer + 1) % self.decoder_sparse_step == 0
+        !self.mlp_only_layers.contains(&layer)
+            && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 }
 
