@@ -7,6 +7,7 @@ pub mod cli;
 pub mod dataset;
 pub mod generate;
 pub mod grad;
+pub mod hub;
 pub mod model;
 pub mod ops;
 pub mod optim;
