@@ -116,8 +116,9 @@ pub enum HubError {
     BadId(String),
     #[error("--model_revision `{0}` is not a branch, tag or commit name")]
     BadRevision(String),
-    #[error("{target} is not in the cache {cache}{missing}, and HF_HUB_OFFLINE is set; run once online without HF_HUB_OFFLINE, or pass a local folder")]
+    #[error("{target} is not in the {hub} cache {cache}{missing}, and HF_HUB_OFFLINE is set; run once online without HF_HUB_OFFLINE, or pass a local folder")]
     NotCached {
+        hub: &'static str,
         target: String,
         cache: String,
         missing: String,
@@ -182,6 +183,13 @@ impl Target {
                 .unwrap_or(default_revision)
                 .to_string(),
         })
+    }
+
+    fn hub_cache_name(&self) -> &'static str {
+        match self.hub {
+            Hub::Hf => "Hugging Face",
+            Hub::Ms => "ModelScope",
+        }
     }
 
     fn hub_name(&self) -> &'static str {
@@ -256,17 +264,8 @@ impl Target {
 
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let hub = match self.hub {
-            Hub::Hf => "Hugging Face",
-            Hub::Ms => "ModelScope",
-        };
-        write!(
-            f,
-            "{} `{}` (revision {}, {hub})",
-            self.kind.noun(),
-            self.id,
-            self.revision
-        )
+        let (noun, id, revision) = (self.kind.noun(), &self.id, &self.revision);
+        write!(f, "{noun} `{id}` (revision {revision})")
     }
 }
 
@@ -364,6 +363,7 @@ fn fetch(target: &Target, settings: &HubSettings) -> Result<PathBuf, HubError> {
     };
     if settings.offline {
         return complete_cache(source.as_ref(), target.kind).ok_or_else(|| HubError::NotCached {
+            hub: target.hub_cache_name(),
             target: target.to_string(),
             cache: source.cache_root().display().to_string(),
             missing: source
@@ -395,7 +395,8 @@ fn fetch(target: &Target, settings: &HubSettings) -> Result<PathBuf, HubError> {
     };
     let wanted = files::first_files(target.kind, &listing).map_err(|m| target.repo_error(m))?;
     progress::line(&format!(
-        "Fetching {target}: {} into {}",
+        "Fetching {target} from {}: {} into {}",
+        target.hub_name(),
         wanted.join(", "),
         source.cache_root().display()
     ));

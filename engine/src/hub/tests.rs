@@ -168,7 +168,7 @@ fn a_hugging_face_model_downloads_with_the_token_then_loads_offline() {
     assert!(
         error.contains("someone/other")
             && error.contains("HF_HUB_OFFLINE")
-            && error.contains("not in the cache"),
+            && error.contains("not in the Hugging Face cache"),
         "{error}"
     );
 }
