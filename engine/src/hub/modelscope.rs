@@ -306,12 +306,13 @@ impl Source for ModelScopeSource {
     }
 
     fn folder(&self) -> PathBuf {
-        let named = self.named_folder();
-        match (self.target.kind, named.file_name()) {
-            (RepoKind::Model, Some(name)) => {
-                named.with_file_name(name.to_string_lossy().replace('.', "___"))
-            }
-            _ => named,
+        match self.target.kind {
+            // The SDK masks `.` in the whole id (owner and name) for the folder it writes.
+            RepoKind::Model => self
+                .cache
+                .join("models")
+                .join(self.target.id.replace('.', "___")),
+            RepoKind::Dataset => self.named_folder(),
         }
     }
 
@@ -326,7 +327,10 @@ impl Source for ModelScopeSource {
         #[cfg(unix)]
         if named != stored && std::fs::symlink_metadata(&named).is_err() {
             // Best effort, as the SDK: the real name is a convenience, the stored one is what counts.
-            let _ = std::os::unix::fs::symlink(stored.file_name().unwrap_or_default(), &named);
+            let _ = named
+                .parent()
+                .map(std::fs::create_dir_all)
+                .map(|_| std::os::unix::fs::symlink(&stored, &named));
         }
         let _ = (named, stored);
         Ok(())

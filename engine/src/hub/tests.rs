@@ -388,6 +388,17 @@ fn a_cut_short_modelscope_download_leaves_nothing_that_looks_cached() {
 }
 
 #[test]
+fn the_download_bar_draws_without_a_terminal() {
+    use hf_hub::api::Progress;
+    let mut bar = progress::DownloadProgress::new(true);
+    bar.init(10, "model.safetensors");
+    bar.update(4);
+    bar.init(10, "model.safetensors");
+    bar.update(10);
+    bar.finish();
+}
+
+#[test]
 fn settings_come_from_the_variables_ms_swift_reads() {
     let vars = |pairs: &'static [(&'static str, &'static str)]| {
         move |name: &str| {
