@@ -356,29 +356,18 @@ trait Source {
     fn cache_root(&self) -> PathBuf;
 }
 
+/// The local folder of `target`: from the cache when offline (or when the hub cannot be
+/// reached and the cache is complete), else downloaded.
 fn fetch(target: &Target, settings: &HubSettings) -> Result<PathBuf, HubError> {
     let mut source: Box<dyn Source> = match target.hub {
         Hub::Hf => Box::new(hf::HfSource::new(target, settings)?),
         Hub::Ms => Box::new(modelscope::ModelScopeSource::new(target, settings)?),
     };
     if settings.offline {
-        return complete_cache(source.as_ref(), target.kind).ok_or_else(|| HubError::NotCached {
-            hub: target.hub_cache_name(),
-            target: target.to_string(),
-            cache: source.cache_root().display().to_string(),
-            missing: source
-                .cached()
-                .map(|dir| {
-                    format!(
-                        " (it lacks {})",
-                        files::missing(target.kind, &dir).join(", ")
-                    )
-                })
-                .unwrap_or_default(),
-        });
+        return offline_folder(source.as_ref(), target);
     }
-    let listing = match source.list() {
-        Ok(listing) => listing,
+    match source.list() {
+        Ok(listing) => download(source.as_mut(), target, &listing),
         // As huggingface_hub does: a hub that cannot be reached still leaves the cache usable.
         Err(error @ HubError::Unreachable { .. }) => {
             let Some(dir) = complete_cache(source.as_ref(), target.kind) else {
@@ -389,11 +378,37 @@ fn fetch(target: &Target, settings: &HubSettings) -> Result<PathBuf, HubError> {
                 target.hub_name(),
                 dir.display()
             ));
-            return Ok(dir);
+            Ok(dir)
         }
-        Err(error) => return Err(error),
-    };
-    let wanted = files::first_files(target.kind, &listing).map_err(|m| target.repo_error(m))?;
+        Err(error) => Err(error),
+    }
+}
+
+fn offline_folder(source: &dyn Source, target: &Target) -> Result<PathBuf, HubError> {
+    complete_cache(source, target.kind).ok_or_else(|| HubError::NotCached {
+        hub: target.hub_cache_name(),
+        target: target.to_string(),
+        cache: source.cache_root().display().to_string(),
+        missing: source
+            .cached()
+            .map(|dir| {
+                format!(
+                    " (it lacks {})",
+                    files::missing(target.kind, &dir).join(", ")
+                )
+            })
+            .unwrap_or_default(),
+    })
+}
+
+/// Fetches what `files.rs` selects from `listing` (an index first, then its shards) and
+/// checks that the folder is complete.
+fn download(
+    source: &mut dyn Source,
+    target: &Target,
+    listing: &[String],
+) -> Result<PathBuf, HubError> {
+    let wanted = files::first_files(target.kind, listing).map_err(|m| target.repo_error(m))?;
     progress::line(&format!(
         "Fetching {target} from {}: {} into {}",
         target.hub_name(),
@@ -407,13 +422,13 @@ fn fetch(target: &Target, settings: &HubSettings) -> Result<PathBuf, HubError> {
     if wanted.iter().any(|f| f == files::WEIGHTS_INDEX) {
         let shards = files::shards_of_index(&folder.join(files::WEIGHTS_INDEX))
             .map_err(|m| target.repo_error(m))?;
+        if let Some(absent) = shards.iter().find(|shard| !listing.contains(shard)) {
+            return Err(target.repo_error(format!(
+                "{} names the shard {absent}, which the repository does not have",
+                files::WEIGHTS_INDEX
+            )));
+        }
         for shard in &shards {
-            if !listing.contains(shard) {
-                return Err(target.repo_error(format!(
-                    "{} names the shard {shard}, which the repository does not have",
-                    files::WEIGHTS_INDEX
-                )));
-            }
             source.fetch(shard)?;
         }
     }
