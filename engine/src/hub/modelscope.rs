@@ -324,15 +324,10 @@ impl Source for ModelScopeSource {
 
     fn finish(&mut self) -> Result<(), HubError> {
         let (named, stored) = (self.named_folder(), self.folder());
-        #[cfg(unix)]
         if named != stored && std::fs::symlink_metadata(&named).is_err() {
             // Best effort, as the SDK: the real name is a convenience, the stored one is what counts.
-            let _ = named
-                .parent()
-                .map(std::fs::create_dir_all)
-                .map(|_| std::os::unix::fs::symlink(&stored, &named));
+            link_folder(&stored, &named);
         }
-        let _ = (named, stored);
         Ok(())
     }
 
@@ -340,3 +335,14 @@ impl Source for ModelScopeSource {
         self.cache.clone()
     }
 }
+
+#[cfg(unix)]
+fn link_folder(stored: &Path, link: &Path) {
+    if let Some(parent) = link.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let _ = std::os::unix::fs::symlink(stored, link);
+}
+
+#[cfg(not(unix))]
+fn link_folder(_stored: &Path, _link: &Path) {}
