@@ -9,6 +9,7 @@ pub mod device;
 pub mod dtype;
 pub mod generate;
 pub mod grad;
+pub mod hub;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -19,9 +19,15 @@ use crate::train::data::{
 
 #[derive(Debug, Args)]
 pub struct InferArgs {
-    /// Model folder: config.json, safetensors and tokenizer.json (a checkpoint works).
+    /// Model folder (config.json, safetensors and tokenizer.json; a checkpoint works) or a hub id.
     #[arg(long)]
     pub model: PathBuf,
+    /// A hub id's revision (branch, tag or commit).
+    #[arg(long = "model_revision", alias = "model-revision")]
+    pub model_revision: Option<String>,
+    /// Hub ids (and datasets without hf::/ms::) come from Hugging Face rather than ModelScope.
+    #[arg(long = "use_hf", alias = "use-hf", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub use_hf: bool,
     /// LoRA adapter folder to apply (arrives with LoRA training).
     #[arg(long)]
     pub adapters: Option<PathBuf>,
@@ -31,7 +37,8 @@ pub struct InferArgs {
     /// A dataset whose rows' last user message is answered; answers go to --result_path.
     #[arg(long = "val_dataset", alias = "val-dataset")]
     pub val_dataset: Option<String>,
-    /// Where the answers of --val_dataset go (jsonl); default `<model>/infer_result.jsonl`.
+    /// Where the answers of --val_dataset go (jsonl); default `<model>/infer_result.jsonl` for a
+    /// local folder, `infer_result.jsonl` here for a hub id (never into the hub cache).
     #[arg(long = "result_path", alias = "result-path")]
     pub result_path: Option<PathBuf>,
     /// System prompt for rows that have none.
@@ -64,6 +71,7 @@ pub struct InferArgs {
 /// The template a checkpoint was trained with (its args.json), else the model's default.
 fn template_for(
     model_dir: &Path,
+    model_name: &str,
     config: &ModelConfig,
     requested: Option<&str>,
 ) -> anyhow::Result<Template> {
@@ -88,13 +96,7 @@ fn template_for(
     } else {
         Architecture::Qwen2
     };
-    let name = model_dir
-        .canonicalize()
-        .unwrap_or_else(|_| model_dir.to_path_buf());
-    Ok(Template::parse(default_template(
-        &name.to_string_lossy(),
-        architecture,
-    ))?)
+    Ok(Template::parse(default_template(model_name, architecture))?)
 }
 
 pub fn run(args: InferArgs) -> anyhow::Result<ExitCode> {
@@ -105,17 +107,34 @@ pub fn run(args: InferArgs) -> anyhow::Result<ExitCode> {
         eprintln!("error: give --query TEXT or --val_dataset FILE");
         return Ok(ExitCode::from(2));
     }
-    let model_config = ModelConfig::from_model_dir(&args.model)
-        .with_context(|| format!("reading {}/config.json", args.model.display()))?;
-    let template = template_for(&args.model, &model_config, args.template.as_deref())?;
+    let hub = HubSettings::from_env(args.use_hf);
+    let model_text = args.model.to_string_lossy();
+    let model_dir = crate::hub::model_dir(&model_text, args.model_revision.as_deref(), &hub)?;
+    // The name picks the default template: a local folder's full path, or the hub id.
+    let model_name = if args.model.is_dir() {
+        let path = model_dir
+            .canonicalize()
+            .unwrap_or_else(|_| model_dir.clone());
+        path.to_string_lossy().into_owned()
+    } else {
+        model_text.to_string()
+    };
+    let model_config = ModelConfig::from_model_dir(&model_dir)
+        .with_context(|| format!("reading {}/config.json", model_dir.display()))?;
+    let template = template_for(
+        &model_dir,
+        &model_name,
+        &model_config,
+        args.template.as_deref(),
+    )?;
     // Nothing is trained: every weight frozen, so no forward pass records a backward graph.
     let options = ModelOptions {
         trainable: Trainable::Nothing,
         ..ModelOptions::default()
     };
-    let model = Model::from_pretrained(&args.model, options)
-        .with_context(|| format!("loading the model in {}", args.model.display()))?;
-    let tokenizer = ChatTokenizer::from_model_dir(&args.model)?;
+    let model = Model::from_pretrained(&model_dir, options)
+        .with_context(|| format!("loading the model in {}", model_dir.display()))?;
+    let tokenizer = ChatTokenizer::from_model_dir(&model_dir)?;
     let stop: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
         .iter()
         .filter_map(|t| tokenizer.token_id(t))
@@ -178,7 +197,7 @@ pub fn run(args: InferArgs) -> anyhow::Result<ExitCode> {
         strict: false,
         model_name: Vec::new(),
         model_author: Vec::new(),
-        hub: HubSettings::from_env(),
+        hub,
     };
     let rows = dataset::load(
         spec,
@@ -187,10 +206,14 @@ pub fn run(args: InferArgs) -> anyhow::Result<ExitCode> {
         &mut SplitMix64::new(args.seed),
     )?
     .rows;
-    let result_path = args
-        .result_path
-        .clone()
-        .unwrap_or_else(|| args.model.join("infer_result.jsonl"));
+    let result_path = args.result_path.clone().unwrap_or_else(|| {
+        let folder = if args.model.is_dir() {
+            model_dir.as_path()
+        } else {
+            Path::new(".")
+        };
+        folder.join("infer_result.jsonl")
+    });
     let mut results = String::new();
     for row in &rows {
         // Answer the last user message; the reference is the assistant reply after it, if any.

@@ -1,9 +1,8 @@
 //! Datasets: dataset specs resolve to rows of conversations — local jsonl/json/csv/parquet files and
-//! folders, Hugging Face hub datasets (through hf-hub), and the built-in `self-cognition` —
+//! folders, hub datasets (Hugging Face or ModelScope, `crate::hub`), and the built-in `self-cognition` —
 //! with ms-swift's `#N` sampling rule, subsets, mixing and its row formats.
 
 mod formats;
-mod hub;
 mod parquet_file;
 mod sampling;
 mod self_cognition;
@@ -11,12 +10,12 @@ mod self_cognition;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use whet_shared::dataset_spec::DatasetSpec;
+use whet_shared::dataset_spec::{DatasetSpec, Hub};
 
 use crate::rng::SplitMix64;
 
+pub use crate::hub::HubSettings;
 pub use formats::{row_to_conversation, RowError, RowFormat};
-pub use hub::HubSettings;
 pub use sampling::{data_rng, sample_indices};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -107,8 +106,8 @@ pub struct LoadedDataset {
     pub dropped: usize,
 }
 
-/// Registered datasets whose rows need their own rules; `hf_id` is where whet downloads them
-/// (ms-swift's ids are ModelScope's). A local folder named like the last part of an id (a git
+/// Registered datasets whose rows need their own rules; `id` is ms-swift's (ModelScope's),
+/// `hf_id` the same dataset on Hugging Face. A local folder named like the last part of an id (a git
 /// clone of the hub dataset) is read with the same rules.
 struct Registered {
     id: &'static str,
@@ -180,8 +179,13 @@ pub fn load(
                 spec.id
             )));
         } else {
-            let hub_id = registration(&spec.id).map_or(spec.id.as_str(), |r| r.hf_id);
-            hub::download_dataset(hub_id, &options.hub).map_err(spec_error)?
+            let hub = options.hub.hub_for(spec.hub);
+            let hub_id = registration(&spec.id).map_or(spec.id.as_str(), |r| match hub {
+                Hub::Hf => r.hf_id,
+                Hub::Ms => r.id,
+            });
+            crate::hub::dataset_dir(hub_id, Some(hub), &options.hub)
+                .map_err(|e| spec_error(e.to_string()))?
         };
         let files = data_files(&root, &spec.subsets).map_err(spec_error)?;
         let mut rows = Vec::new();
@@ -273,7 +277,15 @@ fn data_files(root: &Path, subsets: &[String]) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// Whether a file's extension is one the loader reads.
+pub(crate) fn is_data_file(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| DATA_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// The data files under `dir`, recursively, skipping hidden files and folders.
+pub(crate) fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let hidden = path
@@ -284,11 +296,7 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         }
         if path.is_dir() {
             collect_files(&path, out)?;
-        } else if path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| DATA_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        {
+        } else if is_data_file(&path) {
             out.push(path);
         }
     }

@@ -1,8 +1,8 @@
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::path::PathBuf;
 
 use super::*;
+use crate::hub::test_server::{TestRepo, TestServer};
+use crate::hub::HubAccess;
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("whet-dataset-{name}-{}", std::process::id()));
@@ -19,10 +19,42 @@ fn options() -> LoadOptions {
         model_author: vec!["whet".into()],
         hub: HubSettings {
             offline: true,
-            cache_dir: Some(std::env::temp_dir().join("whet-no-hub-cache")),
+            hf: HubAccess {
+                cache_dir: Some(std::env::temp_dir().join("whet-no-hub-cache")),
+                ..HubAccess::default()
+            },
+            modelscope: HubAccess {
+                cache_dir: Some(std::env::temp_dir().join("whet-no-hub-cache")),
+                ..HubAccess::default()
+            },
             ..HubSettings::default()
         },
     }
+}
+
+/// Settings for one hub at `endpoint` with its cache in `cache`.
+fn hub_settings(use_hf: bool, endpoint: String, cache: PathBuf) -> HubSettings {
+    let access = HubAccess {
+        endpoint: Some(endpoint),
+        token: None,
+        cache_dir: Some(cache),
+    };
+    HubSettings {
+        use_hf,
+        hf: access.clone(),
+        modelscope: access,
+        ..HubSettings::default()
+    }
+}
+
+fn repo(id: &str, files: &[(&str, &[u8])]) -> TestRepo {
+    TestRepo::new(
+        id,
+        files
+            .iter()
+            .map(|(name, bytes)| (name.to_string(), bytes.to_vec()))
+            .collect(),
+    )
 }
 
 fn load_one(spec: &str, options: &LoadOptions) -> Result<LoadedDataset, DatasetError> {
@@ -136,125 +168,35 @@ fn a_local_clone_of_a_registered_dataset_keeps_its_rules() {
     );
 }
 
-/// A hub-shaped HTTP server on loopback: the repo info and `resolve` endpoints hf-hub calls.
-fn serve_hub(files: Vec<(&'static str, Vec<u8>)>, requests: usize) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(requests) {
-            let mut stream = stream.unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut request_line = String::new();
-            reader.read_line(&mut request_line).unwrap();
-            let mut range_start = None;
-            loop {
-                let mut header = String::new();
-                reader.read_line(&mut header).unwrap();
-                if header.trim().is_empty() {
-                    break;
-                }
-                if let Some(range) = header.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                    range_start = range
-                        .trim()
-                        .split('-')
-                        .next()
-                        .and_then(|s| s.parse::<usize>().ok());
-                    if range.trim() == "0-0" {
-                        range_start = Some(usize::MAX);
-                    }
-                }
-            }
-            let path = request_line
-                .split_whitespace()
-                .nth(1)
-                .unwrap_or("/")
-                .to_string();
-            let sha = "0123456789abcdef0123456789abcdef01234567";
-            let (status, headers, body): (&str, String, Vec<u8>) = if path
-                .starts_with("/api/datasets/")
-            {
-                let siblings: Vec<String> = files
-                    .iter()
-                    .map(|(n, _)| format!("{{\"rfilename\": \"{n}\"}}"))
-                    .collect();
-                (
-                    "200 OK",
-                    String::new(),
-                    format!(
-                        "{{\"sha\": \"{sha}\", \"siblings\": [{}]}}",
-                        siblings.join(",")
-                    )
-                    .into_bytes(),
-                )
-            } else if let Some((_, content)) = files
-                .iter()
-                .find(|(n, _)| path.ends_with(&format!("/resolve/main/{n}")))
-            {
-                let bytes = content.as_slice();
-                let common = format!("x-repo-commit: {sha}\r\netag: \"etag-{}\"\r\n", bytes.len());
-                match range_start {
-                    Some(usize::MAX) => (
-                        "206 Partial Content",
-                        format!("{common}content-range: bytes 0-0/{}\r\n", bytes.len()),
-                        bytes[..1].to_vec(),
-                    ),
-                    Some(start) => (
-                        "206 Partial Content",
-                        format!(
-                            "{common}content-range: bytes {start}-{}/{}\r\n",
-                            bytes.len() - 1,
-                            bytes.len()
-                        ),
-                        bytes[start..].to_vec(),
-                    ),
-                    None => ("200 OK", common, bytes.to_vec()),
-                }
-            } else {
-                ("404 Not Found", String::new(), b"{}".to_vec())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes());
-            let _ = stream.write_all(&body);
-            let _ = stream.flush();
-            let mut rest = Vec::new();
-            let _ = reader.read_to_end(&mut rest);
-        }
-    });
-    address
-}
-
 #[test]
 fn hub_datasets_download_through_hf_endpoint_then_work_offline() {
     let rows = "{\"instruction\": \"hi\", \"input\": \"\", \"output\": \"hello\"}\n{\"instruction\": \"bye\", \"input\": \"\", \"output\": \"see you\"}\n";
-    let endpoint = serve_hub(
-        vec![
-            ("data/train.jsonl", rows.as_bytes().to_vec()),
-            ("README.md", b"# card".to_vec()),
+    let server = TestServer::hugging_face(vec![repo(
+        "someone/tiny-sft",
+        &[
+            ("data/train.jsonl", rows.as_bytes()),
+            ("README.md", b"# card"),
         ],
-        3,
-    );
+    )]);
     let cache = temp_dir("hub-cache");
+    // `hf::` picks Hugging Face although use_hf is false.
     let online = LoadOptions {
-        hub: HubSettings {
-            endpoint: Some(endpoint),
-            token: Some("hf_test".into()),
-            offline: false,
-            cache_dir: Some(cache.clone()),
-        },
+        hub: hub_settings(false, server.url(), cache.clone()),
         ..options()
     };
     let loaded = load_one("hf::someone/tiny-sft", &online).unwrap();
     assert_eq!(loaded.rows.len(), 2);
     assert_eq!(loaded.rows[1].messages[1].content, "see you");
-    // Offline, the same spec reads the cache (the server is gone after 3 requests).
+    assert!(server
+        .requests()
+        .iter()
+        .any(|r| r.path == "/datasets/someone/tiny-sft/resolve/main/data/train.jsonl"));
+    drop(server);
+    // Offline, the same id (with use_hf true) reads the cache.
     let offline = LoadOptions {
         hub: HubSettings {
             offline: true,
-            cache_dir: Some(cache),
-            ..HubSettings::default()
+            ..hub_settings(true, String::new(), cache)
         },
         ..options()
     };
@@ -266,6 +208,57 @@ fn hub_datasets_download_through_hf_endpoint_then_work_offline() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("HF_HUB_OFFLINE"), "{error}");
+}
+
+#[test]
+fn modelscope_datasets_download_for_ms_prefix_and_bare_ids_then_work_offline() {
+    let first = "{\"query\": \"1+1\", \"response\": \"2\"}\n";
+    let second = "{\"query\": \"2+2\", \"response\": \"4\"}\n";
+    let third = "[{\"query\": \"3+3\", \"response\": \"6\"}]";
+    let server = TestServer::modelscope(vec![repo(
+        "someone/ms-sft",
+        &[
+            ("README.md", b"# card"),
+            ("a.jsonl", first.as_bytes()),
+            ("sub/b.jsonl", second.as_bytes()),
+            ("c.json", third.as_bytes()),
+        ],
+    )]);
+    let cache = temp_dir("ms-dataset-cache");
+    let online = LoadOptions {
+        hub: hub_settings(true, server.url(), cache.clone()),
+        ..options()
+    };
+    // `ms::` picks ModelScope although use_hf is true; the listing comes in pages.
+    let loaded = load_one("ms::someone/ms-sft", &online).unwrap();
+    assert_eq!(loaded.rows.len(), 3);
+    let requests = server.requests();
+    let pages: Vec<&str> = requests
+        .iter()
+        .filter(|r| r.path == "/api/v1/datasets/1000/repo/tree")
+        .filter_map(|r| r.query("PageNumber"))
+        .collect();
+    assert_eq!(pages, ["1", "2", "3"]);
+    assert!(requests
+        .iter()
+        .any(|r| r.path == "/api/v1/datasets/someone/ms-sft/repo"
+            && r.query("FilePath") == Some("sub/b.jsonl")
+            && r.query("Revision") == Some("master")));
+    assert!(cache.join("datasets/someone/ms-sft/sub/b.jsonl").is_file());
+    assert!(!cache.join("datasets/someone/ms-sft/README.md").exists());
+    drop(server);
+    // A bare id goes to ModelScope when use_hf is false, as in ms-swift; offline reads the cache.
+    let offline = LoadOptions {
+        hub: HubSettings {
+            offline: true,
+            ..hub_settings(false, String::new(), cache)
+        },
+        ..options()
+    };
+    assert_eq!(
+        load_one("someone/ms-sft", &offline).unwrap().rows,
+        loaded.rows
+    );
 }
 
 /// Parquet files written here with the parquet crate's own writer, in the shape pyarrow gives
@@ -472,23 +465,16 @@ mod parquet_files {
         let dir = temp_dir("parquet-hub-source");
         let path = dir.join("train.parquet");
         write_messages(&path);
-        let endpoint = serve_hub(
-            vec![
-                (
-                    "data/train-00000-of-00001.parquet",
-                    std::fs::read(&path).unwrap(),
-                ),
-                ("README.md", b"# card".to_vec()),
+        let parquet = std::fs::read(&path).unwrap();
+        let server = TestServer::hugging_face(vec![repo(
+            "someone/parquet-sft",
+            &[
+                ("data/train-00000-of-00001.parquet", &parquet),
+                ("README.md", b"# card"),
             ],
-            3,
-        );
+        )]);
         let online = LoadOptions {
-            hub: HubSettings {
-                endpoint: Some(endpoint),
-                token: None,
-                offline: false,
-                cache_dir: Some(temp_dir("parquet-hub-cache")),
-            },
+            hub: hub_settings(true, server.url(), temp_dir("parquet-hub-cache")),
             ..options()
         };
         let loaded = load_one("someone/parquet-sft", &online).unwrap();

@@ -324,7 +324,7 @@ pub fn load_specs(
         strict: sft.strict,
         model_name: sft.model_name.clone(),
         model_author: sft.model_author.clone(),
-        hub: HubSettings::from_env(),
+        hub: HubSettings::from_env(sft.use_hf),
     };
     let mut rows = Vec::new();
     let mut dropped = 0;

@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 /// Writes a line to stdout, ignoring a closed pipe: a run must not die because nobody reads
 /// its output any more (`println!` would panic).
-fn print_line(text: &str) {
+pub(crate) fn print_line(text: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{text}");

@@ -61,16 +61,10 @@ impl Setup {
         check_supported(config)?;
         let device = crate::device::select_device(config)?;
 
-        let model_id = sft
-            .model
-            .clone()
-            .context("--model is required: a local model folder")?;
-        let model_dir = PathBuf::from(&model_id);
-        if !model_dir.join("config.json").exists() {
-            bail!(
-                "--model {model_id} is not a local model folder with a config.json; downloading from a hub comes later, so pass a local folder"
-            );
-        }
+        let model_id = sft.model.clone().context(
+            "--model is required: a local model folder or a hub id such as Qwen/Qwen3-0.6B",
+        )?;
+        let model_dir = crate::hub::resolve_model_dir(&model_id, sft)?;
         let model_config = ModelConfig::from_model_dir(&model_dir)?;
         let dtype = sft
             .torch_dtype
