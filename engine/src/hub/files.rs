@@ -20,16 +20,15 @@ impl RepoKind {
 }
 
 const MODEL_REQUIRED: &[&str] = &["config.json", "tokenizer.json"];
-/// Fetched when the repository has them: what transformers and the checkpoint writer copy.
-const MODEL_OPTIONAL: &[&str] = &[
-    "generation_config.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-];
+/// Fetched when the repository has them: what transformers reads and the checkpoint writer
+/// copies (the tokenizer files besides tokenizer.json, and the generation config).
+fn model_optional() -> impl Iterator<Item = &'static &'static str> {
+    std::iter::once(&"generation_config.json").chain(
+        crate::train::checkpoint::TOKENIZER_FILES
+            .iter()
+            .filter(|f| !MODEL_REQUIRED.contains(f)),
+    )
+}
 const WEIGHTS: &str = "model.safetensors";
 pub(super) const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
 
@@ -70,9 +69,9 @@ fn model_first_files(listing: &[String]) -> Result<Vec<String>, String> {
     };
     Ok(MODEL_REQUIRED
         .iter()
-        .chain(MODEL_OPTIONAL.iter().filter(|name| has(name)))
-        .chain(std::iter::once(&weights))
+        .chain(model_optional().filter(|name| has(name)))
         .map(|name| name.to_string())
+        .chain(std::iter::once(weights.to_string()))
         .collect())
 }
 

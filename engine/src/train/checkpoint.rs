@@ -31,7 +31,7 @@ use crate::tensor_files::{self, MappedWeights};
 pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
 
 /// Tokenizer and template files copied from the model folder into each checkpoint.
-const TOKENIZER_FILES: &[&str] = &[
+pub const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "vocab.json",
