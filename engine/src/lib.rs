@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod cli;
 pub mod dataset;
+pub mod device;
 pub mod generate;
 pub mod grad;
 pub mod model;
