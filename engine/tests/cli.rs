@@ -179,3 +179,189 @@ fn bench_train_prints_one_json_line() {
         );
     }
 }
+
+fn demo_path() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/demo.yaml"
+    ))
+}
+
+/// `whet check --json` run on `args` (from the workspace root, where demo.yaml's paths lie).
+fn check_json(args: &[&str]) -> serde_json::Value {
+    let output = whet()
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .arg("check")
+        .args(args)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?}: no JSON ({e}): {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+fn codes(report: &serde_json::Value) -> Vec<String> {
+    report["diagnostics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["code"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn whets_own_options_count_wherever_they_stand() {
+    let demo = demo_path();
+    let demo = demo.to_str().unwrap();
+    let report = check_json(&["--config", demo, "--json"]);
+    assert_eq!(report["ok"], true, "{report}");
+    let report = check_json(&[
+        "--model",
+        "Qwen/Qwen3-8B",
+        "--dataset",
+        "d#100",
+        "--gpu",
+        "a100-40",
+        "--json",
+    ]);
+    assert_eq!(report["derived"]["gpu"]["id"], "a100-40", "{report}");
+    let script = temp_dir("own-options").join("train.sh");
+    std::fs::write(&script, "swift sft --model Qwen/Qwen3-8B --dataset d#100\n").unwrap();
+    let report = check_json(&[
+        "--learning_rate",
+        "2e-4",
+        "--from-shell",
+        script.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(report["config"]["sft"]["learning_rate"], 2e-4, "{report}");
+    let help = whet()
+        .args(["check", "--model", "m", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("ms-swift flags") && help.contains("--learning_rate"),
+        "{help}"
+    );
+}
+
+#[test]
+fn flags_override_the_config_file_wherever_they_stand() {
+    let demo = demo_path();
+    let demo = demo.to_str().unwrap();
+    for args in [
+        ["--output_dir", "elsewhere", "--config", demo, "--json"],
+        ["--config", demo, "--output_dir", "elsewhere", "--json"],
+    ] {
+        let report = check_json(&args);
+        assert_eq!(report["derived"]["output_dir"], "elsewhere", "{args:?}");
+    }
+}
+
+#[test]
+fn an_unknown_flag_points_to_the_right_help() {
+    let report = check_json(&["--json", "--model", "m", "--zzqqxx", "1"]);
+    let fix = report["diagnostics"][0]["fix"].as_str().unwrap();
+    assert!(fix.contains("`whet check --help`"), "{fix}");
+    let output = whet()
+        .args(["sft", "--model", "m", "--zzqqxx", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`whet sft --help`"), "{stderr}");
+}
+
+#[test]
+fn metric_for_best_model_is_judged_by_check_and_sft_alike() {
+    let demo = demo_path();
+    let demo = demo.to_str().unwrap();
+    let report = check_json(&[
+        "--config",
+        demo,
+        "--metric_for_best_model",
+        "accuracy",
+        "--json",
+    ]);
+    assert_eq!(report["ok"], false);
+    assert!(
+        codes(&report).contains(&"best_metric_unknown".to_string()),
+        "{report}"
+    );
+    let out = temp_dir("bad-metric");
+    let output = whet()
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .args([
+            "sft",
+            "--config",
+            demo,
+            "--metric_for_best_model",
+            "accuracy",
+            "--output_dir",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("best_metric_unknown") && stderr.contains("nothing was trained"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        0,
+        "nothing written"
+    );
+}
+
+#[test]
+fn gpus_named_without_cuda_are_refused_before_any_work() {
+    let demo = demo_path();
+    let dir = temp_dir("no-cuda");
+    let out = dir.join("output");
+    std::fs::create_dir_all(&out).unwrap();
+    // The environment's CUDA_VISIBLE_DEVICES, or a config file's (layered over demo.yaml).
+    let devices = dir.join("devices.json");
+    std::fs::write(
+        &devices,
+        r#"{"launch": {"cuda_visible_devices": "0,1", "nproc_per_node": 2}}"#,
+    )
+    .unwrap();
+    for (env, config) in [(Some("0"), None), (None, Some(&devices))] {
+        let mut command = whet();
+        command
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .env_remove("CUDA_VISIBLE_DEVICES")
+            .args(["sft", "--config"])
+            .arg(&demo)
+            .arg("--output_dir")
+            .arg(&out);
+        if let Some(devices) = env {
+            command.env("CUDA_VISIBLE_DEVICES", devices);
+        }
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let output = command.output().unwrap();
+        assert_eq!(output.status.code(), Some(1), "{env:?} {config:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("error[cuda_unavailable] cuda_visible_devices")
+                && stderr.contains("built without CUDA")
+                && stderr.contains("CUDA_VISIBLE_DEVICES= whet sft"),
+            "{stderr}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&out).unwrap().count(),
+            0,
+            "nothing written"
+        );
+    }
+}

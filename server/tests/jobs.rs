@@ -293,3 +293,44 @@ async fn one_job_at_a_time_by_default_in_submission_order() {
         .collect();
     assert_eq!(listed, vec![ids[2], ids[1], ids[0]]);
 }
+
+/// With `--devices`, a job gets CUDA_VISIBLE_DEVICES; a `whet` built without CUDA refuses it
+/// before any work, and the refusal (field and fix) is in the job's log, the job failed.
+#[tokio::test]
+async fn a_gpu_job_on_a_whet_without_cuda_fails_with_its_reason() {
+    let Some(whet) = common::whet_binary() else {
+        eprintln!("NOTE: skipping: the `whet` binary is not built in this target dir (cargo build -p whet-engine)");
+        return;
+    };
+    let whet = whet.display().to_string();
+    let s = TestServer::start(&["--devices", "0", "--whet-bin", &whet]).await;
+    let data = s.data_dir();
+    std::fs::create_dir_all(data.join("model")).unwrap();
+    std::fs::write(
+        data.join("model/config.json"),
+        json!({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "head_dim": 16, "vocab_size": 512, "max_position_embeddings": 512,
+               "torch_dtype": "float32"})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        data.join("train.jsonl"),
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"1\"}, {\"role\": \"assistant\", \"content\": \"2\"}]}\n",
+    )
+    .unwrap();
+    let config = json!({"sft": {"model": data.join("model"), "dataset": [data.join("train.jsonl")],
+                                "tuner_type": "full", "max_steps": 1}});
+    let id = s.submit(&config).await;
+    let events = s.wait_until_done(id).await;
+    assert_eq!(statuses(&events), vec!["queued", "running", "failed"]);
+    assert_eq!(events.last().unwrap().data["exit_code"], 1);
+    let lines = log_lines(&events).join("\n");
+    assert!(
+        lines.contains("error[cuda_unavailable] cuda_visible_devices")
+            && lines.contains("built without CUDA"),
+        "{lines}"
+    );
+    assert_eq!(s.job(id).await["devices"], "0");
+}

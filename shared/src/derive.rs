@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::config::{IntervalStrategy, JobConfig, TunerType, ZeroSettings};
 use crate::dataset_spec::DatasetSpec;
+use crate::diagnostics::{closest_word, shorten, Diagnostic};
 use crate::events::{self, EventPlan};
 use crate::gpus::{self, Gpu};
 use crate::memory::{self, MemoryEstimate, Sharding};
@@ -163,6 +164,65 @@ pub fn output_dir(config: &JobConfig) -> String {
 /// one, at most all.
 pub fn split_val_rows(rows: u64, ratio: f64) -> u64 {
     ((rows as f64 * ratio) as u64).max(1).min(rows)
+}
+
+/// The eval record's keys whet computes, any of which may pick the best checkpoint.
+pub const BEST_METRICS: &[&str] = &["eval_loss", "eval_token_acc", "eval_exact_match"];
+
+/// The metric that picks the best checkpoint, as transformers resolves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BestMetric {
+    /// A key of the eval record: one of [`BEST_METRICS`].
+    pub key: &'static str,
+    pub greater_is_better: bool,
+}
+
+impl BestMetric {
+    /// The name trainer_state.json and args.json carry (`loss`, not `eval_loss`).
+    pub fn name(&self) -> &'static str {
+        self.key.trim_start_matches("eval_")
+    }
+}
+
+/// `metric_for_best_model` (default `loss`, with or without the `eval_` prefix) and
+/// `greater_is_better` (default: true unless the name has "loss"), or the diagnostic naming the
+/// closest metric whet computes. The studio, `whet check` and `whet sft` all judge it here.
+pub fn best_metric(config: &JobConfig) -> Result<BestMetric, Diagnostic> {
+    let requested = config
+        .sft
+        .metric_for_best_model
+        .as_deref()
+        .unwrap_or("loss");
+    let prefixed = if requested.starts_with("eval_") {
+        requested.to_string()
+    } else {
+        format!("eval_{requested}")
+    };
+    let Some(key) = BEST_METRICS.iter().copied().find(|k| *k == prefixed) else {
+        let names = BEST_METRICS.iter().map(|k| k.trim_start_matches("eval_"));
+        let hint = closest_word(requested, names.clone().chain(BEST_METRICS.iter().copied()))
+            .unwrap_or("loss");
+        let hint = hint.trim_start_matches("eval_");
+        let all = names.collect::<Vec<_>>().join(", ");
+        let shown = shorten(requested);
+        return Err(Diagnostic::error(
+            "metric_for_best_model",
+            "best_metric_unknown",
+            format!("metric_for_best_model `{shown}` is not a metric whet computes ({all})"),
+            format!("metric_for_best_model `{shown}` 不是 whet 计算的指标（{all}）"),
+        )
+        .with_fix(
+            format!("set --metric_for_best_model {hint}"),
+            format!("设置 --metric_for_best_model {hint}"),
+        ));
+    };
+    Ok(BestMetric {
+        key,
+        greater_is_better: config
+            .sft
+            .greater_is_better
+            .unwrap_or(!key.contains("loss")),
+    })
 }
 
 /// Rows of the training data when every spec is a local `.jsonl` file or has `#N`.

@@ -102,6 +102,9 @@ impl std::fmt::Display for Diagnostic {
     }
 }
 
+/// One diagnostic is an error value too (`whet sft` refuses a job with it).
+impl std::error::Error for Diagnostic {}
+
 /// A list of diagnostics returned when input cannot be turned into a config.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(transparent)]

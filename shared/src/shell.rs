@@ -420,7 +420,7 @@ pub fn parse_shell_onto(
         for (name, value) in &prefix_assignments {
             builder.set_env(name, value);
         }
-        parse_training_command(&rest, start, &mut builder, read_file);
+        parse_training_command(&rest, start, "whet sft", &mut builder, read_file);
     }
 
     if let (false, Some(command)) = (found_training_command, &other_subcommand) {
@@ -446,17 +446,19 @@ pub fn parse_shell_onto(
     builder.finish()
 }
 
-/// Reads the arguments of `whet sft` / `whet check` as a program receives them (no shell
-/// quoting left to undo), on top of `base`.
+/// Reads the ms-swift arguments of `whet sft` / `whet check` as a program receives them (no
+/// shell quoting left to undo), on top of `base`: `--config` files first, wherever they stand,
+/// then the flags. `command` (`whet check`) is named where a message points to its `--help`.
 pub fn parse_args_onto(
     base: &JobConfig,
     args: &[String],
+    command: &str,
     read_file: &dyn Fn(&str) -> Result<String, String>,
 ) -> Result<JobConfig, Diagnostics> {
     let mut builder = ConfigBuilder::from_config(base);
     let mut words: Vec<(String, bool)> = vec![("whet".into(), false), ("sft".into(), false)];
     words.extend(args.iter().map(|a| (a.clone(), false)));
-    parse_training_command(&words, 0, &mut builder, read_file);
+    parse_training_command(&words, 0, command, &mut builder, read_file);
     builder.finish()
 }
 
@@ -501,9 +503,12 @@ const LAUNCHER_IGNORED_VALUES: &[&str] = &[
     "local_addr",
 ];
 
+/// `help_command` is the command whose `--help` lists the flags (`whet check` for its own
+/// arguments, `whet sft` for a script).
 fn parse_training_command(
     words: &[(String, bool)],
     start: usize,
+    help_command: &str,
     builder: &mut ConfigBuilder,
     read_file: &dyn Fn(&str) -> Result<String, String>,
 ) {
@@ -633,7 +638,10 @@ fn parse_training_command(
         return;
     }
 
-    // --- the flags
+    // --- the flags. A config file is the base wherever it stands and the flags override it, as
+    // transformers' HfArgumentParser (and ms-swift's config launch) layer them; among the flags
+    // later ones win.
+    let mut flags: Vec<(&str, Vec<String>)> = Vec::new();
     while i < words.len() {
         let (word, quoted) = &words[i];
         i += 1;
@@ -664,45 +672,49 @@ fn parse_training_command(
             values.push(words[i].0.clone());
             i += 1;
         }
-        if name == "config" {
-            match values.as_slice() {
-                [path] => apply_config_file(path, builder, read_file),
-                _ => builder.push(shell_error(
-                    "empty_value",
-                    "`--config` needs exactly one file".into(),
-                    "`--config` 需要且只需要一个文件".into(),
-                    "write `--config job.yaml`",
-                    "写成 `--config job.yaml`",
-                )),
-            }
+        if name != "config" {
+            flags.push((name, values));
             continue;
         }
-        match fields::find(name) {
-            Some(field) if field.is_flag => builder.set_words(field, &format!("--{name}"), &values),
-            _ => {
-                let shown = shorten(name);
-                let hint = fields::closest(name);
-                builder.push(
-                    Diagnostic::error(
-                        name,
-                        "unknown_flag",
-                        format!("unknown flag `--{shown}`"),
-                        format!("未知参数 `--{shown}`"),
-                    )
-                    .with_fix(
-                        match hint {
-                            Some(h) => format!("did you mean `--{h}`?"),
-                            None => "remove it; `whet sft --help` lists the flags".into(),
-                        },
-                        match hint {
-                            Some(h) => format!("是否想写 `--{h}`？"),
-                            None => "删除该参数；`whet sft --help` 列出了所有参数".into(),
-                        },
-                    ),
-                );
-            }
+        match values.as_slice() {
+            [path] => apply_config_file(path, builder, read_file),
+            _ => builder.push(shell_error(
+                "empty_value",
+                "`--config` needs exactly one file".into(),
+                "`--config` 需要且只需要一个文件".into(),
+                "write `--config job.yaml`",
+                "写成 `--config job.yaml`",
+            )),
         }
     }
+    for (name, values) in flags {
+        match fields::find(name) {
+            Some(field) if field.is_flag => builder.set_words(field, &format!("--{name}"), &values),
+            _ => builder.push(unknown_flag(name, help_command)),
+        }
+    }
+}
+
+/// An ms-swift flag whet does not know, with the closest known one or where the list is.
+fn unknown_flag(name: &str, help_command: &str) -> Diagnostic {
+    let shown = shorten(name);
+    let (fix_en, fix_zh) = match fields::closest(name) {
+        Some(h) => (
+            format!("did you mean `--{h}`?"),
+            format!("是否想写 `--{h}`？"),
+        ),
+        None => (
+            format!("remove it; `{help_command} --help` lists the flags"),
+            format!("删除该参数；`{help_command} --help` 列出了所有参数"),
+        ),
+    };
+    Diagnostic::error(
+        name,
+        "unknown_flag",
+        format!("unknown flag `--{shown}`"),
+        format!("未知参数 `--{shown}`"),
+    )
+    .with_fix(fix_en, fix_zh)
 }
 
 fn is_config_path(word: &str) -> bool {

@@ -902,6 +902,9 @@ fn eval_save_rules(config: &JobConfig, derived: &Derived, out: &mut Vec<Diagnost
             }
         }
     }
+    if let Err(unknown) = derive::best_metric(config) {
+        out.push(unknown);
+    }
     if sft.resume_only_model && sft.resume_from_checkpoint.is_none() {
         out.push(
             Diagnostic::warning(
@@ -983,11 +986,17 @@ fn distributed_rules(config: &JobConfig, out: &mut Vec<Diagnostic>) {
     }
     if derive::world_size(config) == 1 {
         out.push(
-            Diagnostic::info(
+            Diagnostic::warning(
                 "deepspeed",
                 "deepspeed_single_process",
-                "DeepSpeed with a single process shards nothing (only offload still helps)",
-                "只有一个进程时 DeepSpeed 无法分片（只有 offload 仍有作用）",
+                format!(
+                    "--deepspeed {} has no effect with a single process: whet trains it as plain single-process training (nothing is sharded or offloaded)",
+                    shorten(deepspeed)
+                ),
+                format!(
+                    "只有一个进程时 --deepspeed {} 不起作用：whet 按普通单进程训练（不分片，也不 offload）",
+                    shorten(deepspeed)
+                ),
             )
             .with_fix(
                 "set --nproc_per_node to the number of GPUs, or remove --deepspeed",

@@ -180,7 +180,8 @@ fn combination_rules() {
         &format!("{BASE} --deepspeed zero2"),
         "deepspeed_single_process",
     );
-    assert_eq!(d.severity, Severity::Info);
+    assert_eq!(d.severity, Severity::Warning);
+    assert!(d.message_en.contains("no effect"), "{}", d.message_en);
     validation_error(&format!("{BASE} --deepspeed zero5"), "deepspeed_unknown");
     validation_error(
         &format!("{BASE} --packing true"),
@@ -208,6 +209,47 @@ fn combination_rules() {
         "template_mismatch",
     );
     assert_eq!(d.severity, Severity::Warning);
+}
+
+#[test]
+fn metric_for_best_model_is_one_whet_computes() {
+    let d = validation_error(
+        &format!("{BASE} --metric_for_best_model token_accuracy"),
+        "best_metric_unknown",
+    );
+    assert_eq!(
+        (d.severity, d.field.as_str()),
+        (Severity::Error, "metric_for_best_model")
+    );
+    assert!(
+        d.fix.contains("--metric_for_best_model token_acc"),
+        "{}",
+        d.fix
+    );
+    for good in ["loss", "eval_loss", "token_acc", "eval_exact_match"] {
+        let config = parse_shell(&format!("{BASE} --metric_for_best_model {good}")).unwrap();
+        assert!(
+            validate(&config)
+                .iter()
+                .all(|d| d.code != "best_metric_unknown"),
+            "{good}"
+        );
+    }
+    // The recipe's view of the same field: the eval record's key and its direction.
+    let resolved = |flags: &str| {
+        let config = parse_shell(&format!("{BASE} {flags}")).unwrap();
+        let metric = whet_shared::derive::best_metric(&config).unwrap();
+        (metric.key, metric.greater_is_better)
+    };
+    assert_eq!(resolved(""), ("eval_loss", false));
+    assert_eq!(
+        resolved("--metric_for_best_model token_acc"),
+        ("eval_token_acc", true)
+    );
+    assert_eq!(
+        resolved("--metric_for_best_model eval_loss --greater_is_better true"),
+        ("eval_loss", true)
+    );
 }
 
 #[test]

@@ -239,6 +239,16 @@ fn config_files_in_json_yaml_and_toml() {
         let overridden =
             parse_shell_with(&format!("swift sft {file} --learning_rate 3e-5"), &files).unwrap();
         assert_eq!(overridden.sft.learning_rate, Some(3e-5));
+        // A flag before the file overrides it too (HfArgumentParser: the file is the base).
+        let before = parse_shell_with(
+            &format!("whet sft --learning_rate 3e-5 --config {file} --max_steps 7"),
+            &files,
+        )
+        .unwrap();
+        assert_eq!(
+            (before.sft.learning_rate, before.sft.max_steps),
+            (Some(3e-5), 7)
+        );
     }
     assert_eq!(configs[0], configs[1]);
     assert_eq!(configs[1], configs[2]);

@@ -5,13 +5,14 @@ use std::process::ExitCode;
 
 use clap::Args;
 use whet_shared::report::FailedReport;
-use whet_shared::{check, gpus, CheckReport, Diagnostic, Severity};
+use whet_shared::{check, gpus, CheckReport};
 
 use super::input::{check_context, load_job, JobInput};
 
 pub const AFTER_HELP: &str =
     "Flags are ms-swift's (`whet check --model Qwen/Qwen3-8B --dataset data.jsonl ...`), \
-and `--config FILE` reads JSON, YAML or TOML (later flags win).\n\
+and `--config FILE` reads JSON, YAML or TOML: the file is the base and flags override it \
+wherever they stand (later flags win among themselves).\n\
 Exit codes: 0 no errors, 1 errors, 2 usage.";
 
 #[derive(Debug, Args)]
@@ -45,6 +46,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     };
     let input = JobInput {
+        command: "whet check",
         from_shell: args.from_shell,
         flags: args.flags,
     };
@@ -124,7 +126,7 @@ fn print_report(report: &CheckReport) {
     }
     println!("  output {}", d.output_dir);
     for diagnostic in &report.diagnostics {
-        print_diagnostic(diagnostic);
+        println!("{diagnostic}");
     }
     let errors = report.diagnostics.iter().filter(|d| d.is_error()).count();
     println!(
@@ -135,16 +137,4 @@ fn print_report(report: &CheckReport) {
             format!("{errors} error(s)")
         }
     );
-}
-
-fn print_diagnostic(d: &Diagnostic) {
-    let level = match d.severity {
-        Severity::Error => "error",
-        Severity::Warning => "warning",
-        Severity::Info => "info",
-    };
-    println!("{level}[{}] {}: {}", d.code, d.field, d.message_en);
-    if !d.fix.is_empty() {
-        println!("  fix: {}", d.fix);
-    }
 }

@@ -44,6 +44,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     }
     let input = JobInput {
+        command: "whet convert",
         from_shell: args.from_shell,
         flags: args
             .config

@@ -1,6 +1,7 @@
-//! Reading a job from the command line: `--config FILE` (JSON/YAML/TOML), `--from-shell FILE`
-//! (a training script) and ms-swift flags, later ones winning. The engine does the file I/O;
-//! whet-shared does the parsing.
+//! Reading a job from the command line, in layers that each override the one before: the
+//! `--from-shell FILE` script, then `--config FILE`s (JSON/YAML/TOML, wherever they stand), then
+//! the ms-swift flags (later ones winning), as transformers' HfArgumentParser puts flags over a
+//! file. The engine does the file I/O; whet-shared does the parsing.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,8 @@ use whet_shared::{CheckContext, JobConfig};
 /// Where a job comes from.
 #[derive(Debug, Clone, Default)]
 pub struct JobInput {
+    /// The subcommand (`whet check`), whose `--help` messages point to.
+    pub command: &'static str,
     pub from_shell: Option<PathBuf>,
     /// ms-swift flags, including `--config FILE`.
     pub flags: Vec<String>,
@@ -39,7 +42,7 @@ fn unreadable(path: &Path, message: String) -> Diagnostics {
     .into()
 }
 
-/// Parses the job: the script first (if any), then the flags on top.
+/// Parses the job: the script first (if any), then the config files and flags on top.
 pub fn load_job(input: &JobInput) -> Result<JobConfig, Diagnostics> {
     let mut config = JobConfig::default();
     if let Some(path) = &input.from_shell {
@@ -47,7 +50,7 @@ pub fn load_job(input: &JobInput) -> Result<JobConfig, Diagnostics> {
         config = parse_shell_onto(&config, &script, &read_text)?;
     }
     if !input.flags.is_empty() || input.from_shell.is_none() {
-        config = parse_args_onto(&config, &input.flags, &read_text)?;
+        config = parse_args_onto(&config, &input.flags, input.command, &read_text)?;
     }
     Ok(config)
 }

@@ -8,9 +8,11 @@ mod infer;
 mod input;
 mod sft;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use whet_shared::fields::{Group, FIELDS};
 
 pub use input::{load_job, JobInput};
 
@@ -29,10 +31,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Fine-tune a model (full fine-tuning on the CPU for now) with ms-swift's flags.
-    #[command(after_help = sft::AFTER_HELP)]
+    #[command(after_help = with_flag_list(sft::AFTER_HELP))]
     Sft(sft::SftArgs),
     /// Validate a config and print its derived figures (effective batch, steps, memory, disk).
-    #[command(after_help = check::AFTER_HELP)]
+    #[command(after_help = with_flag_list(check::AFTER_HELP))]
     Check(check::CheckArgs),
     /// Translate a config between JSON, YAML, TOML, the ms-swift and whet scripts, and a share link.
     Convert(convert::ConvertArgs),
@@ -40,6 +42,85 @@ pub enum Command {
     Infer(infer::InferArgs),
     /// Benchmarks: `whet bench train --size tiny|small|medium`.
     Bench(bench::BenchArgs),
+}
+
+/// `text`, then the ms-swift flags whet reads, by group (an unknown flag's message points here).
+fn with_flag_list(text: &str) -> String {
+    let mut help = format!("{text}\n\nms-swift flags:");
+    for group in Group::ALL {
+        let flags: Vec<_> = FIELDS
+            .iter()
+            .filter(|f| f.is_flag && f.group == group)
+            .collect();
+        if flags.is_empty() {
+            continue;
+        }
+        let mut line = format!("\n  {}:", group.title_en());
+        for field in flags {
+            if line.len() + field.name.len() > 96 {
+                help += &line;
+                line = "\n   ".to_string();
+            }
+            line += &format!(" --{}", field.name);
+        }
+        help += &line;
+    }
+    help
+}
+
+impl Cli {
+    /// Parses the process's arguments, whet's own options recognised wherever they stand.
+    pub fn parse_env() -> Cli {
+        Cli::parse_from(own_options_first(std::env::args_os().collect()))
+    }
+}
+
+/// clap reads a subcommand's own options (`--json`, `--gpu`, `--from-shell`, `--help`) only up
+/// to the first ms-swift flag, where the trailing FLAGS begin; this moves those standing among
+/// the flags to the front, so `whet check --config job.json --json` is `whet check --json
+/// --config job.json`. ms-swift flag values never start with `-`, so nothing else can be meant.
+pub fn own_options_first(args: Vec<OsString>) -> Vec<OsString> {
+    let mut command = Cli::command();
+    command.build();
+    let Some(sub) = args
+        .get(1)
+        .and_then(|a| a.to_str())
+        .and_then(|name| command.get_subcommands().find(|s| s.get_name() == name))
+    else {
+        return args;
+    };
+    if !sub.get_positionals().any(|a| a.is_trailing_var_arg_set()) {
+        return args;
+    }
+    // Each own option's spellings, and whether a value follows it.
+    let own: Vec<(String, bool)> = sub
+        .get_arguments()
+        .filter(|a| !a.is_positional())
+        .flat_map(|a| {
+            let takes_value = a.get_action().takes_values();
+            let long = a.get_long().map(|l| format!("--{l}"));
+            let short = a.get_short().map(|s| format!("-{s}"));
+            long.into_iter().chain(short).map(move |w| (w, takes_value))
+        })
+        .collect();
+    let (mut front, mut flags) = (args[..2].to_vec(), Vec::new());
+    let mut words = args.into_iter().skip(2);
+    while let Some(word) = words.next() {
+        let text = word.to_string_lossy();
+        let spelled = text.split_once('=').map_or(&*text, |(name, _)| name);
+        match own.iter().find(|(w, _)| w == spelled) {
+            Some((_, takes_value)) => {
+                let value_follows = *takes_value && !text.contains('=');
+                front.push(word);
+                if value_follows {
+                    front.extend(words.next());
+                }
+            }
+            None => flags.push(word),
+        }
+    }
+    front.extend(flags);
+    front
 }
 
 /// Runs the CLI; returns the process exit code.

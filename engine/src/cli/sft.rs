@@ -6,16 +6,18 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
-use whet_shared::{validate_with, Diagnostic, JobConfig, Severity};
+use whet_shared::{validate_with, JobConfig};
 
 use super::input::{check_context, load_job, JobInput};
+use crate::device;
 use crate::tensorboard::{unix_time_now, EventWriter};
 use crate::train::metrics::CurvePlotter;
 use crate::train::{self, progress::Console, ScalarSink};
 
 pub const AFTER_HELP: &str =
     "Flags are ms-swift's (`whet sft --model DIR --dataset data.jsonl --tuner_type full ...`), \
-and `--config FILE` reads JSON, YAML or TOML (later flags win). CUDA_VISIBLE_DEVICES and \
+and `--config FILE` reads JSON, YAML or TOML: the file is the base and flags override it \
+wherever they stand (later flags win among themselves). CUDA_VISIBLE_DEVICES and \
 NPROC_PER_NODE from the environment apply where the config does not set them.\n\
 Outputs go to <output_dir>/v<N>-<YYYYMMDD-HHMMSS>/ (args.json, logging.jsonl, \
 trainer_state.json, checkpoint-<step>/).\n\
@@ -48,18 +50,6 @@ fn apply_environment(config: &mut JobConfig) {
     }
 }
 
-fn print_diagnostic(d: &Diagnostic) {
-    let level = match d.severity {
-        Severity::Error => "error",
-        Severity::Warning => "warning",
-        Severity::Info => "info",
-    };
-    eprintln!("{level}[{}] {}: {}", d.code, d.field, d.message_en);
-    if !d.fix.is_empty() {
-        eprintln!("  fix: {}", d.fix);
-    }
-}
-
 /// TensorBoard event files (`<run_dir>/runs`) and the loss curves (`<run_dir>/images`), as
 /// ms-swift writes them when `report_to` has tensorboard (its default).
 fn scalar_sinks(config: &JobConfig, run_dir: &Path) -> anyhow::Result<Vec<Box<dyn ScalarSink>>> {
@@ -86,15 +76,14 @@ fn apply_config_env(config: &JobConfig) {
 
 pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
     let input = JobInput {
+        command: "whet sft",
         from_shell: args.from_shell,
         flags: args.flags,
     };
     let mut config = match load_job(&input) {
         Ok(config) => config,
         Err(diagnostics) => {
-            for d in diagnostics.iter() {
-                print_diagnostic(d);
-            }
+            eprintln!("{diagnostics}");
             return Ok(ExitCode::from(1));
         }
     };
@@ -104,11 +93,16 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
 
     let diagnostics = validate_with(&config, &check_context(&config));
     for d in &diagnostics {
-        print_diagnostic(d);
+        eprintln!("{d}");
     }
     let errors = diagnostics.iter().filter(|d| d.is_error()).count();
     if errors > 0 {
         eprintln!("{errors} error(s): nothing was trained");
+        return Ok(ExitCode::from(1));
+    }
+    // Where the config says to train, before any work (the recipe asks the same function).
+    if let Err(refusal) = device::select_device(&config) {
+        eprintln!("{refusal}\nnothing was trained");
         return Ok(ExitCode::from(1));
     }
     if let Some(n) = config.launch.nproc_per_node.filter(|n| *n > 1) {

@@ -16,9 +16,8 @@ pub struct Plan {
     pub total_steps: u64,
     pub warmup_steps: u64,
     pub events: EventPlan,
-    /// A key of the eval record (`eval_loss`, `eval_token_acc`, `eval_exact_match`).
-    pub metric_for_best_model: String,
-    pub greater_is_better: bool,
+    /// The eval record's key that picks the best checkpoint (whet-shared resolves it).
+    pub best: derive::BestMetric,
 }
 
 impl Plan {
@@ -44,15 +43,9 @@ impl Plan {
         if total_steps == 0 {
             bail!("this run has 0 optimizer steps; raise --num_train_epochs or --max_steps");
         }
-        let metric = sft.metric_for_best_model.as_deref().unwrap_or("loss");
-        let metric_for_best_model = if metric.starts_with("eval_") {
-            metric.to_string()
-        } else {
-            format!("eval_{metric}")
-        };
-        let greater_is_better = sft
-            .greater_is_better
-            .unwrap_or(!metric_for_best_model.contains("loss"));
+        // Validation judged the name already; an error here means it was skipped.
+        let best = derive::best_metric(config)
+            .map_err(|d| anyhow::anyhow!("{}: {}", d.field, d.message_en))?;
         Ok(Self {
             batch_size: sft.per_device_train_batch_size.max(1) as usize,
             eval_batch_size: sft.per_device_eval_batch_size.max(1) as usize,
@@ -63,8 +56,7 @@ impl Plan {
             warmup_steps,
             // With the config as given: evaluation depends on its validation source.
             events: EventPlan::new(config, steps_per_epoch, total_steps),
-            metric_for_best_model,
-            greater_is_better,
+            best,
         })
     }
 
@@ -105,8 +97,8 @@ mod tests {
         assert_eq!(plan.warmup_steps, 1);
         assert_eq!(plan.learning_rate, 1e-5);
         assert_eq!(plan.events.eval, Interval::Steps(4));
-        assert_eq!(plan.metric_for_best_model, "eval_loss");
-        assert!(!plan.greater_is_better);
+        assert_eq!(plan.best.key, "eval_loss");
+        assert!(!plan.best.greater_is_better);
         assert!(plan.events(1).log && !plan.events(2).log);
         assert!(plan.events(4).save && !plan.events(3).save);
 

@@ -187,8 +187,8 @@ pub fn train(
                 &mut sync,
             )?;
             outputs.log(result.record(state.epoch), &mut state, &clock, console)?;
-            let metric = result.metric(&plan.metric_for_best_model);
-            state.observe_eval(metric, step, plan.greater_is_better);
+            let metric = result.metric(plan.best.key);
+            state.observe_eval(metric, step, plan.best.greater_is_better);
         }
         if events.save {
             let training_state = TrainingState {

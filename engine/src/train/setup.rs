@@ -59,7 +59,8 @@ impl Setup {
     pub fn new(config: &JobConfig, console: &Console) -> anyhow::Result<Self> {
         let sft = &config.sft;
         check_supported(config)?;
-        let device = crate::device::select_device(config)?;
+        let device = crate::device::select_device(config)
+            .map_err(|d| anyhow::anyhow!("{}: {} ({})", d.field, d.message_en, d.fix))?;
 
         let model_id = sft.model.clone().context(
             "--model is required: a local model folder or a hub id such as Qwen/Qwen3-0.6B",
@@ -217,11 +218,11 @@ impl Setup {
                 Value::from(crate::dtype::torch_name(self.dtype)),
             ),
             ("max_length", Value::from(self.max_length)),
+            ("metric_for_best_model", Value::from(plan.best.name())),
             (
-                "metric_for_best_model",
-                Value::from(plan.metric_for_best_model.trim_start_matches("eval_")),
+                "greater_is_better",
+                Value::from(plan.best.greater_is_better),
             ),
-            ("greater_is_better", Value::from(plan.greater_is_better)),
             ("world_size", Value::from(1)),
         ];
         for (key, value) in resolved {
