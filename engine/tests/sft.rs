@@ -216,11 +216,24 @@ fn validation_errors_exit_1_before_any_work() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("nproc_device_mismatch"));
     assert!(!ws.root.join("out").exists());
 
-    // A valid multi-process launch is refused clearly until multi-GPU training lands.
+    // GPUs named to this build (no CUDA) are refused before any work, not trained on the CPU.
     let output = Command::new(env!("CARGO_BIN_EXE_whet"))
         .arg("sft")
         .args(ws.flags("out"))
         .env("CUDA_VISIBLE_DEVICES", "0,1")
+        .env("NPROC_PER_NODE", "2")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cuda_unavailable"), "{stderr}");
+    assert!(!ws.root.join("out").exists());
+
+    // A multi-process launch on the CPU is refused clearly until multi-process training lands.
+    let output = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .arg("sft")
+        .args(ws.flags("out"))
+        .env_remove("CUDA_VISIBLE_DEVICES")
         .env("NPROC_PER_NODE", "2")
         .output()
         .unwrap();
