@@ -11,8 +11,10 @@ const VALIDATE_RS: &str = include_str!("../src/validate.rs");
 
 const BASE: &str = "swift sft --model Qwen/Qwen3-8B --dataset d.jsonl";
 
-/// One input per code that makes `validate` emit it (other codes may come along).
-const CASES: &[(&str, fn() -> Vec<Diagnostic>)] = &[
+/// A code and an input that makes `validate` emit it (other codes may come along).
+type Case = (&'static str, fn() -> Vec<Diagnostic>);
+
+const CASES: &[Case] = &[
     // launch
     ("devices_invalid", || {
         launched("CUDA_VISIBLE_DEVICES=0,x", "")
