@@ -282,13 +282,7 @@ async fn shares_get_short_random_ids_and_give_the_config_back() {
 /// `/api/check` answers exactly what `whet check --json` prints for the same input.
 #[tokio::test]
 async fn check_matches_whet_check_json() {
-    let Some(whet) = common::whet_binary() else {
-        eprintln!(
-            "NOTE: skipping check_matches_whet_check_json: the `whet` binary is not built in this target dir \
-             (run `cargo build -p whet-engine`; `cargo test --workspace` builds it)"
-        );
-        return;
-    };
+    let whet = common::prerequisites::whet_binary();
     let s = TestServer::start(&[]).await;
     let data = s.data_dir();
     // What the disk adds: a local model's config.json and a dataset's row count.

@@ -1,5 +1,5 @@
 //! The `whet-server` binary itself: start-up on the embedded defaults, the non-loopback warning,
-//! a restart after SIGKILL that loses nothing, and (once `whet sft` exists) a real run.
+//! a restart after SIGKILL that loses nothing, and a real `whet sft` run.
 
 mod common;
 
@@ -268,24 +268,12 @@ async fn sigterm_stops_the_server_even_with_an_open_event_stream() {
     assert_eq!(server.job(id).await["status"], "interrupted");
 }
 
-/// The real `whet sft`, once it exists (the lead makes this mandatory when training lands).
+/// The real `whet sft` runs the demo job (2 steps) to success, its metrics streamed.
 #[tokio::test]
-async fn real_whet_sft_runs_a_job_end_to_end_when_available() {
-    let Some(whet) = common::whet_binary() else {
-        eprintln!("NOTE: skipping the real-whet job test: `whet` is not built in this target dir");
-        return;
-    };
-    let has_sft = std::process::Command::new(&whet)
-        .args(["sft", "--help"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+async fn real_whet_sft_runs_a_job_end_to_end() {
+    let whet = common::prerequisites::whet_binary();
     let repo = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
     let demo = repo.join("examples/demo.yaml");
-    if !has_sft || !demo.is_file() {
-        eprintln!("NOTE: skipping the real-whet job test: `whet sft` or examples/demo.yaml does not exist yet");
-        return;
-    }
     // Run from the repository root, as `cargo xtask studio` does: examples/ is readable.
     let data = tempfile::tempdir().unwrap();
     let args = [

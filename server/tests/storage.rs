@@ -1,5 +1,5 @@
 //! The storage layer against SQLite and against a real PostgreSQL server that the test starts
-//! itself (initdb into a temp dir; skipped with a note when PostgreSQL is not installed).
+//! itself (initdb into a temp dir; SKIPPED when PostgreSQL is not installed).
 
 mod common;
 
@@ -145,10 +145,10 @@ async fn sqlite_in_memory_storage_opens() {
 #[tokio::test]
 async fn postgres_storage_and_a_job_run() {
     let Some(pg) = common::Postgres::start() else {
-        eprintln!(
-            "NOTE: skipping the PostgreSQL tests: initdb/pg_ctl not found (install postgresql)"
+        return common::prerequisites::skip(
+            "postgres_storage_and_a_job_run",
+            "initdb/pg_ctl not found (install postgresql; `.ci/run` does)",
         );
-        return;
     };
     pg.create_database().await;
     exercise_store(&pg.url).await;

@@ -1,7 +1,9 @@
-//! Helpers for whet's end-to-end tests: where the workspace's build outputs are, a tiny static
-//! file server for the studio's `app/dist`, and a headless Chromium driven through chromedriver.
+//! Helpers for whet's end-to-end tests: where the workspace's build outputs are, the binaries
+//! and tools a test needs (`prerequisites`), a tiny static file server for the studio's
+//! `app/dist`, and a headless Chromium driven through chromedriver.
 
 pub mod browser;
+pub mod prerequisites;
 pub mod static_server;
 
 use std::path::{Path, PathBuf};
@@ -57,12 +59,4 @@ pub fn app_dist() -> PathBuf {
         );
     }
     dist
-}
-
-/// A binary of this workspace built into the target folder (release preferred), if any.
-pub fn built_binary(name: &str) -> Option<PathBuf> {
-    ["release", "debug"]
-        .iter()
-        .map(|profile| target_dir().join(profile).join(name))
-        .find(|p| p.is_file())
 }

@@ -5,8 +5,9 @@
 use serde_json::{json, Value};
 use whet_shared::{files, presets, share, JobConfig};
 use whet_tests::browser::Browser;
+use whet_tests::prerequisites::workspace_binary;
 use whet_tests::static_server::{FakeApi, StaticServer};
-use whet_tests::{app_dist, artifacts_dir, built_binary};
+use whet_tests::{app_dist, artifacts_dir};
 
 /// A browser on the studio served from app/dist, in English.
 async fn studio() -> (StaticServer, Browser) {
@@ -403,21 +404,11 @@ async fn with_a_backend_short_links_submit_and_the_live_job_view_work() {
     browser.close().await;
 }
 
-/// Submits the demo to a running whet-server and watches the loss chart fill. Runs only when a
-/// `whet-server` binary is in the target folder (it lands with the server's branch).
+/// Submits the demo to a running whet-server and watches the loss chart fill.
 #[tokio::test(flavor = "multi_thread")]
 async fn demo_job_streams_loss_points_from_whet_server() {
-    let Some(server_bin) = built_binary("whet-server") else {
-        println!(
-            "note: skipped: no whet-server binary in {} (build it with `cargo build -p whet-server`)",
-            whet_tests::target_dir().display()
-        );
-        return;
-    };
-    let Some(whet_bin) = built_binary("whet") else {
-        println!("note: skipped: no whet binary in the target folder (cargo build -p whet-engine)");
-        return;
-    };
+    let server_bin = workspace_binary("whet-server", "whet-server");
+    let whet_bin = workspace_binary("whet-engine", "whet");
     let dist = app_dist();
     let data = std::env::temp_dir().join(format!("whet-studio-test-{}", std::process::id()));
     std::fs::create_dir_all(&data).unwrap();

@@ -1,7 +1,8 @@
 //! Developer tasks, in Rust rather than shell scripts.
 //!
-//! * `cargo xtask test`   — everything CI checks: whet-shared for wasm32, the studio's release
-//!   build (the browser tests drive it), then the whole test suite.
+//! * `cargo xtask test`   — everything CI checks: `cargo fmt --check`, clippy with warnings
+//!   denied, whet-shared for wasm32, the studio's release build (the browser tests drive it),
+//!   then the whole test suite.
 //! * `cargo xtask app`    — builds the studio (app/ → app/dist) with Trunk, offline.
 //! * `cargo xtask studio` — builds and starts the studio with its backend on the embedded
 //!   defaults (SQLite, the demo preset).
@@ -102,10 +103,14 @@ fn ensure_wasm_target() -> Result<()> {
     }
 }
 
-/// The whole suite: the browser and the server must judge configs with the same code, so
-/// whet-shared has to build for wasm32 as well as natively.
+/// The whole suite: formatting and lints first (cheap), then whet-shared for wasm32 (the
+/// browser and the server must judge configs with the same code), the studio, and every test.
+/// A test that lacks an optional tool says SKIPPED; `.ci/run` sets WHET_REQUIRE_ALL=1 so that
+/// in CI it fails instead.
 fn test() -> Result<()> {
     ensure_studio_tools()?;
+    cargo(&["fmt", "--all", "--check"])?;
+    lint()?;
     cargo(&[
         "build",
         "-p",
@@ -118,6 +123,31 @@ fn test() -> Result<()> {
     // tests in tests/ drive that build, so a native build of it would test nothing.
     cargo(&["test", "--workspace", "--exclude", "whet-app"])?;
     Ok(())
+}
+
+/// Clippy with warnings as errors on every target: natively for all but whet-app, which builds
+/// only for the browser and is linted there.
+fn lint() -> Result<()> {
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "whet-app",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    cargo(&[
+        "clippy",
+        "-p",
+        "whet-app",
+        "--target",
+        "wasm32-unknown-unknown",
+        "--",
+        "-D",
+        "warnings",
+    ])
 }
 
 /// Builds the studio with `trunk build --release` from the workspace root (Trunk.toml), with

@@ -1,6 +1,10 @@
 //! Test helpers: an in-process server on a free loopback port, a `whet sft` test double, a
-//! small SSE reader, the real `whet` binary's location, and a throw-away PostgreSQL server.
+//! small SSE reader and a throw-away PostgreSQL server; `prerequisites` builds the real `whet`
+//! and says when a test is skipped.
 #![allow(dead_code)]
+
+#[path = "../../../tests/src/prerequisites.rs"]
+pub mod prerequisites;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -283,19 +287,6 @@ pub fn log_lines(events: &[SseEvent]) -> Vec<String> {
         .filter(|e| e.event == "log")
         .map(|e| e.data["line"].as_str().unwrap_or("").to_string())
         .collect()
-}
-
-/// `target/<profile>/<name>` beside this test executable (`target/<profile>/deps/...`).
-pub fn target_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join(name)
-}
-
-/// The real `whet` binary, if it has been built (`cargo build -p whet-engine`; the workspace
-/// test run builds it).
-pub fn whet_binary() -> Option<PathBuf> {
-    let path = target_binary("whet");
-    path.is_file().then_some(path)
 }
 
 /// A throw-away PostgreSQL server: initdb into a temp dir, listening only on a unix socket in
