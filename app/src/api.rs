@@ -7,6 +7,7 @@ use serde_json::Value;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{Headers, Request, RequestInit, Response};
+use whet_shared::api::Health;
 use whet_shared::Diagnostic;
 
 use crate::studio::Studio;
@@ -56,10 +57,7 @@ pub fn detect_backend(studio: Studio) {
     }
     spawn_local(async move {
         if let Ok((200, body)) = request("GET", "/api/health", None, None).await {
-            let ok = serde_json::from_str::<Value>(&body)
-                .ok()
-                .and_then(|v| v.get("status").and_then(|s| s.as_str()).map(|s| s == "ok"))
-                .unwrap_or(false);
+            let ok = serde_json::from_str::<Health>(&body).is_ok_and(|h| h.status == "ok");
             let _ = studio.backend.try_set(ok);
         }
     });

@@ -3,7 +3,7 @@
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use serde_json::Value;
+use whet_shared::api::{JobCreated, ShareCreated};
 use whet_shared::files::{self, Format};
 use whet_shared::{form, share, to_shell, Diagnostic, Dialect};
 
@@ -121,15 +121,8 @@ pub fn load_short_link(studio: Studio, id: String) {
         let url = format!("/api/shares/{id}");
         match api::request("GET", &url, None, None).await {
             Ok((200, body)) => {
-                // The answer is the JobConfig; accept it wrapped in {"config": ...} too.
-                let value: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-                let config = match value.get("config") {
-                    Some(inner) if value.get("launch").is_none() && value.get("sft").is_none() => {
-                        inner.clone()
-                    }
-                    _ => value,
-                };
-                match files::parse_config_text(&config.to_string(), Format::Json) {
+                // The answer is the shared JobConfig, read as a config file is (diagnostics).
+                match files::parse_config_text(&body, Format::Json) {
                     Ok(config) => studio.replace(config),
                     Err(d) => studio.load_errors.set(d.0),
                 }
@@ -161,18 +154,11 @@ pub fn SharePanel() -> impl IntoView {
         spawn_local(async move {
             match api::request("POST", "/api/shares", Some(body), Some(token)).await {
                 Ok((200 | 201, answer)) => {
-                    let value: Value = serde_json::from_str(&answer).unwrap_or(Value::Null);
-                    let path = value
-                        .get("url")
-                        .and_then(|u| u.as_str())
-                        .map(String::from)
-                        .or_else(|| {
-                            value
-                                .get("id")
-                                .and_then(|i| i.as_str())
-                                .map(|id| format!("/s/{id}"))
-                        })
-                        .unwrap_or_default();
+                    let Ok(created) = serde_json::from_str::<ShareCreated>(&answer) else {
+                        errors.set(api::diagnostics_of(201, &answer));
+                        return;
+                    };
+                    let path = created.url;
                     let origin = window().location().origin().unwrap_or_default();
                     let url = format!("{origin}{path}");
                     copy_to_clipboard(&url);
@@ -222,16 +208,15 @@ pub fn SubmitPanel() -> impl IntoView {
             let result = api::request("POST", "/api/jobs", Some(body), Some(token)).await;
             let _ = busy.try_set(false);
             match result {
-                Ok((200 | 201, answer)) => {
-                    let value: Value = serde_json::from_str(&answer).unwrap_or(Value::Null);
-                    let id = match value.get("id") {
-                        Some(Value::String(s)) => s.clone(),
-                        Some(other) => other.to_string(),
-                        None => String::new(),
-                    };
-                    let _ = errors.try_set(Vec::new());
-                    route::go(&format!("#/jobs/{id}"));
-                }
+                Ok((200 | 201, answer)) => match serde_json::from_str::<JobCreated>(&answer) {
+                    Ok(created) => {
+                        let _ = errors.try_set(Vec::new());
+                        route::go(&format!("#/jobs/{}", created.id));
+                    }
+                    Err(_) => {
+                        let _ = errors.try_set(api::diagnostics_of(201, &answer));
+                    }
+                },
                 Ok((status, answer)) => {
                     let _ = errors.try_set(api::diagnostics_of(status, &answer));
                 }

@@ -8,6 +8,10 @@ use serde_json::Value;
 use wasm_bindgen::closure::Closure;
 use wasm_bindgen::JsCast;
 use web_sys::{EventSource, MessageEvent};
+use whet_shared::api::{
+    JobList, JobStatus, JobView as JobAnswer, LogEvent, MetricsRecord, StatusEvent, LOG_EVENT,
+    METRICS_EVENT, STATUS_EVENT,
+};
 use whet_shared::Diagnostic;
 
 use crate::api;
@@ -16,38 +20,22 @@ use crate::form::diagnostic_list;
 use crate::i18n::t;
 use crate::studio::use_studio;
 
-fn text_of(value: Option<&Value>) -> String {
-    match value {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => String::new(),
-        Some(other) => other.to_string(),
-    }
-}
-
 #[derive(Debug, Clone, PartialEq)]
 struct JobRow {
-    id: String,
-    status: String,
+    id: i64,
+    status: &'static str,
     model: String,
     created: String,
 }
 
-fn job_rows(body: &str) -> Vec<JobRow> {
-    let value: Value = serde_json::from_str(body).unwrap_or(Value::Null);
-    let list = match &value {
-        Value::Array(items) => items.clone(),
-        other => other
-            .get("jobs")
-            .and_then(|j| j.as_array())
-            .cloned()
-            .unwrap_or_default(),
-    };
-    list.iter()
+fn job_rows(list: JobList) -> Vec<JobRow> {
+    list.jobs
+        .into_iter()
         .map(|job| JobRow {
-            id: text_of(job.get("id")),
-            status: text_of(job.get("status")),
-            model: text_of(job.pointer("/config/sft/model")),
-            created: text_of(job.get("created_at").or_else(|| job.get("created"))),
+            id: job.id,
+            status: job.status.as_str(),
+            model: job.config.and_then(|c| c.sft.model).unwrap_or_default(),
+            created: job.created_at,
         })
         .collect()
 }
@@ -61,10 +49,15 @@ pub fn JobList() -> impl IntoView {
     let load = move || {
         spawn_local(async move {
             match api::request("GET", "/api/jobs", None, None).await {
-                Ok((200, body)) => {
-                    let _ = rows.try_set(job_rows(&body));
-                    let _ = errors.try_set(Vec::new());
-                }
+                Ok((200, body)) => match serde_json::from_str::<JobList>(&body) {
+                    Ok(list) => {
+                        let _ = rows.try_set(job_rows(list));
+                        let _ = errors.try_set(Vec::new());
+                    }
+                    Err(_) => {
+                        let _ = errors.try_set(api::diagnostics_of(200, &body));
+                    }
+                },
                 Ok((status, body)) => {
                     let _ = errors.try_set(api::diagnostics_of(status, &body));
                 }
@@ -96,9 +89,9 @@ pub fn JobList() -> impl IntoView {
                 </tr></thead>
                 <tbody>
                     {move || rows.get().into_iter().map(|row| view! {
-                        <tr class="job-row" data-status=row.status.clone()>
-                            <td><a href=format!("#/jobs/{}", row.id)>{row.id.clone()}</a></td>
-                            <td class=format!("status {}", row.status)>{row.status.clone()}</td>
+                        <tr class="job-row" data-status=row.status>
+                            <td><a href=format!("#/jobs/{}", row.id)>{row.id}</a></td>
+                            <td class=format!("status {}", row.status)>{row.status}</td>
                             <td>{row.model.clone()}</td>
                             <td>{row.created.clone()}</td>
                         </tr>
@@ -119,7 +112,7 @@ struct Point {
     eval_loss: Option<f64>,
 }
 
-fn point_of(record: &Value, fallback_step: f64) -> Point {
+fn point_of(record: &MetricsRecord, fallback_step: f64) -> Point {
     let number = |key: &str| record.get(key).and_then(Value::as_f64);
     // `global_step/max_steps` is "3/60".
     let step = record
@@ -145,7 +138,7 @@ const MAX_LOG_LINES: usize = 2000;
 pub fn JobView(id: String) -> impl IntoView {
     let studio = use_studio();
     let lang = studio.lang;
-    let status = RwSignal::new(String::new());
+    let status = RwSignal::new(None::<JobStatus>);
     let log = RwSignal::new(Vec::<String>::new());
     let points = RwSignal::new(Vec::<Point>::new());
     let errors = RwSignal::new(Vec::<Diagnostic>::new());
@@ -155,14 +148,17 @@ pub fn JobView(id: String) -> impl IntoView {
         let url = format!("/api/jobs/{id}");
         spawn_local(async move {
             match api::request("GET", &url, None, None).await {
-                Ok((200, body)) => {
-                    let value: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-                    let _ = status.try_update(|s| {
-                        if s.is_empty() {
-                            *s = text_of(value.get("status"));
-                        }
-                    });
-                }
+                Ok((200, body)) => match serde_json::from_str::<JobAnswer>(&body) {
+                    // The stream may have said more already.
+                    Ok(job) => {
+                        let _ = status.try_update(|s| {
+                            s.get_or_insert(job.status);
+                        });
+                    }
+                    Err(_) => {
+                        let _ = errors.try_set(api::diagnostics_of(200, &body));
+                    }
+                },
                 Ok((code, body)) => {
                     let _ = errors.try_set(api::diagnostics_of(code, &body));
                 }
@@ -174,7 +170,9 @@ pub fn JobView(id: String) -> impl IntoView {
     }
     if let Ok(source) = EventSource::new(&format!("/api/jobs/{id}/events")) {
         let on_log = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
-            let line = event.data().as_string().unwrap_or_default();
+            let data = event.data().as_string().unwrap_or_default();
+            // A line that is not a LogEvent is shown as it came.
+            let line = serde_json::from_str::<LogEvent>(&data).map_or(data, |e| e.line);
             let _ = log.try_update(|log| {
                 log.push(line);
                 if log.len() > MAX_LOG_LINES {
@@ -184,7 +182,7 @@ pub fn JobView(id: String) -> impl IntoView {
         });
         let on_metrics = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
             let data = event.data().as_string().unwrap_or_default();
-            if let Ok(record) = serde_json::from_str::<Value>(&data) {
+            if let Ok(record) = serde_json::from_str::<MetricsRecord>(&data) {
                 let _ = points.try_update(|p| {
                     let fallback = p.len() as f64 + 1.0;
                     p.push(point_of(&record, fallback));
@@ -193,16 +191,14 @@ pub fn JobView(id: String) -> impl IntoView {
         });
         let on_status = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
             let data = event.data().as_string().unwrap_or_default();
-            let value = serde_json::from_str::<Value>(&data)
-                .ok()
-                .and_then(|v| v.get("status").map(|s| text_of(Some(s))))
-                .unwrap_or(data);
-            let _ = status.try_set(value);
+            if let Ok(event) = serde_json::from_str::<StatusEvent>(&data) {
+                let _ = status.try_set(Some(event.status));
+            }
         });
         for (name, callback) in [
-            ("log", &on_log),
-            ("metrics", &on_metrics),
-            ("status", &on_status),
+            (LOG_EVENT, &on_log),
+            (METRICS_EVENT, &on_metrics),
+            (STATUS_EVENT, &on_status),
         ] {
             let _ =
                 source.add_event_listener_with_callback(name, callback.as_ref().unchecked_ref());
@@ -248,19 +244,15 @@ pub fn JobView(id: String) -> impl IntoView {
             }
         });
     };
-    let finished = move || {
-        matches!(
-            status.get().as_str(),
-            "succeeded" | "failed" | "cancelled" | "interrupted"
-        )
-    };
+    let finished = move || status.get().is_some_and(JobStatus::is_terminal);
+    let status_text = move || status.get().map_or("", JobStatus::as_str);
 
     view! {
         <main class="job" id="job" data-job=id.clone()>
             <h2>{t(lang, "Job", "任务")} " " <code>{id.clone()}</code></h2>
             <p>
                 {t(lang, "Status:", "状态：")} " "
-                <strong id="job-status" class=move || format!("status {}", status.get())>{move || status.get()}</strong>
+                <strong id="job-status" class=move || format!("status {}", status_text())>{status_text}</strong>
                 " "
                 <button id="cancel-job" disabled=finished on:click=cancel>{t(lang, "Cancel", "取消")}</button>
                 " "

@@ -12,6 +12,8 @@ use whet_shared::{Diagnostic, JobConfig};
 
 /// The device `whet sft` trains the job on. Unset or empty CUDA_VISIBLE_DEVICES is the CPU;
 /// a list of GPUs is an error naming `cuda_visible_devices`, as this build has no CUDA.
+// The refusal is a user-facing Diagnostic by design, as in whet-shared.
+#[allow(clippy::result_large_err)]
 pub fn select_device(config: &JobConfig) -> Result<Device, Diagnostic> {
     let Some(listed) = config.launch.cuda_visible_devices.as_deref() else {
         return Ok(Device::Cpu);

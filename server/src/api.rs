@@ -13,13 +13,17 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
+use whet_shared::api::{
+    CancelAnswer, CancelState, Health, JobCreated, JobList, JobStatus, JobView, ShareCreated,
+    StatusEvent,
+};
 use whet_shared::builder::ConfigBuilder;
 use whet_shared::report::FailedReport;
 use whet_shared::{CheckContext, Diagnostic, JobConfig};
 
 use crate::auth::{Authorized, BearerToken};
-use crate::db::{status, JobRow, Store};
+use crate::db::{JobRow, Store};
 use crate::error::{ApiError, ApiResult};
 use crate::events::{self, EventHub};
 use crate::executor::{CancelOutcome, Executor};
@@ -66,8 +70,11 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
+async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
 }
 
 /// What `whet check --json` prints for the same input: a check report, or for input that never
@@ -84,7 +91,7 @@ async fn submit_job(
     _: Authorized,
     State(state): State<AppState>,
     JsonBody(body): JsonBody,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<JobCreated>)> {
     let config = config_from_document(body).map_err(|d| ApiError::invalid(d.0))?;
     let config = {
         let state = state.clone();
@@ -97,13 +104,16 @@ async fn submit_job(
         let mut writer = state.events.writer(id).await;
         state.store.insert_job(id, &config_json, now_ms()).await?;
         writer
-            .publish(events::STATUS, &json!({"status": status::QUEUED}))
+            .publish(events::STATUS, &StatusEvent::queued())
             .await?;
     }
     state.executor.wake();
     Ok((
         StatusCode::CREATED,
-        Json(json!({"id": id, "status": status::QUEUED})),
+        Json(JobCreated {
+            id,
+            status: JobStatus::Queued,
+        }),
     ))
 }
 
@@ -116,7 +126,7 @@ struct ListQuery {
 async fn list_jobs(
     State(state): State<AppState>,
     Query(query): Query<ListQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<JobList>> {
     let limit = match query.limit.as_deref() {
         None => 100,
         Some(text) => text.parse::<i64>().map_err(|_| {
@@ -125,12 +135,12 @@ async fn list_jobs(
     }
     .clamp(1, 1000);
     let jobs = state.store.jobs(limit).await?;
-    Ok(Json(
-        json!({"jobs": jobs.iter().map(|j| job_view(j, false)).collect::<Vec<_>>()}),
-    ))
+    Ok(Json(JobList {
+        jobs: jobs.iter().map(|j| job_view(j, false)).collect(),
+    }))
 }
 
-async fn job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<JobView>> {
     let id = job_id(&id)?;
     let job = state.store.job(id).await?.ok_or_else(|| no_job(id))?;
     Ok(Json(job_view(&job, true)))
@@ -165,17 +175,12 @@ async fn cancel_job(
     _: Authorized,
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<CancelAnswer>)> {
     let id = job_id(&id)?;
+    let answer = |status| Json(CancelAnswer { id, status });
     match state.executor.cancel(id).await? {
-        CancelOutcome::Cancelled => Ok((
-            StatusCode::OK,
-            Json(json!({"id": id, "status": status::CANCELLED})),
-        )),
-        CancelOutcome::Cancelling => Ok((
-            StatusCode::ACCEPTED,
-            Json(json!({"id": id, "status": "cancelling"})),
-        )),
+        CancelOutcome::Cancelled => Ok((StatusCode::OK, answer(CancelState::Cancelled))),
+        CancelOutcome::Cancelling => Ok((StatusCode::ACCEPTED, answer(CancelState::Cancelling))),
         CancelOutcome::AlreadyFinished(status) => Err(ApiError::Conflict(format!(
             "job {id} has already ended ({status}); there is nothing to cancel"
         ))),
@@ -187,7 +192,7 @@ async fn create_share(
     _: Authorized,
     State(state): State<AppState>,
     JsonBody(body): JsonBody,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<ShareCreated>)> {
     let config = config_from_document(body).map_err(|d| ApiError::invalid(d.0))?;
     let config_json = serde_json::to_string(&config).map_err(anyhow::Error::from)?;
     loop {
@@ -198,18 +203,21 @@ async fn create_share(
             .await?
         {
             let url = format!("/s/{id}");
-            return Ok((StatusCode::CREATED, Json(json!({"id": id, "url": url}))));
+            return Ok((StatusCode::CREATED, Json(ShareCreated { id, url })));
         }
     }
 }
 
-async fn share(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn share(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobConfig>> {
     let share = state
         .store
         .share(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("there is no share `{id}`")))?;
-    let config: Value = serde_json::from_str(&share.config).map_err(anyhow::Error::from)?;
+    let config: JobConfig = serde_json::from_str(&share.config).map_err(anyhow::Error::from)?;
     Ok(Json(config))
 }
 
@@ -300,27 +308,25 @@ fn no_job(id: i64) -> ApiError {
     ApiError::NotFound(format!("there is no job {id}"))
 }
 
-fn job_view(job: &JobRow, with_config: bool) -> Value {
-    let parse = |text: &Option<String>| {
-        text.as_deref()
-            .and_then(|t| serde_json::from_str::<Value>(t).ok())
-            .unwrap_or(Value::Null)
-    };
-    let mut view = json!({
-        "id": job.id,
-        "status": job.status,
-        "created_at": rfc3339(job.created_at),
-        "started_at": job.started_at.map(rfc3339),
-        "finished_at": job.finished_at.map(rfc3339),
-        "exit_code": job.exit_code,
-        "devices": job.devices,
-        "run_dir": job.run_dir,
-        "last_metrics": parse(&job.last_metrics),
-    });
-    if with_config {
-        view["config"] = parse(&Some(job.config.clone()));
+fn job_view(job: &JobRow, with_config: bool) -> JobView {
+    JobView {
+        id: job.id,
+        // Only the server writes the column, always a status name.
+        status: JobStatus::parse(&job.status).unwrap_or(JobStatus::Failed),
+        created_at: rfc3339(job.created_at),
+        started_at: job.started_at.map(rfc3339),
+        finished_at: job.finished_at.map(rfc3339),
+        exit_code: job.exit_code,
+        devices: job.devices.clone(),
+        run_dir: job.run_dir.clone(),
+        last_metrics: job
+            .last_metrics
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok()),
+        config: with_config
+            .then(|| serde_json::from_str(&job.config).ok())
+            .flatten(),
     }
-    view
 }
 
 /// A JSON body, whatever its content type; 413 over `BODY_LIMIT`, 400 when it is not JSON.

@@ -12,17 +12,19 @@ use anyhow::Context;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor, FromRow};
 
-/// Job statuses as stored and shown.
+/// A job's status as stored (`jobs.status`): whet-shared's `JobStatus` names.
 pub mod status {
-    pub const QUEUED: &str = "queued";
-    pub const RUNNING: &str = "running";
-    pub const SUCCEEDED: &str = "succeeded";
-    pub const FAILED: &str = "failed";
-    pub const CANCELLED: &str = "cancelled";
-    pub const INTERRUPTED: &str = "interrupted";
+    use whet_shared::api::JobStatus;
+
+    pub const QUEUED: &str = JobStatus::Queued.as_str();
+    pub const RUNNING: &str = JobStatus::Running.as_str();
+    pub const SUCCEEDED: &str = JobStatus::Succeeded.as_str();
+    pub const FAILED: &str = JobStatus::Failed.as_str();
+    pub const CANCELLED: &str = JobStatus::Cancelled.as_str();
+    pub const INTERRUPTED: &str = JobStatus::Interrupted.as_str();
 
     pub fn is_terminal(status: &str) -> bool {
-        matches!(status, SUCCEEDED | FAILED | CANCELLED | INTERRUPTED)
+        JobStatus::parse(status).is_some_and(JobStatus::is_terminal)
     }
 }
 

@@ -10,15 +10,13 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::Stream;
 use serde::Serialize;
-use serde_json::Value;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::OwnedMutexGuard;
+use whet_shared::api::StatusEvent;
 
 use crate::db::{status, EventRow, Store};
 
-pub const LOG: &str = "log";
-pub const METRICS: &str = "metrics";
-pub const STATUS: &str = "status";
+pub use whet_shared::api::{LOG_EVENT as LOG, METRICS_EVENT as METRICS, STATUS_EVENT as STATUS};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobEvent {
@@ -32,14 +30,8 @@ impl JobEvent {
     /// A `status` event whose status is final: nothing follows it.
     pub fn is_final(&self) -> bool {
         self.kind == STATUS
-            && serde_json::from_str::<Value>(&self.data)
-                .ok()
-                .and_then(|v| {
-                    v.get("status")
-                        .and_then(Value::as_str)
-                        .map(status::is_terminal)
-                })
-                .unwrap_or(false)
+            && serde_json::from_str::<StatusEvent>(&self.data)
+                .is_ok_and(|event| event.status.is_terminal())
     }
 }
 
@@ -76,7 +68,12 @@ pub struct EventWriter {
 }
 
 impl EventWriter {
-    pub async fn publish(&mut self, kind: &str, data: &Value) -> sqlx::Result<JobEvent> {
+    /// `data` is one of whet-shared's `api` event types (or a metrics record).
+    pub async fn publish(
+        &mut self,
+        kind: &str,
+        data: &(impl Serialize + Sync),
+    ) -> sqlx::Result<JobEvent> {
         let seq = match *self.next_seq {
             Some(seq) => seq,
             None => self.store.last_event_seq(self.job_id).await? + 1,
@@ -84,7 +81,8 @@ impl EventWriter {
         let event = JobEvent {
             seq,
             kind: kind.to_string(),
-            data: data.to_string(),
+            // These types always serialise (string keys only).
+            data: serde_json::to_string(data).unwrap_or_default(),
         };
         self.store
             .insert_event(self.job_id, seq, kind, &event.data)
@@ -128,7 +126,12 @@ impl EventHub {
     }
 
     /// One event, on its own.
-    pub async fn publish(&self, job_id: i64, kind: &str, data: &Value) -> sqlx::Result<JobEvent> {
+    pub async fn publish(
+        &self,
+        job_id: i64,
+        kind: &str,
+        data: &(impl Serialize + Sync),
+    ) -> sqlx::Result<JobEvent> {
         self.writer(job_id).await.publish(kind, data).await
     }
 

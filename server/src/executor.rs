@@ -3,7 +3,8 @@
 //! * Order and capacity: the oldest queued job starts first (later jobs wait behind it), at
 //!   most `max_concurrent_jobs` at once, each with the devices it needs from the pool
 //!   (`nproc_per_node`, default 1; none when the server has no `--devices`, or the job asks for
-//!   CPU with `cuda_visible_devices: ""`). CUDA_VISIBLE_DEVICES is set to the assigned devices;
+//!   CPU with `cuda_visible_devices: ""`). CUDA_VISIBLE_DEVICES is set to the assigned devices
+//!   (a `whet` built without CUDA refuses such a job before any work: its reason is in the log);
 //!   the script's own variables (`launch.env`, minus those `paths` refuses) are passed on.
 //! * Where runs write: `<data dir>/runs/<id>/` holds `job.json` (the config with `output_dir`
 //!   forced to `<run dir>/output`), `job.log` (stdout and stderr) and the output folder.
@@ -23,10 +24,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{watch, Notify};
+use whet_shared::api::{JobStatus, LogEvent, LogStream, StatusEvent};
 use whet_shared::JobConfig;
 
 use crate::db::{status, JobRow, Store};
@@ -113,7 +115,7 @@ impl Executor {
     pub async fn recover(&self) -> anyhow::Result<Vec<i64>> {
         let ids = self.inner.store.running_jobs().await?;
         for &id in &ids {
-            self.finish(id, status::INTERRUPTED, None).await?;
+            self.finish(id, JobStatus::Interrupted, None).await?;
         }
         Ok(ids)
     }
@@ -143,7 +145,7 @@ impl Executor {
                 writer
                     .publish(
                         events::STATUS,
-                        &json!({"status": status::CANCELLED, "exit_code": null}),
+                        &StatusEvent::finished(JobStatus::Cancelled, None),
                     )
                     .await?;
                 drop(writer);
@@ -231,10 +233,7 @@ impl Executor {
                     .await?;
                 if started {
                     writer
-                        .publish(
-                            events::STATUS,
-                            &json!({"status": status::RUNNING, "devices": device_list}),
-                        )
+                        .publish(events::STATUS, &StatusEvent::running(device_list.clone()))
                         .await?;
                 }
                 Ok::<bool, sqlx::Error>(started)
@@ -251,7 +250,7 @@ impl Executor {
                     // Never leave a job marked running with nothing running it.
                     if let Ok(Some(row)) = inner.store.job(job.id).await {
                         if row.status == status::RUNNING {
-                            let _ = self.finish(job.id, status::FAILED, None).await;
+                            let _ = self.finish(job.id, JobStatus::Failed, None).await;
                         }
                     }
                     return Err(anyhow::Error::from(e).context("marking a job running"));
@@ -269,13 +268,9 @@ impl Executor {
         let line = format!("whet-server: job {} cannot start: {why}", job.id);
         self.inner
             .events
-            .publish(
-                job.id,
-                events::LOG,
-                &json!({"stream": "server", "line": line}),
-            )
+            .publish(job.id, events::LOG, &server_line(line))
             .await?;
-        self.finish(job.id, status::FAILED, None).await
+        self.finish(job.id, JobStatus::Failed, None).await
     }
 
     fn release(&self, id: i64, devices: &[u32]) {
@@ -288,7 +283,7 @@ impl Executor {
     async fn finish(
         &self,
         id: i64,
-        final_status: &str,
+        final_status: JobStatus,
         exit_code: Option<i64>,
     ) -> anyhow::Result<()> {
         let inner = &self.inner;
@@ -296,12 +291,12 @@ impl Executor {
             let mut writer = inner.events.writer(id).await;
             inner
                 .store
-                .finish(id, final_status, exit_code, now_ms())
+                .finish(id, final_status.as_str(), exit_code, now_ms())
                 .await?;
             writer
                 .publish(
                     events::STATUS,
-                    &json!({"status": final_status, "exit_code": exit_code}),
+                    &StatusEvent::finished(final_status, exit_code),
                 )
                 .await?;
         }
@@ -328,12 +323,12 @@ impl Executor {
                 let _ = self
                     .inner
                     .events
-                    .publish(id, events::LOG, &json!({"stream": "server", "line": line}))
+                    .publish(id, events::LOG, &server_line(line))
                     .await;
                 let final_status = if *cancel.borrow() {
-                    status::CANCELLED
+                    JobStatus::Cancelled
                 } else {
-                    status::FAILED
+                    JobStatus::Failed
                 };
                 (final_status, None)
             }
@@ -352,7 +347,7 @@ impl Executor {
         run_dir: &Path,
         devices: &[u32],
         cancel: &mut watch::Receiver<bool>,
-    ) -> anyhow::Result<(&'static str, Option<i64>)> {
+    ) -> anyhow::Result<(JobStatus, Option<i64>)> {
         let settings = &self.inner.settings;
         let output_dir = run_dir.join("output");
         tokio::fs::create_dir_all(&output_dir)
@@ -367,7 +362,7 @@ impl Executor {
             .await
             .with_context(|| format!("writing {}", job_json.display()))?;
         if *cancel.borrow() {
-            return Ok((status::CANCELLED, None));
+            return Ok((JobStatus::Cancelled, None));
         }
 
         let mut command = Command::new(&settings.whet_bin);
@@ -400,13 +395,13 @@ impl Executor {
         if let Some(stdout) = child.stdout.take() {
             readers.spawn(
                 self.clone()
-                    .pump_lines(id, "stdout", stdout, log_file.clone()),
+                    .pump_lines(id, LogStream::Stdout, stdout, log_file.clone()),
             );
         }
         if let Some(stderr) = child.stderr.take() {
             readers.spawn(
                 self.clone()
-                    .pump_lines(id, "stderr", stderr, log_file.clone()),
+                    .pump_lines(id, LogStream::Stderr, stderr, log_file.clone()),
             );
         }
         let (stop_tail, tail_stopped) = watch::channel(false);
@@ -453,18 +448,14 @@ impl Executor {
         };
         self.inner
             .events
-            .publish(
-                id,
-                events::LOG,
-                &json!({"stream": "server", "line": summary}),
-            )
+            .publish(id, events::LOG, &server_line(summary))
             .await?;
         let final_status = if cancelled {
-            status::CANCELLED
+            JobStatus::Cancelled
         } else if exit.success() {
-            status::SUCCEEDED
+            JobStatus::Succeeded
         } else {
-            status::FAILED
+            JobStatus::Failed
         };
         Ok((final_status, exit_code))
     }
@@ -473,7 +464,7 @@ impl Executor {
     async fn pump_lines(
         self,
         id: i64,
-        stream: &'static str,
+        stream: LogStream,
         pipe: impl AsyncRead + Unpin,
         log_file: Arc<tokio::sync::Mutex<tokio::fs::File>>,
     ) {
@@ -488,7 +479,10 @@ impl Executor {
             let _ = log_file.lock().await.write_all(&buf).await;
             let line = String::from_utf8_lossy(&buf);
             let line = line.trim_end_matches(['\n', '\r']);
-            let data = json!({"stream": stream, "line": line});
+            let data = LogEvent {
+                stream,
+                line: line.to_string(),
+            };
             if let Err(e) = self.inner.events.publish(id, events::LOG, &data).await {
                 eprintln!("whet-server: recording output of job {id}: {e}");
             }
@@ -593,6 +587,14 @@ async fn cancel_requested(cancel: &mut watch::Receiver<bool>) {
     }
 }
 
+/// A line the server writes into a job's log.
+fn server_line(line: String) -> LogEvent {
+    LogEvent {
+        stream: LogStream::Server,
+        line,
+    }
+}
+
 fn join_devices(devices: &[u32]) -> String {
     devices
         .iter()
@@ -633,6 +635,8 @@ fn die_with_parent(_command: &mut Command) {}
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[tokio::test]

@@ -9,6 +9,7 @@
 // Diagnostic is the error type by design: a user-facing value, not a boxed error.
 #![allow(clippy::result_large_err)]
 
+pub mod api;
 pub mod builder;
 pub mod config;
 pub mod dataset_spec;

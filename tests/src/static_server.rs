@@ -240,31 +240,31 @@ impl FakeApi {
                 .await
             }
             ("POST", "/api/jobs") => {
-                send(
-                    stream,
-                    "201 Created",
-                    json,
-                    r#"{"id":"1","status":"queued"}"#,
-                )
-                .await
+                send(stream, "201 Created", json, r#"{"id":1,"status":"queued"}"#).await
             }
             ("GET", "/api/jobs") => {
-                let answer = r#"[{"id":"1","status":"running","created_at":"2026-01-01T00:00:00Z","config":{"sft":{"model":"examples/tiny-qwen3"}}}]"#;
+                let answer = r#"{"jobs":[{"id":1,"status":"running","created_at":"2026-01-01T00:00:00Z","config":{"sft":{"model":"examples/tiny-qwen3"}}}]}"#;
                 send(stream, "200 OK", json, answer).await
             }
             ("GET", "/api/jobs/1") => {
-                send(stream, "200 OK", json, r#"{"id":"1","status":"running"}"#).await
+                let answer = r#"{"id":1,"status":"running","created_at":"2026-01-01T00:00:00Z"}"#;
+                send(stream, "200 OK", json, answer).await
             }
             ("POST", "/api/jobs/1/cancel") if authorised => {
-                send(stream, "200 OK", json, r#"{"id":"1","status":"cancelled"}"#).await
+                send(stream, "200 OK", json, r#"{"id":1,"status":"cancelled"}"#).await
             }
             ("GET", "/api/jobs/1/events") => {
-                let mut events = String::from("event: status\ndata: running\n\n");
+                // whet-server's wire form: whet-shared's `api` types (StatusEvent, LogEvent, metrics).
+                let mut events = String::from(
+                    "event: status\ndata: {\"status\":\"running\",\"devices\":\"\"}\n\n",
+                );
                 for step in 1..=10u32 {
                     let loss = 3.0 / step as f64;
                     let lr = 1e-3 * step.min(2) as f64 / 2.0;
                     let acc = 0.1 * step as f64 / 1.2;
-                    events += &format!("event: log\ndata: step {step}/10 loss {loss:.4}\n\n");
+                    events += &format!(
+                        "event: log\ndata: {{\"stream\":\"stdout\",\"line\":\"step {step}/10 loss {loss:.4}\"}}\n\n"
+                    );
                     events += &format!(
                         "event: metrics\ndata: {{\"loss\": {loss}, \"learning_rate\": {lr}, \"token_acc\": {acc}, \"global_step/max_steps\": \"{step}/10\"}}\n\n"
                     );
