@@ -785,3 +785,145 @@ fn a_closed_stdout_does_not_stop_training() {
         .join("checkpoint-3/model.safetensors")
         .exists());
 }
+
+/// `whet check --json`'s derived figures for `args`.
+fn derived(args: &[String]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .arg("check")
+        .args(args)
+        .arg("--json")
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .env_remove("NPROC_PER_NODE")
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "whet check --json: {e}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    report["derived"].clone()
+}
+
+/// What `whet check` counts is what `whet sft` does: for configs where the two used to
+/// disagree, the checkpoints, eval lines and train log lines a run writes equal the derived
+/// `num_saves`, `num_evals` and `num_logs` (both follow whet-shared's one plan of events).
+#[test]
+fn runs_write_the_saves_evals_and_logs_that_check_derives() {
+    let ws = Workspace::new("events");
+    // 24 rows, 6 held out: 18 train rows = 9 micro-batches of 2 = 5 steps of 2 per epoch.
+    let cases: [(&str, &[&str], (u64, u64, u64)); 3] = [
+        // Epoch saves, step evals, a fractional last epoch: 8 steps.
+        (
+            "a",
+            &[
+                "--save_strategy",
+                "epoch",
+                "--eval_strategy",
+                "steps",
+                "--eval_steps",
+                "3",
+                "--num_train_epochs",
+                "1.5",
+                "--logging_steps",
+                "2",
+            ],
+            (2, 3, 5),
+        ),
+        // max_steps across an epoch boundary, epoch evals, step saves.
+        (
+            "b",
+            &[
+                "--max_steps",
+                "7",
+                "--save_steps",
+                "3",
+                "--eval_strategy",
+                "epoch",
+                "--logging_steps",
+                "3",
+            ],
+            (3, 2, 3),
+        ),
+        // eval_steps unset follows save_steps.
+        (
+            "c",
+            &[
+                "--max_steps",
+                "5",
+                "--save_steps",
+                "2",
+                "--eval_strategy",
+                "steps",
+                "--logging_steps",
+                "5",
+            ],
+            (3, 3, 2),
+        ),
+    ];
+    for (out, extra, expected) in cases {
+        let flags = with(
+            with(ws.flags(out), &["--split_dataset_ratio", "0.25"]),
+            extra,
+        );
+        let d = derived(&flags);
+        let count = |key: &str| d[key].as_u64().unwrap_or_else(|| panic!("{key}: {d}"));
+        let predicted = (count("num_saves"), count("num_evals"), count("num_logs"));
+        assert_eq!(predicted, expected, "case {out}: whet check");
+        check_ok(&whet(&flags));
+        let run = ws.run_dir(out);
+        let checkpoints = std::fs::read_dir(&run)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("checkpoint-")
+            })
+            .count() as u64;
+        let lines = jsonl(&run.join("logging.jsonl"));
+        let evals = lines.iter().filter(|l| l.contains_key("eval_loss")).count() as u64;
+        let logs = lines.iter().filter(|l| l.contains_key("grad_norm")).count() as u64;
+        assert_eq!(
+            (checkpoints, evals, logs),
+            predicted,
+            "case {out}: whet sft"
+        );
+    }
+}
+
+/// Under an epoch save strategy with save_steps 0, an unset eval_steps used to count as no
+/// evaluation in `whet check` and as one every step in `whet sft`; now both refuse it.
+#[test]
+fn an_eval_interval_of_zero_is_refused_by_check_and_sft_alike() {
+    let ws = Workspace::new("zero-interval");
+    let flags = with(
+        ws.flags("out"),
+        &[
+            "--split_dataset_ratio",
+            "0.25",
+            "--save_strategy",
+            "epoch",
+            "--save_steps",
+            "0",
+            "--eval_strategy",
+            "steps",
+        ],
+    );
+    let d = derived(&flags);
+    assert_eq!(d["eval_steps"], Value::from(0), "{d}");
+    let out = whet(&flags);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("eval_steps_missing"), "{stderr}");
+    assert!(!ws.root.join("out").exists(), "sft did no work");
+    let check = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .arg("check")
+        .args(&flags)
+        .output()
+        .unwrap();
+    assert_eq!(check.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&check.stdout) + String::from_utf8_lossy(&check.stderr);
+    assert!(said.contains("eval_steps_missing"), "{said}");
+}

@@ -298,11 +298,7 @@ async fn one_job_at_a_time_by_default_in_submission_order() {
 /// before any work, and the refusal (field and fix) is in the job's log, the job failed.
 #[tokio::test]
 async fn a_gpu_job_on_a_whet_without_cuda_fails_with_its_reason() {
-    let Some(whet) = common::whet_binary() else {
-        eprintln!("NOTE: skipping: the `whet` binary is not built in this target dir (cargo build -p whet-engine)");
-        return;
-    };
-    let whet = whet.display().to_string();
+    let whet = common::prerequisites::whet_binary().display().to_string();
     let s = TestServer::start(&["--devices", "0", "--whet-bin", &whet]).await;
     let data = s.data_dir();
     std::fs::create_dir_all(data.join("model")).unwrap();

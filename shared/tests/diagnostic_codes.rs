@@ -8,6 +8,8 @@ use whet_shared::{
 };
 
 const VALIDATE_RS: &str = include_str!("../src/validate.rs");
+/// derive.rs judges the values it resolves for validate (`best_metric`).
+const DERIVE_RS: &str = include_str!("../src/derive.rs");
 
 const BASE: &str = "swift sft --model Qwen/Qwen3-8B --dataset d.jsonl";
 
@@ -124,6 +126,14 @@ const CASES: &[Case] = &[
     ("eval_after_end", || {
         flags("--max_steps 10 --save_steps 5 --split_dataset_ratio 0.1 --eval_strategy steps --eval_steps 50")
     }),
+    ("best_metric_unknown", || {
+        flags("--metric_for_best_model acc")
+    }),
+    ("eval_steps_missing", || {
+        flags(
+            "--save_strategy epoch --save_steps 0 --eval_strategy steps --split_dataset_ratio 0.1",
+        )
+    }),
     ("resume_only_model_alone", || {
         flags("--resume_only_model true")
     }),
@@ -176,21 +186,27 @@ fn edited(change: fn(&mut JobConfig)) -> Vec<Diagnostic> {
 /// `Diagnostic::warning(` and `Diagnostic::info(` call, which must be a string literal.
 fn emitted_codes() -> BTreeSet<String> {
     let mut codes = BTreeSet::new();
-    for constructor in [
-        "Diagnostic::error(",
-        "Diagnostic::warning(",
-        "Diagnostic::info(",
-    ] {
-        for (at, _) in VALIDATE_RS.match_indices(constructor) {
-            let line = VALIDATE_RS[..at].lines().count();
-            let arguments = leading_arguments(&VALIDATE_RS[at + constructor.len()..], 2);
+    for ((file, source), constructor) in [("validate.rs", VALIDATE_RS), ("derive.rs", DERIVE_RS)]
+        .into_iter()
+        .flat_map(|s| {
+            [
+                "Diagnostic::error(",
+                "Diagnostic::warning(",
+                "Diagnostic::info(",
+            ]
+            .map(|c| (s, c))
+        })
+    {
+        for (at, _) in source.match_indices(constructor) {
+            let line = source[..at].lines().count();
+            let arguments = leading_arguments(&source[at + constructor.len()..], 2);
             let code = arguments.get(1).map(|a| a.trim()).unwrap_or_default();
             let literal = code
                 .strip_prefix('"')
                 .and_then(|c| c.strip_suffix('"'))
                 .filter(|c| !c.contains('"'));
             let Some(literal) = literal else {
-                panic!("validate.rs:{line}: the code of {constructor}..) is `{code}`, not a string literal this test can read");
+                panic!("{file}:{line}: the code of {constructor}..) is `{code}`, not a string literal this test can read");
             };
             codes.insert(literal.to_string());
         }
