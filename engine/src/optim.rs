@@ -177,7 +177,7 @@ impl AdamW {
             debug_assert_eq!(grads.name(piece.param), self.params[piece.param].0);
             let constants = StepConstants {
                 decay: (self.decays[piece.param] && weight_decay != 0.0)
-                    .then(|| 1.0 - lr * weight_decay),
+                    .then_some(1.0 - lr * weight_decay),
                 beta1,
                 beta2,
                 eps,

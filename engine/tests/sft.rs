@@ -812,7 +812,9 @@ fn derived(args: &[String]) -> Value {
 fn runs_write_the_saves_evals_and_logs_that_check_derives() {
     let ws = Workspace::new("events");
     // 24 rows, 6 held out: 18 train rows = 9 micro-batches of 2 = 5 steps of 2 per epoch.
-    let cases: [(&str, &[&str], (u64, u64, u64)); 3] = [
+    // (output folder, flags, expected (saves, evals, train logs))
+    type Case<'a> = (&'a str, &'a [&'a str], (u64, u64, u64));
+    let cases: [Case; 3] = [
         // Epoch saves, step evals, a fractional last epoch: 8 steps.
         (
             "a",
