@@ -8,11 +8,7 @@ mod test_server;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use test_server::{TestRepo, TestServer};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/hf-reference")
-}
+use test_server::{fixture_model_files, TestRepo, TestServer};
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("whet-hub-e2e-{name}-{}", std::process::id()));
@@ -22,21 +18,7 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn model_repo(id: &str) -> TestRepo {
-    let files = [
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "model.safetensors",
-    ]
-    .iter()
-    .map(|name| {
-        (
-            name.to_string(),
-            std::fs::read(fixtures().join(name)).unwrap(),
-        )
-    })
-    .collect();
+    let files = fixture_model_files();
     TestRepo::new(id, files)
 }
 

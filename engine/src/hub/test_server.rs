@@ -9,6 +9,30 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// The shared tiny fixture model's folder.
+pub fn fixtures() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/hf-reference")
+}
+
+/// The fixture model's files as a hub repository holds them (name, bytes).
+pub fn fixture_model_files() -> Vec<(String, Vec<u8>)> {
+    [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ]
+    .iter()
+    .map(|name| {
+        (
+            name.to_string(),
+            std::fs::read(fixtures().join(name)).unwrap(),
+        )
+    })
+    .collect()
+}
+
 /// One request as the server saw it.
 #[derive(Debug, Clone)]
 pub struct Request {

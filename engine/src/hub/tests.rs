@@ -1,6 +1,6 @@
 use std::path::{Path, PathBuf};
 
-use super::test_server::{TestRepo, TestServer};
+use super::test_server::{fixture_model_files, fixtures, TestRepo, TestServer};
 use super::*;
 use crate::model::{Model, ModelOptions};
 use crate::train::data::ChatTokenizer;
@@ -12,27 +12,9 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/hf-reference")
-}
-
 /// The tiny fixture model as a hub repository holds it, with files whet must not fetch.
 fn model_files() -> Vec<(String, Vec<u8>)> {
-    let mut files: Vec<(String, Vec<u8>)> = [
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "model.safetensors",
-    ]
-    .iter()
-    .map(|name| {
-        (
-            name.to_string(),
-            std::fs::read(fixtures().join(name)).unwrap(),
-        )
-    })
-    .collect();
+    let mut files = fixture_model_files();
     files.push(("pytorch_model.bin".into(), b"torch weights".to_vec()));
     files.push(("README.md".into(), b"# a model card".to_vec()));
     files
