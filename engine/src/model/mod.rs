@@ -6,5 +6,5 @@ pub mod params;
 pub mod qwen3;
 
 pub use config::{Architecture, ConfigError, ModelConfig, MoeConfig};
-pub use params::{FlatLayout, Param, Trainable, TrainableParams, WeightSource};
+pub use params::{FlatLayout, LoraOptions, Param, Trainable, TrainableParams, WeightSource};
 pub use qwen3::{Model, ModelError, ModelOptions, ModelOutput};

@@ -77,6 +77,36 @@ impl Trainable {
     }
 }
 
+/// LoRA adapters on linear layers (PEFT's `LoraConfig`): `W x + scaling * B A x`, with A
+/// (rank x in) and B (out x rank) trainable and the base weight as its role says (frozen for
+/// LoRA training).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraOptions {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Module names (the last component, `q_proj`, `down_proj`, ...) that get adapters.
+    pub target_modules: Vec<String>,
+    /// rsLoRA's `alpha / sqrt(rank)` instead of `alpha / rank`.
+    pub use_rslora: bool,
+}
+
+impl LoraOptions {
+    pub fn scaling(&self) -> f64 {
+        let rank = self.rank.max(1) as f64;
+        if self.use_rslora {
+            self.alpha / rank.sqrt()
+        } else {
+            self.alpha / rank
+        }
+    }
+
+    /// Whether the linear layer `prefix` (e.g. `model.layers.0.self_attn.q_proj`) is a target.
+    pub fn targets(&self, prefix: &str) -> bool {
+        let module = prefix.rsplit('.').next().unwrap_or(prefix);
+        self.target_modules.iter().any(|t| t == module)
+    }
+}
+
 /// Where each trainable parameter sits in one flat space of `total` elements, in checkpoint
 /// order: parameter i is `offsets[i]..offsets[i] + sizes[i]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -254,9 +284,17 @@ pub(super) struct ParamBuilder {
     compute_dtype: DType,
     master_dtype: DType,
     trainable: Trainable,
+    lora: Option<LoraOptions>,
+    /// An existing adapter (PEFT's `adapter_model.safetensors`) to start from.
+    adapter: Option<MappedWeights>,
     all: Vec<(String, Param)>,
     trainable_params: Vec<(String, Var)>,
     layers: Vec<Range<usize>>,
+}
+
+/// The key PEFT saves an adapter tensor under.
+pub fn peft_key(name: &str) -> String {
+    format!("base_model.model.{name}")
 }
 
 impl ParamBuilder {
@@ -273,10 +311,68 @@ impl ParamBuilder {
             compute_dtype: options.compute_dtype,
             master_dtype: options.master_dtype,
             trainable: options.trainable.clone(),
+            lora: options.lora.clone(),
+            adapter: None,
             all: Vec::new(),
             trainable_params: Vec::new(),
             layers: Vec::new(),
         }
+    }
+
+    pub(super) fn with_adapter(mut self, adapter: Option<MappedWeights>) -> Self {
+        self.adapter = adapter;
+        self
+    }
+
+    pub(super) fn lora(&self) -> Option<&LoraOptions> {
+        self.lora.as_ref()
+    }
+
+    /// A LoRA matrix `name` (`<linear>.lora_A.weight` / `.lora_B.weight`), always trainable, in
+    /// the master dtype: from the adapter when one was given, else PEFT's initialisation (A
+    /// Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)); B zero).
+    pub(super) fn adapter_matrix(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        zero: bool,
+    ) -> std::result::Result<Var, ModelError> {
+        let tensor = match &self.adapter {
+            Some(adapter) => {
+                let key = peft_key(name);
+                if !adapter.contains(&key) {
+                    return Err(ModelError::MissingTensor { name: key });
+                }
+                self.taken.insert(key.clone());
+                adapter.load(&key, &self.device)?
+            }
+            None => {
+                let n: usize = shape.iter().product();
+                let bound = 1.0 / (shape[1] as f64).sqrt();
+                let values: Vec<f32> = if zero {
+                    vec![0.0; n]
+                } else {
+                    (0..n)
+                        .map(|_| ((self.random.uniform() * 2.0 - 1.0) * bound) as f32)
+                        .collect()
+                };
+                Tensor::from_vec(values, shape, &self.device)?
+            }
+        };
+        if tensor.dims() != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: tensor.dims().to_vec(),
+            });
+        }
+        let var = Var::from_tensor(
+            &tensor
+                .to_device(&self.device)?
+                .to_dtype(self.master_dtype)?,
+        )?;
+        self.trainable_params.push((name.to_string(), var.clone()));
+        Ok(var)
     }
 
     fn stored(
@@ -361,8 +457,15 @@ impl ParamBuilder {
                 .into_iter()
                 .collect(),
         };
+        let adapter_leftover = self
+            .adapter
+            .iter()
+            .flat_map(|a| a.names().iter())
+            .filter(|n| !self.taken.contains(*n))
+            .cloned();
         let mut unexpected: Vec<String> = leftover
             .into_iter()
+            .chain(adapter_leftover)
             .filter(|name| name != "lm_head.weight" && !name.ends_with("rotary_emb.inv_freq"))
             .collect();
         if !unexpected.is_empty() {

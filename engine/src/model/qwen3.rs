@@ -14,7 +14,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::config::{ConfigError, ModelConfig};
-use super::params::{Init, Param, ParamBuilder, Trainable, TrainableParams, WeightSource};
+use super::params::{
+    Init, LoraOptions, Param, ParamBuilder, Trainable, TrainableParams, WeightSource,
+};
 use crate::ops;
 use crate::tensor_files::{self, MappedWeights, TensorFileError};
 
@@ -49,6 +51,8 @@ pub struct ModelOptions {
     pub master_dtype: DType,
     /// Which weights are trained; the rest are frozen in the compute dtype.
     pub trainable: Trainable,
+    /// LoRA adapters on the targeted linear layers (always trainable).
+    pub lora: Option<LoraOptions>,
 }
 
 impl Default for ModelOptions {
@@ -58,6 +62,7 @@ impl Default for ModelOptions {
             compute_dtype: DType::F32,
             master_dtype: DType::F32,
             trainable: Trainable::All,
+            lora: None,
         }
     }
 }
@@ -76,6 +81,15 @@ pub struct ModelOutput {
 pub struct Linear {
     weight: Param,
     bias: Option<Param>,
+    lora: Option<LoraPair>,
+}
+
+/// A linear layer's LoRA matrices: A (rank, in), B (out, rank), and `alpha / rank`.
+#[derive(Debug, Clone)]
+struct LoraPair {
+    a: Var,
+    b: Var,
+    scaling: f64,
 }
 
 impl Linear {
@@ -96,7 +110,22 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        let lora = match pb.lora().filter(|l| l.targets(prefix)).cloned() {
+            Some(options) => {
+                let r = options.rank;
+                let a =
+                    pb.adapter_matrix(&format!("{prefix}.lora_A.weight"), &[r, in_dim], false)?;
+                let b =
+                    pb.adapter_matrix(&format!("{prefix}.lora_B.weight"), &[out_dim, r], true)?;
+                Some(LoraPair {
+                    a,
+                    b,
+                    scaling: options.scaling(),
+                })
+            }
+            None => None,
+        };
+        Ok(Linear { weight, bias, lora })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -111,6 +140,16 @@ impl Linear {
         let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(&bias.for_compute(x.dtype())?)?,
+            None => y,
+        };
+        let y = match &self.lora {
+            // W x + scaling * B (A x)
+            Some(lora) => {
+                let a = lora.a.as_tensor().to_dtype(x.dtype())?;
+                let b = lora.b.as_tensor().to_dtype(x.dtype())?;
+                let down = x.reshape((rows, in_dim))?.matmul(&a.t()?)?;
+                (y + (down.matmul(&b.t()?)? * lora.scaling)?)?
+            }
             None => y,
         };
         y.reshape(out_shape)
@@ -636,7 +675,18 @@ impl Model {
         source: WeightSource,
         options: ModelOptions,
     ) -> std::result::Result<Self, ModelError> {
-        let mut pb = ParamBuilder::new(source, &options);
+        Self::build_with_adapter(config, source, None, options)
+    }
+
+    /// Builds the model with LoRA matrices read from `adapter` (PEFT's
+    /// `adapter_model.safetensors`, keys `base_model.model.<name>`) for `options.lora`.
+    pub fn build_with_adapter(
+        config: ModelConfig,
+        source: WeightSource,
+        adapter: Option<MappedWeights>,
+        options: ModelOptions,
+    ) -> std::result::Result<Self, ModelError> {
+        let mut pb = ParamBuilder::new(source, &options).with_adapter(adapter);
         let cfg = &config;
         let embed_tokens = pb.get(
             "model.embed_tokens.weight",
@@ -753,6 +803,7 @@ impl Model {
         Linear {
             weight: output.clone(),
             bias: None,
+            lora: None,
         }
         .forward(&x)
     }

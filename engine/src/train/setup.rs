@@ -100,6 +100,7 @@ impl Setup {
             compute_dtype: dtype,
             master_dtype: DType::F32,
             trainable: Trainable::All,
+            lora: None,
         };
         let model = load_model(
             &model_dir,

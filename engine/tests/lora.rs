@@ -1,0 +1,170 @@
+//! LoRA against PEFT: the dense fixture model with the fixture's PEFT adapter (non-zero B)
+//! gives PEFT's logits, loss and LoRA gradients; the base stays frozen.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use whet_engine::grad::{loss_and_gradients, Batch, LossOptions};
+use whet_engine::model::params::peft_key;
+use whet_engine::model::{LoraOptions, Model, ModelConfig, ModelOptions, Trainable, WeightSource};
+use whet_engine::tensor_files::MappedWeights;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/hf-reference")
+}
+
+fn batch() -> Batch {
+    let text = std::fs::read_to_string(fixtures().join("batch.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let rows = |key: &str| -> Tensor {
+        let rows: Vec<Vec<i64>> = serde_json::from_value(json[key].clone()).unwrap();
+        let (b, t) = (rows.len(), rows[0].len());
+        Tensor::from_vec(
+            rows.into_iter().flatten().collect::<Vec<_>>(),
+            (b, t),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    Batch {
+        input_ids: rows("input_ids").to_dtype(DType::U32).unwrap(),
+        attention_mask: rows("attention_mask").to_dtype(DType::U32).unwrap(),
+        labels: rows("labels"),
+    }
+}
+
+fn expected(file: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("expected").join(file), &Device::Cpu).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn lora_model() -> Model {
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("lora/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let lora = LoraOptions {
+        rank: json["r"].as_u64().unwrap() as usize,
+        alpha: json["lora_alpha"].as_f64().unwrap(),
+        target_modules: serde_json::from_value(json["target_modules"].clone()).unwrap(),
+        use_rslora: json["use_rslora"].as_bool().unwrap(),
+    };
+    let options = ModelOptions {
+        trainable: Trainable::Nothing,
+        lora: Some(lora),
+        ..ModelOptions::default()
+    };
+    let adapter = fixtures().join("lora/adapter_model.safetensors");
+    let adapter = MappedWeights::open(&[adapter], &fixtures().join("lora")).unwrap();
+    let base = MappedWeights::open_model_dir(&fixtures()).unwrap();
+    let config = ModelConfig::from_model_dir(fixtures()).unwrap();
+    Model::build_with_adapter(
+        config,
+        WeightSource::Files(vec![base]),
+        Some(adapter),
+        options,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_peft_adapter_gives_pefts_logits_loss_and_gradients() {
+    let model = lora_model();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap())
+            .unwrap();
+    // Only the adapters train: 2 layers x 7 modules x (A, B), 16,384 elements.
+    assert_eq!(model.trainable_parameters().len(), 28);
+    assert_eq!(
+        model.num_trainable_parameters() as u64,
+        want["lora"]["num_lora_parameters"].as_u64().unwrap()
+    );
+    assert!(
+        !model.layer_parameters(1).is_empty(),
+        "adapters sit in their layer's range"
+    );
+
+    let b = batch();
+    let logits = model
+        .forward(&b.input_ids, &b.attention_mask)
+        .unwrap()
+        .logits;
+    let expected_logits = expected("logits_sample0.safetensors")
+        .remove("lora")
+        .unwrap();
+    let real = expected_logits.dim(0).unwrap();
+    let got = logits.get(0).unwrap().narrow(0, 0, real).unwrap();
+    for (g, e) in values(&got).iter().zip(values(&expected_logits)) {
+        assert!((g - e).abs() <= 1e-4, "logit {g} vs {e}");
+    }
+
+    let (report, grads) =
+        loss_and_gradients(&model, &b, &LossOptions::for_model(model.config())).unwrap();
+    let want_loss = want["lora"]["loss"].as_f64().unwrap();
+    assert!(
+        (report.loss - want_loss).abs() / want_loss < 1e-5,
+        "{} vs {want_loss}",
+        report.loss
+    );
+    let want_grads = expected("lora_grads.safetensors");
+    assert_eq!(grads.num_present(), want_grads.len());
+    for (name, grad) in grads.iter() {
+        let e = values(&want_grads[&peft_key(name)]);
+        let g = values(grad.unwrap());
+        let scale = e.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+        for (g, e) in g.iter().zip(&e) {
+            assert!(
+                (g - e).abs() <= 1e-3 * scale,
+                "{name}: {g} vs {e} (scale {scale:e})"
+            );
+        }
+    }
+}
+
+/// A fresh adapter starts as PEFT's does: B is zero, so the model computes the base's logits.
+#[test]
+fn a_fresh_adapter_leaves_the_base_function_unchanged() {
+    let base = Model::from_pretrained(fixtures(), ModelOptions::default()).unwrap();
+    let options = ModelOptions {
+        trainable: Trainable::Nothing,
+        lora: Some(LoraOptions {
+            rank: 4,
+            alpha: 8.0,
+            target_modules: vec!["q_proj".into(), "down_proj".into()],
+            use_rslora: false,
+        }),
+        ..ModelOptions::default()
+    };
+    let fresh = Model::from_pretrained(fixtures(), options).unwrap();
+    assert_eq!(fresh.trainable_parameters().len(), 2 * 2 * 2);
+    let b = batch();
+    let want = base
+        .forward(&b.input_ids, &b.attention_mask)
+        .unwrap()
+        .logits;
+    let got = fresh
+        .forward(&b.input_ids, &b.attention_mask)
+        .unwrap()
+        .logits;
+    assert_eq!(values(&got), values(&want));
+    // A is Kaiming-uniform: inside PEFT's bound 1/sqrt(in) and not all zero.
+    let (name, a) = &fresh.trainable_parameters()[0];
+    assert!(name.ends_with("q_proj.lora_A.weight"), "{name}");
+    let bound = 1.0 / (a.dim(1).unwrap() as f64).sqrt();
+    let a = values(a.as_tensor());
+    assert!(a.iter().all(|v| v.abs() <= bound) && a.iter().any(|v| *v != 0.0));
+    // Saving the model writes the base only (adapters are written apart, as PEFT does).
+    assert_eq!(
+        fresh.state_dict(DType::F32).unwrap().len(),
+        base.state_dict(DType::F32).unwrap().len()
+    );
+}
