@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use whet_engine::grad::{loss_and_gradients, Batch, LossOptions};
 use whet_engine::model::params::peft_key;
-use whet_engine::model::{LoraOptions, Model, ModelConfig, ModelOptions, Trainable, WeightSource};
-use whet_engine::tensor_files::MappedWeights;
+use whet_engine::model::{adapter, LoraOptions, Model, ModelOptions, Trainable};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/hf-reference")
@@ -48,32 +47,11 @@ fn values(t: &Tensor) -> Vec<f64> {
 }
 
 fn lora_model() -> Model {
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("lora/adapter_config.json")).unwrap(),
-    )
-    .unwrap();
-    let lora = LoraOptions {
-        rank: json["r"].as_u64().unwrap() as usize,
-        alpha: json["lora_alpha"].as_f64().unwrap(),
-        target_modules: serde_json::from_value(json["target_modules"].clone()).unwrap(),
-        use_rslora: json["use_rslora"].as_bool().unwrap(),
-    };
     let options = ModelOptions {
         trainable: Trainable::Nothing,
-        lora: Some(lora),
         ..ModelOptions::default()
     };
-    let adapter = fixtures().join("lora/adapter_model.safetensors");
-    let adapter = MappedWeights::open(&[adapter], &fixtures().join("lora")).unwrap();
-    let base = MappedWeights::open_model_dir(&fixtures()).unwrap();
-    let config = ModelConfig::from_model_dir(fixtures()).unwrap();
-    Model::build_with_adapter(
-        config,
-        WeightSource::Files(vec![base]),
-        Some(adapter),
-        options,
-    )
-    .unwrap()
+    adapter::from_pretrained_with_adapter(&fixtures(), &fixtures().join("lora"), options).unwrap()
 }
 
 #[test]
@@ -167,4 +145,42 @@ fn a_fresh_adapter_leaves_the_base_function_unchanged() {
         fresh.state_dict(DType::F32).unwrap().len(),
         base.state_dict(DType::F32).unwrap().len()
     );
+}
+
+/// `whet infer --adapters DIR` applies a PEFT adapter without merging (the loading is the one
+/// the parity test above checks); a folder that is no adapter is a clear error.
+#[test]
+fn whet_infer_applies_an_adapter() {
+    let infer = |adapter: Option<PathBuf>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_whet"));
+        command
+            .args([
+                "infer",
+                "--query",
+                "What is 2 + 3?",
+                "--max_new_tokens",
+                "12",
+                "--model",
+            ])
+            .arg(fixtures());
+        if let Some(adapter) = adapter {
+            command.arg("--adapters").arg(adapter);
+        }
+        command.output().unwrap()
+    };
+    let plain = infer(None);
+    let adapted = infer(Some(fixtures().join("lora")));
+    assert!(
+        adapted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&adapted.stderr)
+    );
+    assert_ne!(
+        plain.stdout, adapted.stdout,
+        "the adapter changes what the model says"
+    );
+    let wrong = infer(Some(fixtures().join("expected")));
+    assert_eq!(wrong.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(stderr.contains("not a PEFT adapter folder"), "{stderr}");
 }

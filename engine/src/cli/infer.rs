@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 use whet_shared::models::{default_template, Architecture};
 
@@ -28,7 +28,8 @@ pub struct InferArgs {
     /// Hub ids (and datasets without hf::/ms::) come from Hugging Face rather than ModelScope.
     #[arg(long = "use_hf", alias = "use-hf", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub use_hf: bool,
-    /// LoRA adapter folder to apply (arrives with LoRA training).
+    /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) applied over
+    /// --model without merging.
     #[arg(long)]
     pub adapters: Option<PathBuf>,
     /// One question to answer.
@@ -100,9 +101,6 @@ fn template_for(
 }
 
 pub fn run(args: InferArgs) -> anyhow::Result<ExitCode> {
-    if args.adapters.is_some() {
-        bail!("--adapters needs LoRA support, which whet does not have yet; merge the adapter or infer with a full checkpoint");
-    }
     if args.query.is_none() && args.val_dataset.is_none() {
         eprintln!("error: give --query TEXT or --val_dataset FILE");
         return Ok(ExitCode::from(2));
@@ -132,8 +130,20 @@ pub fn run(args: InferArgs) -> anyhow::Result<ExitCode> {
         trainable: Trainable::Nothing,
         ..ModelOptions::default()
     };
-    let model = Model::from_pretrained(&model_dir, options)
-        .with_context(|| format!("loading the model in {}", model_dir.display()))?;
+    let model = match &args.adapters {
+        Some(adapter) => {
+            crate::model::adapter::from_pretrained_with_adapter(&model_dir, adapter, options)
+                .with_context(|| {
+                    format!(
+                        "loading {} with the adapter {}",
+                        model_dir.display(),
+                        adapter.display()
+                    )
+                })?
+        }
+        None => Model::from_pretrained(&model_dir, options)
+            .with_context(|| format!("loading the model in {}", model_dir.display()))?,
+    };
     let tokenizer = ChatTokenizer::from_model_dir(&model_dir)?;
     let stop: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
         .iter()

@@ -1,6 +1,7 @@
 //! The models whet trains: their configuration ([`config`]) and the Qwen2/Qwen3/Qwen3-MoE
 //! network ([`qwen3`]) with its parameters and their roles ([`params`]).
 
+pub mod adapter;
 pub mod config;
 pub mod params;
 pub mod qwen3;
