@@ -91,3 +91,47 @@ pub fn from_pretrained_with_adapter(
         options,
     )?)
 }
+
+/// Writes `model`'s adapters into `dir` as PEFT's `save_pretrained` does:
+/// `adapter_config.json` and `adapter_model.safetensors` (keys `base_model.model.<name>`, f32).
+pub fn save_adapter(
+    dir: &Path,
+    model: &Model,
+    lora: &LoraOptions,
+    base_model: &Path,
+) -> anyhow::Result<()> {
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model.display().to_string(),
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": lora.target_modules,
+        "use_rslora": lora.use_rslora,
+        "bias": "none",
+        "lora_bias": false,
+        "use_dora": false,
+        "fan_in_fan_out": false,
+        "init_lora_weights": true,
+        "inference_mode": true,
+        "modules_to_save": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    });
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&config)? + "\n",
+    )?;
+    let tensors = model
+        .trainable_state_dict()?
+        .into_iter()
+        .map(|(name, t)| (super::params::peft_key(&name), t))
+        .collect();
+    crate::tensor_files::write(
+        &dir.join("adapter_model.safetensors"),
+        tensors,
+        crate::tensor_files::pt_metadata(),
+    )?;
+    Ok(())
+}

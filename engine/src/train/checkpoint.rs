@@ -272,6 +272,8 @@ pub struct Checkpointer {
     /// Dtype of model.safetensors (torch_dtype); the masters are f32.
     pub save_dtype: DType,
     pub save_only_model: bool,
+    /// A LoRA run saves its adapters as PEFT does, not the (unchanged) base weights.
+    pub lora: Option<crate::model::LoraOptions>,
     pub save_total_limit: Option<usize>,
 }
 
@@ -305,9 +307,14 @@ impl Checkpointer {
     }
 
     fn write_contents(&self, dir: &Path, c: &CheckpointContents) -> anyhow::Result<()> {
-        c.model
-            .save_pretrained_weights(dir, self.save_dtype, MAX_SHARD_BYTES)?;
-        self.write_model_config(dir)?;
+        match &self.lora {
+            Some(lora) => crate::model::adapter::save_adapter(dir, c.model, lora, &self.model_dir)?,
+            None => {
+                c.model
+                    .save_pretrained_weights(dir, self.save_dtype, MAX_SHARD_BYTES)?;
+                self.write_model_config(dir)?;
+            }
+        }
         for file in TOKENIZER_FILES {
             let source = self.model_dir.join(file);
             if source.exists() {
@@ -334,8 +341,9 @@ impl Checkpointer {
             dir.join("training_state.json"),
             serde_json::to_string_pretty(c.training_state)? + "\n",
         )?;
-        if self.save_dtype != DType::F32 {
-            // model.safetensors lost the masters' low bits; keep them for an exact resume.
+        if self.save_dtype != DType::F32 && self.lora.is_none() {
+            // model.safetensors lost the masters' low bits; keep them for an exact resume
+            // (adapters are saved in f32 already).
             tensor_files::write(
                 &optimizer_dir.join("master_weights.safetensors"),
                 c.model.trainable_state_dict()?,
@@ -475,7 +483,13 @@ impl ResumePoint {
 
     /// The checkpoint's model: the trainable parameters from its f32 masters when saved apart,
     /// everything else from model.safetensors (memory-mapped).
-    pub fn load_model(&self, options: ModelOptions) -> anyhow::Result<Model> {
+    pub fn load_model(&self, model_dir: &Path, options: ModelOptions) -> anyhow::Result<Model> {
+        if self.dir.join("adapter_config.json").exists() {
+            // An adapter checkpoint: the base from the run's model folder, the adapter from here.
+            return crate::model::adapter::from_pretrained_with_adapter(
+                model_dir, &self.dir, options,
+            );
+        }
         let config = ModelConfig::from_model_dir(&self.dir)?;
         let mut sources = Vec::new();
         if let Some(master) = &self.master_weights {
@@ -594,6 +608,7 @@ mod tests {
                 model_dir: fixture_dir(),
                 save_dtype,
                 save_only_model: false,
+                lora: None,
                 save_total_limit: None,
             };
             let trainer_state: TrainerState = serde_json::from_value(serde_json::json!({
@@ -640,7 +655,9 @@ mod tests {
             let resume = ResumePoint::read(&dir).unwrap();
             assert_eq!(resume.master_weights.is_some(), save_dtype != DType::F32);
             assert_eq!(resume.training_state.as_ref(), Some(&training_state));
-            let reloaded = resume.load_model(ModelOptions::default()).unwrap();
+            let reloaded = resume
+                .load_model(&fixture_dir(), ModelOptions::default())
+                .unwrap();
             let logits: Vec<f32> = reloaded
                 .forward(&ids, &mask)
                 .unwrap()
@@ -671,6 +688,7 @@ mod tests {
             model_dir: run.clone(),
             save_dtype: DType::F32,
             save_only_model: false,
+            lora: None,
             save_total_limit: Some(2),
         };
         let best = run.join("checkpoint-4");

@@ -60,6 +60,7 @@ impl Outputs {
             model_dir: setup.model_dir.clone(),
             save_dtype: setup.dtype,
             save_only_model: sft.save_only_model,
+            lora: setup.model.options().lora.clone(),
             save_total_limit: sft.save_total_limit.map(|n| n.max(1) as usize),
         };
         Ok(Self {

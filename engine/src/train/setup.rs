@@ -16,17 +16,31 @@ use super::data::{self, ChatTokenizer, PreparedData, RenderOptions, Template};
 use super::metrics::float;
 use super::plan::Plan;
 use super::progress::Console;
-use crate::model::{Architecture, Model, ModelConfig, ModelOptions, Trainable};
+use crate::model::{Architecture, LoraOptions, Model, ModelConfig, ModelOptions, Trainable};
 use crate::optim::AdamWConfig;
 
 /// What this version of the loop does not do yet, refused before any work.
 fn check_supported(config: &JobConfig) -> anyhow::Result<()> {
     let sft = &config.sft;
-    if sft.tuner_type != TunerType::Full {
+    if sft.tuner_type != TunerType::Full && sft.tuner_type != TunerType::Lora {
         bail!(
-            "tuner_type {:?} is not implemented in whet sft yet; use --tuner_type full",
+            "tuner_type {:?} is not implemented in whet sft yet; use --tuner_type full or lora",
             sft.tuner_type
         );
+    }
+    if sft.tuner_type == TunerType::Lora {
+        if sft.quant_method.is_some() {
+            bail!("quant_method: QLoRA (a quantized base) is not implemented in whet sft yet; remove --quant_method/--quant_bits to train LoRA on an unquantized base");
+        }
+        if sft.lora_dropout > 0.0 {
+            bail!(
+                "lora_dropout: {} is not implemented in whet sft yet (whet's runs have no dropout, so a resume repeats them exactly); set --lora_dropout 0",
+                sft.lora_dropout
+            );
+        }
+        if sft.lora_rank < 1 || sft.lora_alpha <= 0 {
+            bail!("lora_rank must be at least 1 and lora_alpha above 0; set e.g. --lora_rank 8 --lora_alpha 32");
+        }
     }
     if sft.packing || sft.streaming {
         bail!("packing and streaming are not implemented in whet sft yet; leave them false");
@@ -38,6 +52,44 @@ fn check_supported(config: &JobConfig) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// ms-swift's `all-linear`: every linear layer of the decoder except the MoE router (and the
+/// output projection, which is not a decoder module).
+const ALL_LINEAR: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// The adapters a LoRA run trains (None for full fine-tuning).
+pub fn lora_options(config: &JobConfig) -> Option<LoraOptions> {
+    let sft = &config.sft;
+    (sft.tuner_type == TunerType::Lora).then(|| {
+        let mut target_modules: Vec<String> = Vec::new();
+        for name in &sft.target_modules {
+            let names: Vec<String> = if name == "all-linear" {
+                ALL_LINEAR.iter().map(|n| n.to_string()).collect()
+            } else {
+                vec![name.clone()]
+            };
+            for name in names {
+                if !target_modules.contains(&name) {
+                    target_modules.push(name);
+                }
+            }
+        }
+        LoraOptions {
+            rank: sft.lora_rank.max(1) as usize,
+            alpha: sft.lora_alpha as f64,
+            target_modules,
+            use_rslora: false,
+        }
+    })
 }
 
 pub struct Setup {
@@ -95,12 +147,18 @@ impl Setup {
             .as_deref()
             .map(|dir| ResumePoint::read(Path::new(dir)))
             .transpose()?;
+        let lora = lora_options(config);
         let options = ModelOptions {
             device: device.clone(),
             compute_dtype: dtype,
             master_dtype: DType::F32,
-            trainable: Trainable::All,
-            lora: None,
+            // LoRA: the base frozen in the compute dtype, only the adapters trained.
+            trainable: if lora.is_some() {
+                Trainable::Nothing
+            } else {
+                Trainable::All
+            },
+            lora,
         };
         let model = load_model(
             &model_dir,
@@ -296,7 +354,7 @@ fn load_model(
     console: &Console,
 ) -> anyhow::Result<Model> {
     if let Some(resume) = resume {
-        return resume.load_model(options);
+        return resume.load_model(model_dir, options);
     }
     let has_weights = model_dir.join("model.safetensors").exists()
         || model_dir.join("model.safetensors.index.json").exists();
