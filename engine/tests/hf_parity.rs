@@ -12,33 +12,16 @@ use whet_engine::model::qwen3::router_aux_loss;
 use whet_engine::model::{Model, ModelConfig, ModelOptions};
 use whet_engine::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use whet_engine::sync::SingleProcess;
+use whet_shared::config::LrSchedulerType;
+use whet_shared::schedule::Schedule;
+
+#[path = "common/fixtures.rs"]
+mod fixtures;
+use fixtures::{fixtures, load_batch, model_dir};
 
 /// The gradient synchroniser of one process, for `model`'s trainable parameters.
 fn single_process(model: &Model) -> SingleProcess {
     SingleProcess::new(model.trainable().num_elements())
-}
-use whet_shared::config::LrSchedulerType;
-use whet_shared::schedule::Schedule;
-
-fn fixtures() -> PathBuf {
-    let dir = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/fixtures/hf-reference"
-    ));
-    assert!(
-        dir.join("batch.json").exists(),
-        "HF reference fixtures not found at {} (expected the shared/ folder beside the repository root)",
-        dir.display()
-    );
-    dir
-}
-
-fn model_dir(kind: &str) -> PathBuf {
-    match kind {
-        "dense" => fixtures(),
-        "moe" => fixtures().join("moe"),
-        other => panic!("no fixture model {other}"),
-    }
 }
 
 fn expected_json() -> serde_json::Value {
@@ -48,28 +31,6 @@ fn expected_json() -> serde_json::Value {
 
 fn expected_tensors(file: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("expected").join(file), &Device::Cpu).unwrap()
-}
-
-fn load_batch() -> Batch {
-    let text = std::fs::read_to_string(fixtures().join("batch.json")).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let rows = |key: &str| -> Vec<Vec<i64>> { serde_json::from_value(json[key].clone()).unwrap() };
-    let to_tensor = |rows: Vec<Vec<i64>>| {
-        let (b, t) = (rows.len(), rows[0].len());
-        Tensor::from_vec(
-            rows.into_iter().flatten().collect::<Vec<_>>(),
-            (b, t),
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
-    Batch {
-        input_ids: to_tensor(rows("input_ids")).to_dtype(DType::U32).unwrap(),
-        attention_mask: to_tensor(rows("attention_mask"))
-            .to_dtype(DType::U32)
-            .unwrap(),
-        labels: to_tensor(rows("labels")),
-    }
 }
 
 fn load_model(kind: &str) -> Model {

@@ -5,33 +5,13 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use whet_engine::grad::{loss_and_gradients, Batch, LossOptions};
+use whet_engine::grad::{loss_and_gradients, LossOptions};
 use whet_engine::model::params::peft_key;
 use whet_engine::model::{adapter, LoraOptions, Model, ModelOptions, Trainable};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/hf-reference")
-}
-
-fn batch() -> Batch {
-    let text = std::fs::read_to_string(fixtures().join("batch.json")).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let rows = |key: &str| -> Tensor {
-        let rows: Vec<Vec<i64>> = serde_json::from_value(json[key].clone()).unwrap();
-        let (b, t) = (rows.len(), rows[0].len());
-        Tensor::from_vec(
-            rows.into_iter().flatten().collect::<Vec<_>>(),
-            (b, t),
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
-    Batch {
-        input_ids: rows("input_ids").to_dtype(DType::U32).unwrap(),
-        attention_mask: rows("attention_mask").to_dtype(DType::U32).unwrap(),
-        labels: rows("labels"),
-    }
-}
+#[path = "common/fixtures.rs"]
+mod fixtures;
+use fixtures::{fixtures, load_batch as batch};
 
 fn expected(file: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("expected").join(file), &Device::Cpu).unwrap()

@@ -359,13 +359,7 @@ impl ParamBuilder {
                 Tensor::from_vec(values, shape, &self.device)?
             }
         };
-        if tensor.dims() != shape {
-            return Err(ModelError::ShapeMismatch {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found: tensor.dims().to_vec(),
-            });
-        }
+        check_shape(name, &tensor, shape)?;
         let var = Var::from_tensor(
             &tensor
                 .to_device(&self.device)?
@@ -401,13 +395,7 @@ impl ParamBuilder {
                 Tensor::from_vec(values, shape, &self.device)?
             }
         };
-        if tensor.dims() != shape {
-            return Err(ModelError::ShapeMismatch {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found: tensor.dims().to_vec(),
-            });
-        }
+        check_shape(name, &tensor, shape)?;
         Ok(tensor.to_device(&self.device)?)
     }
 
@@ -477,6 +465,22 @@ impl ParamBuilder {
         let trainable = TrainableParams::new(self.trainable_params, self.layers);
         Ok((self.all, trainable))
     }
+}
+
+/// A stored tensor must have the shape config.json implies.
+fn check_shape(
+    name: &str,
+    tensor: &Tensor,
+    shape: &[usize],
+) -> std::result::Result<(), ModelError> {
+    if tensor.dims() != shape {
+        return Err(ModelError::ShapeMismatch {
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            found: tensor.dims().to_vec(),
+        });
+    }
+    Ok(())
 }
 
 /// Standard normal samples from a seeded generator (splitmix64 + Box-Muller), so that random
