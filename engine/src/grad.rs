@@ -123,16 +123,6 @@ impl Gradients {
         Ok(())
     }
 
-    /// Adds another set of gradients for the same parameters (gradient accumulation).
-    pub fn accumulate(&mut self, other: &Gradients) -> Result<()> {
-        for (i, theirs) in other.grads.iter().enumerate() {
-            if let Some(theirs) = theirs {
-                self.add(i, theirs.clone())?;
-            }
-        }
-        Ok(())
-    }
-
     /// Multiplies every gradient by `factor`.
     pub fn scale(&mut self, factor: f64) -> Result<()> {
         for grad in &mut self.grads {
