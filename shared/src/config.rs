@@ -162,6 +162,14 @@ pub struct SftConfig {
     pub lora_alpha: i64,
     pub lora_dropout: f64,
     pub target_modules: Vec<String>,
+    /// A regular expression over full module names; when set it replaces `target_modules`.
+    pub target_regex: Option<String>,
+    /// rsLoRA: scale the update by `alpha / sqrt(rank)` instead of `alpha / rank`.
+    pub use_rslora: bool,
+    /// Which biases train alongside the adapters: none or all (PEFT's `bias`).
+    pub lora_bias: String,
+    /// Modules trained in full next to the adapters (`lm_head`, `embed_tokens`, ...).
+    pub modules_to_save: Vec<String>,
     pub quant_method: Option<String>,
     pub quant_bits: Option<i64>,
     pub bnb_4bit_quant_type: String,
@@ -240,6 +248,10 @@ impl Default for SftConfig {
             lora_alpha: 32,
             lora_dropout: 0.05,
             target_modules: vec!["all-linear".into()],
+            target_regex: None,
+            use_rslora: false,
+            lora_bias: "none".into(),
+            modules_to_save: Vec::new(),
             quant_method: None,
             quant_bits: None,
             bnb_4bit_quant_type: "nf4".into(),

@@ -128,6 +128,7 @@ pub const ATTN_IMPLS: &[&str] = &[
     "flash_attention_3",
 ];
 pub const QUANT_METHODS: &[&str] = &["bnb"];
+pub const LORA_BIAS: &[&str] = &["none", "all"];
 pub const BNB_QUANT_TYPES: &[&str] = &["nf4", "fp4"];
 pub const TEMPLATES: &[&str] = &["qwen3", "qwen3_thinking", "qwen3_nothinking", "qwen2_5"];
 
@@ -337,6 +338,38 @@ pub const FIELDS: &[Field] = &[
         false,
         "Which linear layers get LoRA adapters; all-linear means every projection except lm_head.",
         "哪些线性层加 LoRA；all-linear 表示除 lm_head 外的所有投影层。",
+    ),
+    sft(
+        "target_regex",
+        G::Tuner,
+        K::Str,
+        true,
+        "A regular expression over full module names (model.layers.0.self_attn.q_proj); when set it replaces target_modules.",
+        "按完整模块名（如 model.layers.0.self_attn.q_proj）匹配的正则表达式；设置后取代 target_modules。",
+    ),
+    sft(
+        "use_rslora",
+        G::Tuner,
+        K::Bool,
+        false,
+        "rsLoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank, which keeps large ranks stable.",
+        "rsLoRA：更新量乘以 alpha / sqrt(rank) 而不是 alpha / rank，rank 较大时训练更稳定。",
+    ),
+    sft(
+        "lora_bias",
+        G::Tuner,
+        K::Choice(LORA_BIAS),
+        false,
+        "Biases trained with the adapters: none, or all (every bias of the model; Qwen3's linears have none).",
+        "与适配器一起训练的偏置：none，或 all（模型的全部偏置；Qwen3 的线性层没有偏置）。",
+    ),
+    sft(
+        "modules_to_save",
+        G::Tuner,
+        K::List,
+        false,
+        "Modules trained in full next to the adapters and saved with them, e.g. lm_head embed_tokens (all-embedding, all-norm are shortcuts).",
+        "与适配器一起全量训练并随适配器保存的模块，如 lm_head embed_tokens（可用 all-embedding、all-norm 简写）。",
     ),
     sft(
         "quant_method",
