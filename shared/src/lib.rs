@@ -20,6 +20,7 @@ pub mod fields;
 pub mod files;
 pub mod form;
 pub mod gpus;
+pub mod lora;
 pub mod memory;
 pub mod models;
 pub mod presets;
