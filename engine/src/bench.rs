@@ -187,6 +187,7 @@ pub fn run_train_bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     )?;
     let loss_options = LossOptions {
         gradient_checkpointing: opts.gradient_checkpointing,
+        dropout_seed: None,
         ..LossOptions::for_model(model.config())
     };
     let mut tokens = TokenStream { state: 1 };

@@ -50,6 +50,8 @@ pub struct LossOptions {
     pub num_label_tokens: Option<usize>,
     /// Recompute each decoder layer in the backward pass instead of keeping its activations.
     pub gradient_checkpointing: bool,
+    /// While training: the micro-batch's LoRA dropout seed (None: no dropout, as in eval).
+    pub dropout_seed: Option<u64>,
 }
 
 impl LossOptions {
@@ -59,6 +61,7 @@ impl LossOptions {
             router_aux_loss_coef: config.moe.as_ref().map_or(0.0, |m| m.router_aux_loss_coef),
             num_label_tokens: None,
             gradient_checkpointing: false,
+            dropout_seed: None,
         }
     }
 }
@@ -303,7 +306,9 @@ pub fn backward(
     on_layer: &mut dyn FnMut(usize, &mut Gradients) -> Result<()>,
 ) -> Result<LossReport> {
     let params = model.trainable();
-    let ctx = model.context(&batch.attention_mask)?;
+    let ctx = model
+        .context(&batch.attention_mask)?
+        .with_lora_dropout(options.dropout_seed);
     let embedded = model.embed(&batch.input_ids)?;
 
     let mut records = Vec::with_capacity(model.layers().len());

@@ -308,6 +308,7 @@ fn check_checkpointing_identical(model: &Model, batch: &Batch) {
     let plain = LossOptions::for_model(model.config());
     let checkpointed = LossOptions {
         gradient_checkpointing: true,
+        dropout_seed: None,
         ..plain
     };
     let (report_a, grads_a) = loss_and_gradients(model, batch, &plain).unwrap();

@@ -64,6 +64,7 @@ fn frozen_parameters_get_no_gradient_no_state_and_never_change() {
     for gradient_checkpointing in [false, true] {
         let loss = LossOptions {
             gradient_checkpointing,
+            dropout_seed: None,
             ..LossOptions::for_model(model.config())
         };
         let (report, grads) = loss_and_gradients(&model, &batch(), &loss).unwrap();

@@ -679,7 +679,8 @@ fn non_finite_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint() {
 /// `whet sft` on the fixture batch (3 samples, one micro-batch per step) with the fixture's
 /// optimizer settings reproduces transformers' first three training steps: the loss, the
 /// gradient norm before clipping and the learning rate, for the dense and the MoE model (the
-/// latter with its router aux loss).
+/// latter with its router aux loss). With `--adapters` on the fixture's PEFT adapter, the first
+/// step's loss and gradient norm are PEFT's.
 #[test]
 fn first_steps_match_transformers_on_the_fixtures() {
     let expected: Value =
@@ -688,7 +689,17 @@ fn first_steps_match_transformers_on_the_fixtures() {
     let batch: Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("batch.json")).unwrap())
             .unwrap();
-    for (name, folder) in [("dense", fixtures()), ("moe", fixtures().join("moe"))] {
+    let adapter = fixtures().join("lora").display().to_string();
+    let runs: [(&str, PathBuf, Vec<&str>); 3] = [
+        ("dense", fixtures(), vec![]),
+        ("moe", fixtures().join("moe"), vec![]),
+        (
+            "lora",
+            fixtures(),
+            vec!["--tuner_type", "lora", "--adapters", &adapter],
+        ),
+    ];
+    for (name, folder, extra) in runs {
         let ws = Workspace::new(&format!("parity-{name}"));
         let model = ws.root.join(format!("{name}-model"));
         std::fs::create_dir_all(&model).unwrap();
@@ -733,8 +744,41 @@ fn first_steps_match_transformers_on_the_fixtures() {
                 if name == "moe" { "0.001" } else { "0" },
             ],
         );
-        check_ok(&whet(&flags));
+        check_ok(&whet(&with(flags, &extra)));
         let records = jsonl(&ws.run_dir("out").join("logging.jsonl"));
+        if name == "lora" {
+            // PEFT's norm is that of the fixture's LoRA gradients, taken before clipping.
+            let grads = candle_core::safetensors::load(
+                fixtures().join("expected/lora_grads.safetensors"),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let norm = grads
+                .values()
+                .map(|g| {
+                    g.sqr()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap() as f64
+                })
+                .sum::<f64>()
+                .sqrt();
+            let first = &records[0];
+            let loss = first["loss"].as_f64().unwrap();
+            let want = expected["lora"]["loss"].as_f64().unwrap();
+            assert!(
+                (loss - want).abs() <= 1e-5 * want,
+                "lora loss {loss} vs PEFT {want}"
+            );
+            let got = first["grad_norm"].as_f64().unwrap();
+            assert!(
+                (got - norm).abs() <= 1e-4 * norm,
+                "lora grad_norm {got} vs PEFT {norm}"
+            );
+            continue;
+        }
         let train = &expected[name]["train"];
         for step in 0..3 {
             let record = &records[step];
@@ -930,9 +974,10 @@ fn an_eval_interval_of_zero_is_refused_by_check_and_sft_alike() {
     assert!(said.contains("eval_steps_missing"), "{said}");
 }
 
-/// `--tuner_type lora`: only the adapters train and the checkpoints are PEFT adapter folders
-/// (PEFT's key names, as the fixture adapter has them) that PEFT loads onto the base with no
-/// missing or unexpected keys; a resume from one repeats the run exactly.
+/// `--tuner_type lora` (ms-swift's defaults: rank 8, alpha 32, dropout 0.05, all-linear): only
+/// the adapters train and the checkpoints are PEFT adapter folders (PEFT's key names, as the
+/// fixture adapter has them) that PEFT loads onto the base with no missing or unexpected keys;
+/// a resume from one repeats the run exactly, dropout masks included.
 #[test]
 fn lora_runs_write_peft_adapters_and_resume_exactly() {
     let ws = Workspace::new("lora");
@@ -943,8 +988,6 @@ fn lora_runs_write_peft_adapters_and_resume_exactly() {
                 &[
                     "--tuner_type",
                     "lora",
-                    "--lora_dropout",
-                    "0",
                     "--learning_rate",
                     "1e-2",
                     "--max_steps",
@@ -956,11 +999,6 @@ fn lora_runs_write_peft_adapters_and_resume_exactly() {
             more,
         )
     };
-    // ms-swift's default lora_dropout 0.05 is refused before any work, naming the fix.
-    let refused = whet(&with(ws.flags("refused"), &["--tuner_type", "lora"]));
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("--lora_dropout 0"));
-
     check_ok(&whet(&lora("straight", &[])));
     let run = ws.run_dir("straight");
     let checkpoint = run.join("checkpoint-4");

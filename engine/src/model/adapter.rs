@@ -6,6 +6,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 
+use whet_shared::lora::AdapterPlan;
+use whet_shared::SftConfig;
+
 use super::params::LoraOptions;
 use super::{Model, ModelConfig, ModelOptions, WeightSource};
 use crate::tensor_files::MappedWeights;
@@ -37,38 +40,51 @@ pub fn read_adapter_config(dir: &Path) -> anyhow::Result<LoraOptions> {
             );
         }
     }
-    if field("bias").as_str().is_some_and(|b| b != "none") {
-        bail!(
-            "{}: bias {} is not supported yet; use bias \"none\"",
-            path.display(),
-            field("bias")
-        );
-    }
     for key in ["rank_pattern", "alpha_pattern"] {
         if field(key).as_object().is_some_and(|m| !m.is_empty()) {
             bail!("{}: {key} is not supported yet", path.display());
         }
     }
-    let target_modules: Vec<String> = match field("target_modules") {
-        serde_json::Value::Array(names) => names
-            .iter()
-            .map(|n| n.as_str().map(String::from))
-            .collect::<Option<_>>()
-            .context("target_modules holds a non-string")?,
-        other => bail!(
-            "{}: target_modules {other} is not a list of module names (a regex is not supported yet)",
-            path.display()
-        ),
+    let names = |key: &str| -> anyhow::Result<Vec<String>> {
+        match field(key) {
+            serde_json::Value::Null => Ok(Vec::new()),
+            serde_json::Value::Array(names) => names
+                .iter()
+                .map(|n| n.as_str().map(String::from))
+                .collect::<Option<_>>()
+                .with_context(|| format!("{}: {key} holds a non-string", path.display())),
+            other => bail!(
+                "{}: {key} {other} is not a list of module names",
+                path.display()
+            ),
+        }
     };
+    // PEFT's target_modules is a list of names, or one string it full-matches as a regex.
+    let (target_modules, target_regex) = match field("target_modules") {
+        serde_json::Value::String(pattern) => (Vec::new(), Some(pattern.clone())),
+        _ => (names("target_modules")?, None),
+    };
+    let sft = SftConfig {
+        target_modules,
+        target_regex,
+        modules_to_save: names("modules_to_save")?,
+        lora_bias: field("bias").as_str().unwrap_or("none").to_string(),
+        ..SftConfig::default()
+    };
+    let plan = AdapterPlan::from_config(&sft)
+        .map_err(|d| anyhow::anyhow!("{}: {} ({})", path.display(), d.message_en, d.fix))?;
     Ok(LoraOptions {
         rank: field("r")
             .as_u64()
-            .context("adapter_config.json has no `r`")? as usize,
+            .filter(|&r| r >= 1)
+            .context("adapter_config.json has no `r` of at least 1")? as usize,
         alpha: field("lora_alpha")
             .as_f64()
             .context("adapter_config.json has no `lora_alpha`")?,
-        target_modules,
         use_rslora: field("use_rslora").as_bool().unwrap_or(false),
+        dropout: field("lora_dropout").as_f64().unwrap_or(0.0),
+        plan,
+        init_seed: 0,
     })
 }
 
@@ -79,7 +95,11 @@ pub fn from_pretrained_with_adapter(
     adapter_dir: &Path,
     mut options: ModelOptions,
 ) -> anyhow::Result<Model> {
-    options.lora = Some(read_adapter_config(adapter_dir)?);
+    let init_seed = options.lora.as_ref().map_or(0, |l| l.init_seed);
+    options.lora = Some(LoraOptions {
+        init_seed,
+        ..read_adapter_config(adapter_dir)?
+    });
     let config = ModelConfig::from_model_dir(base_dir)?;
     let base = MappedWeights::open_model_dir(base_dir)?;
     let weights = adapter_dir.join("adapter_model.safetensors");
@@ -106,16 +126,16 @@ pub fn save_adapter(
         "base_model_name_or_path": base_model.display().to_string(),
         "r": lora.rank,
         "lora_alpha": lora.alpha,
-        "lora_dropout": 0.0,
-        "target_modules": lora.target_modules,
+        "lora_dropout": lora.dropout,
+        "target_modules": lora.plan.peft_target_modules(),
         "use_rslora": lora.use_rslora,
-        "bias": "none",
+        "bias": lora.plan.peft_bias(),
         "lora_bias": false,
         "use_dora": false,
         "fan_in_fan_out": false,
         "init_lora_weights": true,
         "inference_mode": true,
-        "modules_to_save": null,
+        "modules_to_save": lora.plan.peft_modules_to_save(),
         "rank_pattern": {},
         "alpha_pattern": {},
     });
@@ -126,7 +146,7 @@ pub fn save_adapter(
     let tensors = model
         .trainable_state_dict()?
         .into_iter()
-        .map(|(name, t)| (super::params::peft_key(&name), t))
+        .map(|(name, t)| (lora.peft_key(&name), t))
         .collect();
     crate::tensor_files::write(
         &dir.join("adapter_model.safetensors"),

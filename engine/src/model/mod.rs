@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod config;
+pub mod lora;
 pub mod params;
 pub mod qwen3;
 

@@ -14,6 +14,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
+use whet_shared::lora::AdapterPlan;
+
 use super::qwen3::ModelError;
 use crate::tensor_files::MappedWeights;
 
@@ -77,17 +79,21 @@ impl Trainable {
     }
 }
 
-/// LoRA adapters on linear layers (PEFT's `LoraConfig`): `W x + scaling * B A x`, with A
-/// (rank x in) and B (out x rank) trainable and the base weight as its role says (frozen for
-/// LoRA training).
+/// LoRA adapters on linear layers (PEFT's `LoraConfig`): `W x + scaling * B A dropout(x)`, with
+/// A (rank x in) and B (out x rank) trainable and the base weight as its role says (frozen for
+/// LoRA training). Which linears get adapters, and which modules train in full beside them
+/// (`modules_to_save`, biases), is whet-shared's [`AdapterPlan`], the rule `derive` counts by.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraOptions {
     pub rank: usize,
     pub alpha: f64,
-    /// Module names (the last component, `q_proj`, `down_proj`, ...) that get adapters.
-    pub target_modules: Vec<String>,
     /// rsLoRA's `alpha / sqrt(rank)` instead of `alpha / rank`.
     pub use_rslora: bool,
+    /// Dropout on each adapter's input while training.
+    pub dropout: f64,
+    pub plan: AdapterPlan,
+    /// Seeds the initialisation of fresh A matrices (`--seed`).
+    pub init_seed: u64,
 }
 
 impl LoraOptions {
@@ -102,8 +108,16 @@ impl LoraOptions {
 
     /// Whether the linear layer `prefix` (e.g. `model.layers.0.self_attn.q_proj`) is a target.
     pub fn targets(&self, prefix: &str) -> bool {
-        let module = prefix.rsplit('.').next().unwrap_or(prefix);
-        self.target_modules.iter().any(|t| t == module)
+        self.plan.adapts(prefix)
+    }
+
+    /// The key PEFT saves the trainable parameter `name` under: `base_model.model.<name>`,
+    /// except a trained bias of an adapted linear, which PEFT wraps (`<module>.base_layer.bias`).
+    pub fn peft_key(&self, name: &str) -> String {
+        match name.strip_suffix(".bias") {
+            Some(module) if self.targets(module) => peft_key(&format!("{module}.base_layer.bias")),
+            _ => peft_key(name),
+        }
     }
 }
 
@@ -349,11 +363,16 @@ impl ParamBuilder {
             None => {
                 let n: usize = shape.iter().product();
                 let bound = 1.0 / (shape[1] as f64).sqrt();
+                // Each matrix from its own stream: the init does not depend on build order.
+                let seed = self.lora.as_ref().map_or(0, |l| l.init_seed);
+                let mut random = RandomNormal {
+                    state: seed ^ super::lora::module_key(name),
+                };
                 let values: Vec<f32> = if zero {
                     vec![0.0; n]
                 } else {
                     (0..n)
-                        .map(|_| ((self.random.uniform() * 2.0 - 1.0) * bound) as f32)
+                        .map(|_| ((random.uniform() * 2.0 - 1.0) * bound) as f32)
                         .collect()
                 };
                 Tensor::from_vec(values, shape, &self.device)?
@@ -405,8 +424,37 @@ impl ParamBuilder {
         shape: &[usize],
         init: Init,
     ) -> std::result::Result<Param, ModelError> {
-        let tensor = self.stored(name, shape, init)?;
-        let param = if self.trainable.includes(name) {
+        let adapter_key = self
+            .lora
+            .as_ref()
+            .filter(|l| l.plan.trains_in_full(name))
+            .map(|l| l.peft_key(name));
+        let in_full = adapter_key.is_some();
+        // A module trained beside the adapters starts from the adapter's copy when it has one.
+        let from_adapter = match (&self.adapter, adapter_key) {
+            (Some(adapter), Some(key)) if adapter.contains(&key) => {
+                self.taken.insert(key.clone());
+                let tensor = adapter.load(&key, &self.device)?;
+                check_shape(&key, &tensor, shape)?;
+                // The base's own copy is superseded, not unexpected.
+                match &mut self.source {
+                    WeightSource::Files(_) => {
+                        self.taken.insert(name.to_string());
+                    }
+                    WeightSource::Tensors(tensors) => {
+                        tensors.remove(name);
+                    }
+                    WeightSource::Random { .. } => {}
+                }
+                Some(tensor)
+            }
+            _ => None,
+        };
+        let tensor = match from_adapter {
+            Some(tensor) => tensor,
+            None => self.stored(name, shape, init)?,
+        };
+        let param = if in_full || self.trainable.includes(name) {
             let var = Var::from_tensor(&tensor.to_dtype(self.master_dtype)?)?;
             self.trainable_params.push((name.to_string(), var.clone()));
             Param::Trainable(var)
@@ -508,6 +556,41 @@ impl RandomNormal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// PEFT wraps an adapted linear, so its trained bias is saved as `base_layer.bias`; other
+    /// trained-in-full tensors keep their names.
+    #[test]
+    fn peft_keys_of_trained_biases_and_saved_modules() {
+        let sft = whet_shared::SftConfig {
+            target_modules: vec!["q_proj".into()],
+            lora_bias: "all".into(),
+            modules_to_save: vec!["lm_head".into()],
+            ..Default::default()
+        };
+        let lora = LoraOptions {
+            rank: 2,
+            alpha: 4.0,
+            use_rslora: false,
+            dropout: 0.0,
+            plan: AdapterPlan::from_config(&sft).unwrap(),
+            init_seed: 0,
+        };
+        let q = "model.layers.0.self_attn.q_proj";
+        assert_eq!(
+            lora.peft_key(&format!("{q}.bias")),
+            format!("base_model.model.{q}.base_layer.bias")
+        );
+        assert_eq!(
+            lora.peft_key(&format!("{q}.lora_A.weight")),
+            format!("base_model.model.{q}.lora_A.weight")
+        );
+        let v = "model.layers.0.self_attn.v_proj.bias";
+        assert_eq!(lora.peft_key(v), format!("base_model.model.{v}"));
+        assert_eq!(
+            lora.peft_key("lm_head.weight"),
+            "base_model.model.lm_head.weight"
+        );
+    }
 
     #[test]
     fn pieces_cut_parameters_to_a_range() {

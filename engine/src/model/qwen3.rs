@@ -14,6 +14,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::config::{ConfigError, ModelConfig};
+use super::lora::LoraPair;
 use super::params::{
     Init, LoraOptions, Param, ParamBuilder, Trainable, TrainableParams, WeightSource,
 };
@@ -84,14 +85,6 @@ pub struct Linear {
     lora: Option<LoraPair>,
 }
 
-/// A linear layer's LoRA matrices: A (rank, in), B (out, rank), and `alpha / rank`.
-#[derive(Debug, Clone)]
-struct LoraPair {
-    a: Var,
-    b: Var,
-    scaling: f64,
-}
-
 impl Linear {
     fn new(
         pb: &mut ParamBuilder,
@@ -121,6 +114,8 @@ impl Linear {
                     a,
                     b,
                     scaling: options.scaling(),
+                    dropout: options.dropout,
+                    module_key: super::lora::module_key(prefix),
                 })
             }
             None => None,
@@ -128,7 +123,13 @@ impl Linear {
         Ok(Linear { weight, bias, lora })
     }
 
+    /// Inference, evaluation, and layers without adapters: no dropout.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, None)
+    }
+
+    /// `dropout_seed`: the micro-batch's LoRA dropout seed while training.
+    pub fn forward_with(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         let weight = self.weight.for_compute(x.dtype())?;
         let (out_dim, in_dim) = weight.dims2()?;
         let mut out_shape = x.dims().to_vec();
@@ -143,13 +144,8 @@ impl Linear {
             None => y,
         };
         let y = match &self.lora {
-            // W x + scaling * B (A x)
-            Some(lora) => {
-                let a = lora.a.as_tensor().to_dtype(x.dtype())?;
-                let b = lora.b.as_tensor().to_dtype(x.dtype())?;
-                let down = x.reshape((rows, in_dim))?.matmul(&a.t()?)?;
-                (y + (down.matmul(&b.t()?)? * lora.scaling)?)?
-            }
+            // W x + scaling * B (A dropout(x))
+            Some(lora) => (y + lora.delta(&x.reshape((rows, in_dim))?, dropout_seed)?)?,
             None => y,
         };
         y.reshape(out_shape)
@@ -167,6 +163,16 @@ pub struct ForwardContext {
     rotary: ops::RotaryEmbedding,
     /// (batch, 1, seq, seq) f32: 0 where attention is allowed, f32::MIN elsewhere.
     attention_bias: Tensor,
+    /// While training: the micro-batch's seed for LoRA dropout masks.
+    lora_dropout_seed: Option<u64>,
+}
+
+impl ForwardContext {
+    /// The same context with LoRA dropout on (training), its masks drawn from `seed`.
+    pub fn with_lora_dropout(mut self, seed: Option<u64>) -> Self {
+        self.lora_dropout_seed = seed;
+        self
+    }
 }
 
 /// Grouped-query self-attention with Qwen3's per-head q/k RMSNorm applied before RoPE.
@@ -244,9 +250,12 @@ impl Attention {
         norm: Option<&Param>,
         x: &Tensor,
         heads: usize,
+        dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let h = proj.forward(x)?.reshape((b, t, heads, self.head_dim))?;
+        let h = proj
+            .forward_with(x, dropout_seed)?
+            .reshape((b, t, heads, self.head_dim))?;
         let h = match norm {
             Some(w) => ops::rms_norm(&h, &w.for_compute(h.dtype())?, self.rms_norm_eps)?,
             None => h,
@@ -259,13 +268,14 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let group = nh / nkv;
-        let q = ctx
-            .rotary
-            .apply(&self.heads(&self.q_proj, self.q_norm.as_ref(), x, nh)?)?;
-        let k = ctx
-            .rotary
-            .apply(&self.heads(&self.k_proj, self.k_norm.as_ref(), x, nkv)?)?;
-        let v = self.heads(&self.v_proj, None, x, nkv)?;
+        let seed = ctx.lora_dropout_seed;
+        let q =
+            ctx.rotary
+                .apply(&self.heads(&self.q_proj, self.q_norm.as_ref(), x, nh, seed)?)?;
+        let k =
+            ctx.rotary
+                .apply(&self.heads(&self.k_proj, self.k_norm.as_ref(), x, nkv, seed)?)?;
+        let v = self.heads(&self.v_proj, None, x, nkv, seed)?;
 
         // GQA without copying k/v: query heads g*group..(g+1)*group share kv head g, so stack
         // each group's queries along the sequence axis.
@@ -279,7 +289,7 @@ impl Attention {
         // (b, nkv, group * t, hd) -> (b, nh, t, hd) -> (b, t, nh * hd)
         let attended = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
         let attended = attended.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.o_proj.forward(&attended)
+        self.o_proj.forward_with(&attended, seed)
     }
 }
 
@@ -299,14 +309,14 @@ impl Attention {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let group = nh / nkv;
         let q = rotary.apply_at(
-            &self.heads(&self.q_proj, self.q_norm.as_ref(), x, nh)?,
+            &self.heads(&self.q_proj, self.q_norm.as_ref(), x, nh, None)?,
             offset,
         )?;
         let k_new = rotary.apply_at(
-            &self.heads(&self.k_proj, self.k_norm.as_ref(), x, nkv)?,
+            &self.heads(&self.k_proj, self.k_norm.as_ref(), x, nkv, None)?,
             offset,
         )?;
-        let v_new = self.heads(&self.v_proj, None, x, nkv)?;
+        let v_new = self.heads(&self.v_proj, None, x, nkv, None)?;
         let (k, v) = match slot.take() {
             Some((k_old, v_old)) => (
                 Tensor::cat(&[&k_old, &k_new], 2)?,
@@ -399,9 +409,12 @@ impl Mlp {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = (ops::silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
-        self.down_proj.forward(&gated)
+    /// `dropout_seed`: LoRA dropout while training (None: off).
+    pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let gate = self.gate_proj.forward_with(x, dropout_seed)?;
+        let up = self.up_proj.forward_with(x, dropout_seed)?;
+        self.down_proj
+            .forward_with(&(ops::silu(&gate)? * up)?, dropout_seed)
     }
 
     /// A zero that depends on every trainable weight, so an expert no token chose still gets
@@ -479,7 +492,7 @@ impl SparseMoeBlock {
     }
 
     /// Returns the block's output (b, t, hidden) and the router logits (b * t, num_experts).
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<(Tensor, Tensor)> {
         let (b, t, hidden) = x.dims3()?;
         let rows = b * t;
         let x = x.reshape((rows, hidden))?;
@@ -515,7 +528,7 @@ impl SparseMoeBlock {
             }
             let token_rows = Tensor::new(rows_of[e].as_slice(), device)?;
             let slots = Tensor::new(slots_of[e].as_slice(), device)?;
-            let expert_out = expert.forward(&x.index_select(&token_rows, 0)?)?;
+            let expert_out = expert.forward(&x.index_select(&token_rows, 0)?, dropout_seed)?;
             let expert_out =
                 expert_out.broadcast_mul(&weights.index_select(&slots, 0)?.unsqueeze(1)?)?;
             // index_add, not scatter_add: candle's scatter_add backward breaks for partial indices.
@@ -585,9 +598,9 @@ impl DecoderLayer {
         let x = (x + self.self_attn.forward(&normed, ctx)?)?;
         let normed = self.norm(&self.post_attention_layernorm, &x)?;
         let (mlp_out, router_logits) = match &self.mlp {
-            FeedForward::Dense(mlp) => (mlp.forward(&normed)?, None),
+            FeedForward::Dense(mlp) => (mlp.forward(&normed, ctx.lora_dropout_seed)?, None),
             FeedForward::Sparse(moe) => {
-                let (out, logits) = moe.forward(&normed)?;
+                let (out, logits) = moe.forward(&normed, ctx.lora_dropout_seed)?;
                 (out, Some(logits))
             }
         };
@@ -614,8 +627,8 @@ impl DecoderLayer {
             .forward_cached(&normed, rotary, offset, bias, slot)?)?;
         let normed = self.norm(&self.post_attention_layernorm, &x)?;
         let mlp_out = match &self.mlp {
-            FeedForward::Dense(mlp) => mlp.forward(&normed)?,
-            FeedForward::Sparse(moe) => moe.forward(&normed)?.0,
+            FeedForward::Dense(mlp) => mlp.forward(&normed, None)?,
+            FeedForward::Sparse(moe) => moe.forward(&normed, None)?.0,
         };
         x + mlp_out
     }
@@ -774,6 +787,7 @@ impl Model {
                 device,
             )?,
             attention_bias: ops::causal_padding_bias(&attention_mask.to_device(device)?)?,
+            lora_dropout_seed: None,
         })
     }
 

@@ -61,6 +61,7 @@ pub fn evaluate(
         router_aux_loss_coef,
         num_label_tokens: None,
         gradient_checkpointing: false,
+        dropout_seed: None,
     };
     // weighted loss, correct tokens, label tokens, exact rows, rows, batches
     let mut sums = [0f64; 6];

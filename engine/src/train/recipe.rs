@@ -28,7 +28,7 @@ use super::metrics::{end_of_train_record, summary_record, LogWindow, RunClock, R
 use super::outputs::{Outputs, SinkFactory};
 use super::progress::Console;
 use super::setup::{adamw_config, Setup};
-use super::step::forward_backward;
+use super::step::{forward_backward, StepOptions};
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::sync::{GradSync, SingleProcess};
 use whet_shared::JobConfig;
@@ -142,13 +142,12 @@ pub fn train(
         let batches = loader.batches(&window.micro_batches, device)?;
 
         // Forward, loss and backward over the window; gradients reduced as they appear.
-        let (loss, mut grads) = forward_backward(
-            model,
-            &batches,
+        let step_options = StepOptions {
             router_aux_loss_coef,
-            sft.gradient_checkpointing,
-            &mut sync,
-        )?;
+            gradient_checkpointing: sft.gradient_checkpointing,
+            dropout: Some((sft.seed as u64, step)),
+        };
+        let (loss, mut grads) = forward_backward(model, &batches, step_options, &mut sync)?;
         finite("loss", loss.loss, step, &outputs)?;
 
         // Clip (the logged norm is the one before clipping), then the one optimizer step.

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use serde_json::Value;
 use whet_shared::config::TunerType;
+use whet_shared::lora::AdapterPlan;
 use whet_shared::schedule::{min_lr_rate, Schedule};
 use whet_shared::{derive, JobConfig, ModelFacts};
 
@@ -16,6 +17,7 @@ use super::data::{self, ChatTokenizer, PreparedData, RenderOptions, Template};
 use super::metrics::float;
 use super::plan::Plan;
 use super::progress::Console;
+use crate::model::adapter::read_adapter_config;
 use crate::model::{Architecture, LoraOptions, Model, ModelConfig, ModelOptions, Trainable};
 use crate::optim::AdamWConfig;
 
@@ -32,15 +34,15 @@ fn check_supported(config: &JobConfig) -> anyhow::Result<()> {
         if sft.quant_method.is_some() {
             bail!("quant_method: QLoRA (a quantized base) is not implemented in whet sft yet; remove --quant_method/--quant_bits to train LoRA on an unquantized base");
         }
-        if sft.lora_dropout > 0.0 {
-            bail!(
-                "lora_dropout: {} is not implemented in whet sft yet (whet's runs have no dropout, so a resume repeats them exactly); set --lora_dropout 0",
-                sft.lora_dropout
-            );
-        }
         if sft.lora_rank < 1 || sft.lora_alpha <= 0 {
             bail!("lora_rank must be at least 1 and lora_alpha above 0; set e.g. --lora_rank 8 --lora_alpha 32");
         }
+    }
+    if sft.tuner_type == TunerType::Full && !sft.adapters.is_empty() {
+        bail!("adapters: continuing from an adapter needs --tuner_type lora; to fine-tune the merged model fully, merge it first with `whet export --merge_lora true`");
+    }
+    if sft.adapters.len() > 1 {
+        bail!("adapters: whet continues training from one adapter folder, {} were given; merge the others into the base first with `whet export --merge_lora true`", sft.adapters.len());
     }
     if sft.packing || sft.streaming {
         bail!("packing and streaming are not implemented in whet sft yet; leave them false");
@@ -54,42 +56,30 @@ fn check_supported(config: &JobConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// ms-swift's `all-linear`: every linear layer of the decoder except the MoE router (and the
-/// output projection, which is not a decoder module).
-const ALL_LINEAR: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
-/// The adapters a LoRA run trains (None for full fine-tuning).
-pub fn lora_options(config: &JobConfig) -> Option<LoraOptions> {
+/// The adapters a LoRA run trains (None for full fine-tuning): those of `--adapters` when it
+/// names a PEFT folder (its own rank, alpha, targets and dropout, as PEFT's
+/// `from_pretrained(is_trainable=True)` keeps them), else fresh ones from the LoRA flags.
+pub fn lora_options(config: &JobConfig) -> anyhow::Result<Option<LoraOptions>> {
     let sft = &config.sft;
-    (sft.tuner_type == TunerType::Lora).then(|| {
-        let mut target_modules: Vec<String> = Vec::new();
-        for name in &sft.target_modules {
-            let names: Vec<String> = if name == "all-linear" {
-                ALL_LINEAR.iter().map(|n| n.to_string()).collect()
-            } else {
-                vec![name.clone()]
-            };
-            for name in names {
-                if !target_modules.contains(&name) {
-                    target_modules.push(name);
-                }
-            }
-        }
-        LoraOptions {
-            rank: sft.lora_rank.max(1) as usize,
-            alpha: sft.lora_alpha as f64,
-            target_modules,
-            use_rslora: false,
-        }
-    })
+    if sft.tuner_type != TunerType::Lora {
+        return Ok(None);
+    }
+    if let Some(dir) = sft.adapters.first() {
+        let mut options = read_adapter_config(Path::new(dir))
+            .with_context(|| format!("adapters: {dir} cannot be loaded"))?;
+        options.init_seed = sft.seed as u64;
+        return Ok(Some(options));
+    }
+    let plan = AdapterPlan::from_config(sft)
+        .map_err(|d| anyhow::anyhow!("{}: {} ({})", d.field, d.message_en, d.fix))?;
+    Ok(Some(LoraOptions {
+        rank: sft.lora_rank.max(1) as usize,
+        alpha: sft.lora_alpha as f64,
+        use_rslora: sft.use_rslora,
+        dropout: sft.lora_dropout,
+        plan,
+        init_seed: sft.seed as u64,
+    }))
 }
 
 pub struct Setup {
@@ -147,7 +137,7 @@ impl Setup {
             .as_deref()
             .map(|dir| ResumePoint::read(Path::new(dir)))
             .transpose()?;
-        let lora = lora_options(config);
+        let lora = lora_options(config)?;
         let options = ModelOptions {
             device: device.clone(),
             compute_dtype: dtype,
@@ -163,6 +153,7 @@ impl Setup {
         let model = load_model(
             &model_dir,
             resume.as_ref(),
+            sft.adapters.first().map(Path::new),
             sft.seed as u64,
             options,
             console,
@@ -345,16 +336,21 @@ fn prepare_data(
 }
 
 /// The model, from a checkpoint when resuming (its f32 masters when saved), else from the
-/// model folder, else — a folder with only config.json — freshly initialised from `seed`.
+/// model folder (with `--adapters`' adapter on top), else — a folder with only config.json —
+/// freshly initialised from `seed`.
 fn load_model(
     model_dir: &Path,
     resume: Option<&ResumePoint>,
+    adapter: Option<&Path>,
     seed: u64,
     options: ModelOptions,
     console: &Console,
 ) -> anyhow::Result<Model> {
     if let Some(resume) = resume {
         return resume.load_model(model_dir, options);
+    }
+    if let Some(adapter) = adapter {
+        return crate::model::adapter::from_pretrained_with_adapter(model_dir, adapter, options);
     }
     let has_weights = model_dir.join("model.safetensors").exists()
         || model_dir.join("model.safetensors.index.json").exists();

@@ -12,6 +12,7 @@
 use candle_core::DType;
 
 use crate::grad::{self, Batch, Gradients, LossOptions};
+use crate::model::lora::step_dropout_seed;
 use crate::model::Model;
 use crate::sync::{GradSync, MicroBatch};
 
@@ -64,15 +65,28 @@ pub fn count_label_tokens(batch: &Batch) -> candle_core::Result<u64> {
         .to_scalar::<u32>()? as u64)
 }
 
+/// What one step's forward passes do besides reading the data.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepOptions {
+    pub router_aux_loss_coef: f64,
+    pub gradient_checkpointing: bool,
+    /// `(--seed, global step)`, from which each micro-batch's LoRA dropout masks are drawn.
+    pub dropout: Option<(u64, u64)>,
+}
+
 /// Forward, loss and backward of every micro-batch of the window; `sync` is told of each
 /// decoder layer's gradients as backward produces them and finishes the reduction at the end.
 pub fn forward_backward(
     model: &Model,
     micro_batches: &[Batch],
-    router_aux_loss_coef: f64,
-    gradient_checkpointing: bool,
+    step_options: StepOptions,
     sync: &mut dyn GradSync,
 ) -> anyhow::Result<(StepLoss, Gradients)> {
+    let StepOptions {
+        router_aux_loss_coef,
+        gradient_checkpointing,
+        dropout,
+    } = step_options;
     let mut label_tokens = [0f64];
     for batch in micro_batches {
         label_tokens[0] += count_label_tokens(batch)? as f64;
@@ -83,6 +97,7 @@ pub fn forward_backward(
         router_aux_loss_coef: router_aux_loss_coef / shares,
         num_label_tokens: Some(label_tokens[0] as usize),
         gradient_checkpointing,
+        dropout_seed: None,
     };
 
     let mut step = StepLoss::default();
@@ -94,6 +109,10 @@ pub fn forward_backward(
         };
         let mut on_layer = |layer: usize, grads: &mut Gradients| {
             sync.layer_ready(grads, model.layer_parameters(layer), micro_batch)
+        };
+        let options = LossOptions {
+            dropout_seed: dropout.map(|(seed, step)| step_dropout_seed(seed, step, index)),
+            ..options
         };
         let report = grad::backward(model, batch, &options, &mut grads, &mut on_layer)?;
         step.loss += report.loss;
@@ -203,19 +222,48 @@ mod tests {
         let mut single = SingleProcess::new(model.trainable().num_elements());
 
         // transformers: ce 6.322655 + 0.001 * aux 2.101774 = 6.324757 on the whole batch.
-        let (one, _) = forward_backward(&model, &whole, 0.001, false, &mut single).unwrap();
+        let (one, _) = forward_backward(
+            &model,
+            &whole,
+            StepOptions {
+                router_aux_loss_coef: 0.001,
+                gradient_checkpointing: false,
+                dropout: None,
+            },
+            &mut single,
+        )
+        .unwrap();
         assert!((one.loss - 6.324756622314453).abs() < 6e-5, "{}", one.loss);
         assert!((one.aux_loss - 2.1017744541168213).abs() < 2e-5);
         assert_eq!(one.label_tokens, 121);
 
-        let (one, whole_grads) = forward_backward(&model, &whole, 0.0, true, &mut single).unwrap();
+        let (one, whole_grads) = forward_backward(
+            &model,
+            &whole,
+            StepOptions {
+                router_aux_loss_coef: 0.0,
+                gradient_checkpointing: true,
+                dropout: None,
+            },
+            &mut single,
+        )
+        .unwrap();
         let mut recorder = Recorder {
             inner: single.clone(),
             calls: Vec::new(),
             finished: 0,
         };
-        let (three, split_grads) =
-            forward_backward(&model, &split, 0.0, false, &mut recorder).unwrap();
+        let (three, split_grads) = forward_backward(
+            &model,
+            &split,
+            StepOptions {
+                router_aux_loss_coef: 0.0,
+                gradient_checkpointing: false,
+                dropout: None,
+            },
+            &mut recorder,
+        )
+        .unwrap();
         assert!((one.loss - 6.322654724121094).abs() < 6e-5, "{}", one.loss);
         assert!(
             (one.loss - three.loss).abs() < 1e-5,
