@@ -297,7 +297,13 @@ fn rslora_regex_targets_and_modules_to_save_round_trip_with_peft() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    run(&["make".as_ref(), fixtures().as_os_str(), made.as_os_str()]);
+    let batch_file = fixtures().join("batch.json");
+    run(&[
+        "make".as_ref(),
+        fixtures().as_os_str(),
+        batch_file.as_os_str(),
+        made.as_os_str(),
+    ]);
 
     let lora = adapter::read_adapter_config(&made).unwrap();
     assert!(
@@ -340,6 +346,7 @@ fn rslora_regex_targets_and_modules_to_save_round_trip_with_peft() {
     run(&[
         "check".as_ref(),
         fixtures().as_os_str(),
+        batch_file.as_os_str(),
         saved.as_os_str(),
         made.join("logits.safetensors").as_os_str(),
     ]);

@@ -12,6 +12,9 @@ use serde_json::Value;
 #[path = "../../tests/src/prerequisites.rs"]
 mod prerequisites;
 
+#[path = "common/fixtures.rs"]
+mod common_fixtures;
+
 fn fixtures() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/hf-reference");
     assert!(
@@ -1053,9 +1056,32 @@ fn lora_runs_write_peft_adapters_and_resume_exactly() {
     };
     assert_eq!(tensors(&resumed), tensors(&checkpoint));
 
+    // rsLoRA, a target regex and lm_head trained in full: PEFT still loads what whet writes.
+    check_ok(&whet(&lora(
+        "saved",
+        &[
+            "--max_steps",
+            "2",
+            "--use_rslora",
+            "true",
+            "--target_regex",
+            r".*\.(q_proj|up_proj)",
+            "--modules_to_save",
+            "lm_head",
+        ],
+    )));
+    let saved = ws.run_dir("saved").join("checkpoint-2");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(saved.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["modules_to_save"], serde_json::json!(["lm_head"]));
+    assert_eq!(config["use_rslora"], Value::Bool(true));
+    assert!(keys(&saved.join("adapter_model.safetensors"))
+        .contains(&"base_model.model.lm_head.weight".to_string()));
+
     match prerequisites::reference_python() {
         Ok(python) => {
-            let output = Command::new(python)
+            let output = Command::new(&python)
                 .arg(fixtures().join("../../tools/check_checkpoint.py"))
                 .arg("--adapter")
                 .arg(&checkpoint)
@@ -1069,7 +1095,52 @@ fn lora_runs_write_peft_adapters_and_resume_exactly() {
                 String::from_utf8_lossy(&output.stdout),
                 String::from_utf8_lossy(&output.stderr)
             );
+            for adapter in [&checkpoint, &saved] {
+                peft_gives_whets_logits(&python, &ws, adapter);
+            }
         }
         Err(why) => prerequisites::skip("lora_runs_write_peft_adapters_and_resume_exactly", &why),
     }
+}
+
+/// `PeftModel.from_pretrained(base, adapter)` loads `adapter` under PEFT's own key names and
+/// computes the logits whet computes from it (the loading `whet infer --adapters` does).
+fn peft_gives_whets_logits(python: &Path, ws: &Workspace, adapter: &Path) {
+    use whet_engine::model::{adapter as peft, ModelOptions, Trainable};
+    let options = ModelOptions {
+        trainable: Trainable::Nothing,
+        ..ModelOptions::default()
+    };
+    let model =
+        peft::from_pretrained_with_adapter(&ws.root.join("model"), adapter, options).unwrap();
+    let batch = common_fixtures::load_batch();
+    let logits = model
+        .forward(&batch.input_ids, &batch.attention_mask)
+        .unwrap()
+        .logits;
+    let file = adapter.with_extension("logits.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("logits".to_string(), logits)]),
+        &file,
+    )
+    .unwrap();
+    let output = Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/peft_adapter.py"
+        ))
+        .arg("check")
+        .arg(ws.root.join("model"))
+        .arg(fixtures().join("batch.json"))
+        .arg(adapter)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}: {}\n{}",
+        adapter.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -1,9 +1,9 @@
 """PEFT's side of whet's LoRA tests (engine/tests/lora.rs).
 
-make FIXTURES OUT:   an adapter on the fixture base with rsLoRA, a target regex and modules_to_save
+make BASE BATCH OUT: an adapter on the base (the fixture model) with rsLoRA, a target regex and modules_to_save
             (lm_head), random non-zero B and a changed lm_head copy; writes OUT/adapter_* and
-            OUT/logits.safetensors (eval-mode logits on the fixture batch).
-check FIXTURES DIR LOGITS:  PeftModel.from_pretrained(base, DIR) loads with no missing or unexpected keys
+            OUT/logits.safetensors (eval-mode logits on BATCH, a batch.json).
+check BASE BATCH DIR LOGITS: PeftModel.from_pretrained(base, DIR) loads with no missing or unexpected keys
             and gives the logits in LOGITS (max abs difference printed; exit 1 above 1e-4).
 """
 
@@ -18,16 +18,15 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-# The fixture folder (../shared/fixtures/hf-reference) comes first on the command line.
-FIXTURES = Path(sys.argv[2])
+BASE, BATCH = Path(sys.argv[2]), Path(sys.argv[3])
 
 
 def base():
-    return AutoModelForCausalLM.from_pretrained(str(FIXTURES), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(BASE), dtype=torch.float32)
 
 
 def logits(model):
-    batch = json.loads((FIXTURES / "batch.json").read_text())
+    batch = json.loads(BATCH.read_text())
     ids = torch.tensor(batch["input_ids"])
     mask = torch.tensor(batch["attention_mask"])
     model.eval()
@@ -74,6 +73,6 @@ def check(folder, want_file):
 
 if __name__ == "__main__":
     if sys.argv[1] == "make":
-        make(sys.argv[3])
+        make(sys.argv[4])
     else:
-        check(sys.argv[3], sys.argv[4])
+        check(sys.argv[4], sys.argv[5])
