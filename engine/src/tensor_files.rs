@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// What went wrong with a safetensors file.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +99,16 @@ impl MappedWeights {
             .load(name, device)
             .map_err(|e| io_error(&self.origin, format!("tensor `{name}`: {e}")))
     }
+
+    /// The shape and stored dtype of `name`, read from the header only (None for a dtype candle
+    /// has no counterpart for, such as a bitsandbytes-packed tensor's).
+    pub fn describe(&self, name: &str) -> Result<(Vec<usize>, Option<DType>), TensorFileError> {
+        let view = self
+            .files
+            .get(name)
+            .map_err(|e| io_error(&self.origin, format!("tensor `{name}`: {e}")))?;
+        Ok((view.shape().to_vec(), DType::try_from(view.dtype()).ok()))
+    }
 }
 
 /// Reads every tensor of one small file (optimizer state, fixtures) onto `device`.
@@ -135,40 +145,64 @@ pub fn write_model_weights(
     state: Vec<(String, Tensor)>,
     max_shard_bytes: usize,
 ) -> Result<Vec<PathBuf>, TensorFileError> {
-    let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-    let total_size: usize = state.iter().map(|(_, t)| bytes(t)).sum();
+    let sizes = state
+        .iter()
+        .map(|(name, t)| (name.clone(), t.elem_count() * t.dtype().size_in_bytes()))
+        .collect();
+    let mut tensors: HashMap<String, Tensor> = state.into_iter().collect();
+    write_model_weights_with(dir, sizes, max_shard_bytes, |name| {
+        Ok(tensors
+            .remove(name)
+            .expect("every planned tensor is in the state"))
+    })
+}
+
+/// [`write_model_weights`] for tensors made on demand: `sizes` names each tensor with its size
+/// in bytes (in file order) and `make` produces it when its shard is written, so at most one
+/// shard's tensors are in memory at a time (a merge of a model larger than RAM).
+pub fn write_model_weights_with(
+    dir: &Path,
+    sizes: Vec<(String, usize)>,
+    max_shard_bytes: usize,
+    mut make: impl FnMut(&str) -> Result<Tensor, TensorFileError>,
+) -> Result<Vec<PathBuf>, TensorFileError> {
+    let mut write_shard = |path: &Path, names: &[String]| -> Result<(), TensorFileError> {
+        let tensors = names
+            .iter()
+            .map(|name| Ok((name.clone(), make(name)?)))
+            .collect::<Result<Vec<_>, TensorFileError>>()?;
+        write(path, tensors, pt_metadata())
+    };
+    let total_size: usize = sizes.iter().map(|(_, size)| size).sum();
     if total_size <= max_shard_bytes {
         let path = dir.join("model.safetensors");
-        write(&path, state, pt_metadata())?;
+        let names: Vec<String> = sizes.into_iter().map(|(name, _)| name).collect();
+        write_shard(&path, &names)?;
         return Ok(vec![path]);
     }
     // Greedy in checkpoint order, as transformers shards: a tensor larger than the limit gets a
     // shard of its own.
-    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<String>> = vec![Vec::new()];
     let mut current = 0usize;
-    for (name, tensor) in state {
-        let size = bytes(&tensor);
+    for (name, size) in sizes {
         let last = shards.last_mut().expect("one shard at least");
         if !last.is_empty() && current + size > max_shard_bytes {
             shards.push(Vec::new());
             current = 0;
         }
         current += size;
-        shards
-            .last_mut()
-            .expect("one shard at least")
-            .push((name, tensor));
+        shards.last_mut().expect("one shard at least").push(name);
     }
     let count = shards.len();
     let mut weight_map = serde_json::Map::new();
     let mut written = Vec::with_capacity(count + 1);
     for (i, shard) in shards.into_iter().enumerate() {
         let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
-        for (name, _) in &shard {
+        for name in &shard {
             weight_map.insert(name.clone(), file.clone().into());
         }
         let path = dir.join(&file);
-        write(&path, shard, pt_metadata())?;
+        write_shard(&path, &shard)?;
         written.push(path);
     }
     let index = serde_json::json!({

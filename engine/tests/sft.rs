@@ -1144,3 +1144,78 @@ fn peft_gives_whets_logits(python: &Path, ws: &Workspace, adapter: &Path) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// A LoRA run's last checkpoint exported with `whet export` (the base found from its args.json,
+/// no `--model`) answers a greedy query exactly as the base with the adapter applied does.
+#[test]
+fn a_lora_checkpoint_exports_to_a_model_that_answers_as_base_and_adapter_do() {
+    let ws = Workspace::new("export");
+    check_ok(&whet(&with(
+        ws.flags("out"),
+        &[
+            "--tuner_type",
+            "lora",
+            "--lora_dropout",
+            "0",
+            // Enough to change the answer, not so much that it is empty.
+            "--learning_rate",
+            "1e-3",
+            "--max_steps",
+            "4",
+            "--save_steps",
+            "4",
+        ],
+    )));
+    let checkpoint = ws.run_dir("out").join("checkpoint-4");
+    let merged = ws.root.join("merged");
+    let export = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .arg("export")
+        .arg("--adapters")
+        .arg(&checkpoint)
+        .args(["--merge_lora", "true", "--output_dir"])
+        .arg(&merged)
+        .output()
+        .unwrap();
+    check_ok(&export);
+    let said = String::from_utf8_lossy(&export.stderr);
+    assert!(
+        said.contains("args.json"),
+        "the base comes from args.json: {said}"
+    );
+    assert!(
+        merged.join("args.json").is_file(),
+        "the run's settings travel along"
+    );
+
+    let infer = |model: &Path, adapters: Option<&Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_whet"));
+        command
+            .args([
+                "infer",
+                "--query",
+                "What is 7 x 4?",
+                "--max_new_tokens",
+                "24",
+            ])
+            .arg("--model")
+            .arg(model);
+        if let Some(adapters) = adapters {
+            command.arg("--adapters").arg(adapters);
+        }
+        let output = command.output().unwrap();
+        check_ok(&output);
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let base = ws.root.join("model");
+    let from_merged = infer(&merged, None);
+    assert_eq!(from_merged, infer(&base, Some(&checkpoint)));
+    assert_ne!(
+        from_merged,
+        infer(&base, None),
+        "the adapter changed the answer"
+    );
+    assert!(
+        from_merged.len() > "<think>\n\n</think>\n\n\n".len(),
+        "{from_merged:?}"
+    );
+}

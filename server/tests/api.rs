@@ -250,6 +250,77 @@ async fn jobs_may_only_read_inside_the_allowed_roots() {
     }
 }
 
+/// A job may continue from adapter folders inside the roots — an earlier job's checkpoint under
+/// the data dir, a folder under `--allow-read` — and is refused, on field `adapters`, one
+/// outside them (directly or through a symlink) or one that does not exist.
+#[tokio::test]
+async fn jobs_may_name_adapter_folders_inside_the_allowed_roots() {
+    let extra = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let s = TestServer::start(&["--allow-read", &extra.path().display().to_string()]).await;
+    let adapter_folder = |dir: &std::path::Path| {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("adapter_config.json"), r#"{"peft_type": "LORA"}"#).unwrap();
+        dir.display().to_string()
+    };
+    let lora_job = |adapters: &[String]| {
+        let mut job = common::fake_job("steps=1");
+        job["sft"]["tuner_type"] = "lora".into();
+        job["sft"]["adapters"] = json!(adapters);
+        job
+    };
+
+    // An earlier LoRA job's checkpoint, inside its run folder under the data dir.
+    let first = s.submit(&lora_job(&[])).await;
+    s.wait_until_done(first).await;
+    let checkpoint = adapter_folder(&s.data_dir().join(format!(
+        "runs/{first}/output/v0-20260101-000000/checkpoint-1"
+    )));
+    let mine = adapter_folder(&extra.path().join("my-adapter"));
+    let id = s.submit(&lora_job(&[checkpoint.clone(), mine])).await;
+    let job = s.job(id).await;
+    assert_eq!(
+        job["config"]["sft"]["adapters"][0],
+        checkpoint.as_str(),
+        "{job}"
+    );
+
+    let escape = s.data_dir().join("escape");
+    std::os::unix::fs::symlink(outside.path(), &escape).unwrap();
+    let theirs = adapter_folder(&outside.path().join("their-adapter"));
+    for (adapters, code) in [
+        (vec![theirs.clone()], "path_not_allowed"),
+        (
+            vec![
+                checkpoint.clone(),
+                format!("{}/their-adapter", escape.display()),
+            ],
+            "path_not_allowed",
+        ),
+        (
+            vec![format!(
+                "{}/runs/{first}/no-such-checkpoint",
+                s.data_dir().display()
+            )],
+            "path_not_found",
+        ),
+    ] {
+        let (status, body) = s.post("/api/jobs", &lora_job(&adapters)).await;
+        assert_eq!(status, 422, "{adapters:?} -> {body}");
+        let d = body["error"]["diagnostics"].as_array().unwrap();
+        assert!(
+            d.iter()
+                .any(|d| d["field"] == "adapters" && d["code"] == code),
+            "{adapters:?}: {body}"
+        );
+        assert!(
+            d.iter()
+                .all(|d| d["severity"] != "error" || d["field"] == "adapters"),
+            "only the adapters are wrong: {body}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn shares_get_short_random_ids_and_give_the_config_back() {
     let s = TestServer::start(&[]).await;

@@ -69,9 +69,11 @@ pub struct InferArgs {
     pub stream: bool,
 }
 
-/// The template a checkpoint was trained with (its args.json), else the model's default.
+/// The template a checkpoint was trained with (the adapter's args.json, else the model's), else
+/// the model's default.
 fn template_for(
     model_dir: &Path,
+    adapters: Option<&Path>,
     model_name: &str,
     config: &ModelConfig,
     requested: Option<&str>,
@@ -79,14 +81,14 @@ fn template_for(
     if let Some(name) = requested {
         return Ok(Template::parse(name)?);
     }
-    let args = std::fs::read_to_string(model_dir.join("args.json")).ok();
-    if let Some(name) = args
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .and_then(|args| {
-            args.get("template")
-                .and_then(|t| t.as_str())
-                .map(str::to_string)
-        })
+    let trained_with = |dir: &Path| {
+        let text = std::fs::read_to_string(dir.join("args.json")).ok()?;
+        let args: serde_json::Value = serde_json::from_str(&text).ok()?;
+        args.get("template")?.as_str().map(str::to_string)
+    };
+    if let Some(name) = adapters
+        .and_then(trained_with)
+        .or_else(|| trained_with(model_dir))
     {
         return Ok(Template::parse(&name)?);
     }
@@ -121,6 +123,7 @@ pub fn run(args: InferArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("reading {}/config.json", model_dir.display()))?;
     let template = template_for(
         &model_dir,
+        args.adapters.as_deref(),
         &model_name,
         &model_config,
         args.template.as_deref(),

@@ -4,6 +4,7 @@
 mod bench;
 mod check;
 mod convert;
+mod export;
 mod infer;
 mod input;
 mod sft;
@@ -40,6 +41,8 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Answer a query, or a validation file, with a model folder or checkpoint.
     Infer(infer::InferArgs),
+    /// Merge a LoRA adapter into its base model and write a full Hugging Face model folder.
+    Export(export::ExportArgs),
     /// Benchmarks: `whet bench train --size tiny|small|medium`.
     Bench(bench::BenchArgs),
 }
@@ -130,6 +133,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Infer(args) => infer::run(args),
+        Command::Export(args) => export::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match outcome {

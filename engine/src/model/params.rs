@@ -98,12 +98,7 @@ pub struct LoraOptions {
 
 impl LoraOptions {
     pub fn scaling(&self) -> f64 {
-        let rank = self.rank.max(1) as f64;
-        if self.use_rslora {
-            self.alpha / rank.sqrt()
-        } else {
-            self.alpha / rank
-        }
+        lora_scaling(self.rank, self.alpha, self.use_rslora)
     }
 
     /// Whether the linear layer `prefix` (e.g. `model.layers.0.self_attn.q_proj`) is a target.
@@ -118,6 +113,16 @@ impl LoraOptions {
             Some(module) if self.targets(module) => peft_key(&format!("{module}.base_layer.bias")),
             _ => peft_key(name),
         }
+    }
+}
+
+/// LoRA's multiplier of `B A x`: `alpha / rank`, or rsLoRA's `alpha / sqrt(rank)`.
+pub fn lora_scaling(rank: usize, alpha: f64, use_rslora: bool) -> f64 {
+    let rank = rank.max(1) as f64;
+    if use_rslora {
+        alpha / rank.sqrt()
+    } else {
+        alpha / rank
     }
 }
 

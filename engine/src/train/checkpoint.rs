@@ -253,6 +253,55 @@ impl SchedulerState {
     }
 }
 
+/// Writes `dir/config.json` — `model_dir`'s, with `dtype`/`torch_dtype` saying what the
+/// weights beside it hold — and generation_config.json (copied, or made from config.json's
+/// token ids when the model folder has none). Checkpoints and `whet export` use it.
+pub fn write_model_config(model_dir: &Path, dir: &Path, dtype: DType) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(model_dir.join("config.json"))?;
+    let mut config: Value = serde_json::from_str(&text)?;
+    let dtype_name = crate::dtype::torch_name(dtype);
+    if let Some(map) = config.as_object_mut() {
+        let key = if map.contains_key("torch_dtype") && !map.contains_key("dtype") {
+            "torch_dtype"
+        } else {
+            "dtype"
+        };
+        map.insert(key.to_string(), Value::String(dtype_name.into()));
+    }
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config)? + "\n",
+    )?;
+    let generation = model_dir.join("generation_config.json");
+    if generation.exists() {
+        std::fs::copy(&generation, dir.join("generation_config.json"))?;
+    } else {
+        let pick = |key: &str| config.get(key).cloned().unwrap_or(Value::Null);
+        let generation = serde_json::json!({
+            "bos_token_id": pick("bos_token_id"),
+            "eos_token_id": pick("eos_token_id"),
+            "pad_token_id": pick("pad_token_id"),
+        });
+        std::fs::write(
+            dir.join("generation_config.json"),
+            serde_json::to_string_pretty(&generation)? + "\n",
+        )?;
+    }
+    Ok(())
+}
+
+/// Copies the [`TOKENIZER_FILES`] `model_dir` has into `dir`.
+pub fn copy_tokenizer_files(model_dir: &Path, dir: &Path) -> anyhow::Result<()> {
+    for file in TOKENIZER_FILES {
+        let source = model_dir.join(file);
+        if source.exists() {
+            std::fs::copy(&source, dir.join(file))
+                .with_context(|| format!("cannot copy {}", source.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Everything [`Checkpointer::save`] writes beyond the model and optimizer.
 pub struct CheckpointContents<'a> {
     pub step: u64,
@@ -312,15 +361,10 @@ impl Checkpointer {
             None => {
                 c.model
                     .save_pretrained_weights(dir, self.save_dtype, MAX_SHARD_BYTES)?;
-                self.write_model_config(dir)?;
+                write_model_config(&self.model_dir, dir, self.save_dtype)?;
             }
         }
-        for file in TOKENIZER_FILES {
-            let source = self.model_dir.join(file);
-            if source.exists() {
-                std::fs::copy(&source, dir.join(file))?;
-            }
-        }
+        copy_tokenizer_files(&self.model_dir, dir)?;
         std::fs::write(
             dir.join("args.json"),
             serde_json::to_string_pretty(c.args_json)? + "\n",
@@ -348,42 +392,6 @@ impl Checkpointer {
                 &optimizer_dir.join("master_weights.safetensors"),
                 c.model.trainable_state_dict()?,
                 tensor_files::pt_metadata(),
-            )?;
-        }
-        Ok(())
-    }
-
-    /// config.json (with `dtype`/`torch_dtype` saying what model.safetensors holds) and
-    /// generation_config.json, copied from the model folder.
-    fn write_model_config(&self, dir: &Path) -> anyhow::Result<()> {
-        let text = std::fs::read_to_string(self.model_dir.join("config.json"))?;
-        let mut config: Value = serde_json::from_str(&text)?;
-        let dtype_name = crate::dtype::torch_name(self.save_dtype);
-        if let Some(map) = config.as_object_mut() {
-            let key = if map.contains_key("torch_dtype") && !map.contains_key("dtype") {
-                "torch_dtype"
-            } else {
-                "dtype"
-            };
-            map.insert(key.to_string(), Value::String(dtype_name.into()));
-        }
-        std::fs::write(
-            dir.join("config.json"),
-            serde_json::to_string_pretty(&config)? + "\n",
-        )?;
-        let generation = self.model_dir.join("generation_config.json");
-        if generation.exists() {
-            std::fs::copy(&generation, dir.join("generation_config.json"))?;
-        } else {
-            let pick = |key: &str| config.get(key).cloned().unwrap_or(Value::Null);
-            let generation = serde_json::json!({
-                "bos_token_id": pick("bos_token_id"),
-                "eos_token_id": pick("eos_token_id"),
-                "pad_token_id": pick("pad_token_id"),
-            });
-            std::fs::write(
-                dir.join("generation_config.json"),
-                serde_json::to_string_pretty(&generation)? + "\n",
             )?;
         }
         Ok(())
