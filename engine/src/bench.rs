@@ -1,7 +1,9 @@
-//! `whet bench train`: full-training-step throughput of a randomly initialised Qwen3 on the
-//! CPU in f32, the same measurement as `shared/tools/torch_train_bench.py` makes for PyTorch
-//! (same presets, random tokens with labels = inputs, clip to 1.0, AdamW lr 1e-4 wd 0.1; the
-//! first two steps are warm-up and not timed), so that the two can be compared directly.
+//! `whet bench train`: training-step throughput of a randomly initialised Qwen3 on the CPU in
+//! f32, the same measurement as `shared/tools/torch_train_bench.py` makes for PyTorch (same
+//! presets, random tokens with labels = inputs, clip to 1.0, AdamW lr 1e-4 wd 0.1; the first two
+//! steps are warm-up and not timed), so that the two can be compared directly. `--train_type`
+//! trains everything (full), LoRA adapters over a frozen base (lora), or the same adapters over
+//! a 4-bit NF4 base with double quantization (qlora), built as `whet sft` builds them.
 
 use std::time::Instant;
 
@@ -9,10 +11,15 @@ use anyhow::Context;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
+use whet_shared::config::TunerType;
+use whet_shared::JobConfig;
+
 use crate::grad::{loss_and_gradients, Batch, LossOptions};
-use crate::model::{Model, ModelConfig, ModelOptions};
+use crate::model::params::is_quantized_linear;
+use crate::model::{Model, ModelConfig, ModelOptions, Trainable};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::sync::SingleProcess;
+use crate::train::setup::{lora_options, quant_options};
 
 /// Steps at the start that are run but not timed (allocator and thread-pool warm-up).
 pub const WARMUP_STEPS: usize = 2;
@@ -68,10 +75,45 @@ impl std::str::FromStr for BenchSize {
     }
 }
 
+/// What a bench step trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchTrainType {
+    /// Every weight.
+    #[default]
+    Full,
+    /// LoRA rank 8, alpha 32 on all-linear (q, k, v, o, gate, up, down), the base frozen.
+    Lora,
+    /// The same adapters over a 4-bit NF4 base with double quantization.
+    Qlora,
+}
+
+impl BenchTrainType {
+    /// The model options `whet sft` would build for this train type (ms-swift's LoRA defaults).
+    fn model_options(self) -> anyhow::Result<ModelOptions> {
+        let mut config = JobConfig::default();
+        if self == Self::Full {
+            return Ok(ModelOptions::default());
+        }
+        config.sft.tuner_type = TunerType::Lora;
+        if self == Self::Qlora {
+            config.sft.quant_method = Some("bnb".into());
+            config.sft.quant_bits = Some(4);
+        }
+        Ok(ModelOptions {
+            trainable: Trainable::Nothing,
+            lora: lora_options(&config)?,
+            quantization: quant_options(&config)?,
+            ..ModelOptions::default()
+        })
+    }
+}
+
 /// What to measure.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BenchOptions {
     pub size: BenchSize,
+    pub train_type: BenchTrainType,
     /// Sequences per step.
     pub batch: usize,
     /// Tokens per sequence.
@@ -85,6 +127,7 @@ impl Default for BenchOptions {
     fn default() -> Self {
         Self {
             size: BenchSize::Small,
+            train_type: BenchTrainType::Full,
             batch: 4,
             seq: 256,
             steps: 10,
@@ -97,14 +140,21 @@ impl Default for BenchOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub size: BenchSize,
+    pub train_type: BenchTrainType,
     pub batch: usize,
     pub seq: usize,
     pub steps: usize,
     /// Untimed steps at the start.
     pub warmup_steps: usize,
     pub gradient_checkpointing: bool,
-    /// Trainable parameters of the model.
+    /// Parameters of the model (the base; LoRA adapters not included).
     pub params: usize,
+    /// Parameters the optimizer updates.
+    pub trainable_params: usize,
+    /// What the base weights take in memory, MiB (4-bit codes and scales under qlora).
+    pub base_weights_mib: f64,
+    /// The part of it in the decoder linears, the weights qlora stores in 4 bits.
+    pub linear_weights_mib: f64,
     /// Tokens (batch * seq) per second over the timed steps.
     pub tokens_per_s: f64,
     /// Mean wall time of a timed step, in milliseconds.
@@ -159,6 +209,17 @@ impl TokenStream {
     }
 }
 
+/// MiB the parameters whose names pass `keep` take in memory.
+fn resident_mib(model: &Model, keep: impl Fn(&str) -> bool) -> f64 {
+    let bytes: usize = model
+        .params()
+        .iter()
+        .filter(|(name, _)| keep(name))
+        .map(|(_, p)| p.resident_bytes())
+        .sum();
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 /// Builds the preset model and times `opts.steps` full training steps (forward, backward,
 /// clip to 1.0, AdamW) on random tokens.
 pub fn run_train_bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
@@ -176,7 +237,8 @@ pub fn run_train_bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let config = ModelConfig::from_json_str(&opts.size.config_json(opts.seq))
         .context("building the bench model config")?;
     let vocab = config.vocab_size;
-    let model = Model::random(config, 0, ModelOptions::default()).context("building the model")?;
+    let model =
+        Model::random(config, 0, opts.train_type.model_options()?).context("building the model")?;
     let mut sync = SingleProcess::new(model.trainable().num_elements());
     let mut optimizer = AdamW::new(
         model.trainable(),
@@ -208,12 +270,16 @@ pub fn run_train_bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let fastest = timed.iter().copied().fold(f64::INFINITY, f64::min);
     Ok(BenchReport {
         size: opts.size,
+        train_type: opts.train_type,
         batch: opts.batch,
         seq: opts.seq,
         steps: opts.steps,
         warmup_steps: WARMUP_STEPS,
         gradient_checkpointing: opts.gradient_checkpointing,
         params: model.num_parameters(),
+        trainable_params: model.num_trainable_parameters(),
+        base_weights_mib: resident_mib(&model, |_| true),
+        linear_weights_mib: resident_mib(&model, is_quantized_linear),
         tokens_per_s: (opts.batch * opts.seq * timed.len()) as f64 / total,
         step_ms: total / timed.len() as f64 * 1e3,
         step_ms_min: fastest * 1e3,
@@ -232,6 +298,7 @@ mod tests {
         for gradient_checkpointing in [false, true] {
             let report = run_train_bench(&BenchOptions {
                 size: BenchSize::Tiny,
+                train_type: BenchTrainType::Full,
                 batch: 2,
                 seq: 16,
                 steps: 3,
@@ -254,6 +321,51 @@ mod tests {
             assert_eq!(json["size"], "tiny");
             assert_eq!(json["gradient_checkpointing"], gradient_checkpointing);
         }
+    }
+
+    #[test]
+    fn lora_and_qlora_benches_train_adapters_over_a_smaller_base() {
+        let run = |train_type| {
+            run_train_bench(&BenchOptions {
+                size: BenchSize::Tiny,
+                train_type,
+                batch: 2,
+                seq: 16,
+                steps: 3,
+                gradient_checkpointing: false,
+            })
+            .unwrap()
+        };
+        let (full, lora, qlora) = (
+            run(BenchTrainType::Full),
+            run(BenchTrainType::Lora),
+            run(BenchTrainType::Qlora),
+        );
+        assert_eq!(lora.params, full.params);
+        assert_eq!(qlora.params, full.params);
+        assert_eq!(full.trainable_params, full.params);
+        // Rank 8 on q, k, v, o, gate, up, down of 2 layers of hidden 64 (q 64, kv 32,
+        // intermediate 128): 8 * sum(in + out) per layer.
+        let per_layer = 8 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128));
+        assert_eq!(lora.trainable_params, 2 * per_layer);
+        assert_eq!(qlora.trainable_params, lora.trainable_params);
+        assert_eq!(full.base_weights_mib, lora.base_weights_mib);
+        // Embeddings, lm_head and norms stay f32; each linear weight of n values drops from 4n
+        // bytes to n / 2 codes, n / 64 absmax codes, one f32 scale (a single group of 256
+        // blocks) and the offset.
+        let linears = [4096usize, 2048, 2048, 4096, 8192, 8192, 8192];
+        let saved_bytes: usize = linears.iter().map(|n| 4 * n - (n / 2 + n / 64 + 8)).sum();
+        let saved = full.base_weights_mib - qlora.base_weights_mib;
+        let expected = (2 * saved_bytes) as f64 / (1024.0 * 1024.0);
+        assert!((saved - expected).abs() < 1e-9, "{saved} MiB saved");
+        assert!((full.linear_weights_mib - qlora.linear_weights_mib - saved).abs() < 1e-9);
+        assert_eq!(
+            full.linear_weights_mib,
+            2.0 * 36_864.0 * 4.0 / (1024.0 * 1024.0)
+        );
+        let json = serde_json::to_value(&qlora).unwrap();
+        assert_eq!(json["train_type"], "qlora");
+        assert!(qlora.loss_first.is_finite() && qlora.loss_last.is_finite());
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod plot;
+pub mod quant;
 pub mod rng;
 pub mod sync;
 pub mod tensor_files;

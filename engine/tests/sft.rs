@@ -1219,3 +1219,196 @@ fn a_lora_checkpoint_exports_to_a_model_that_answers_as_base_and_adapter_do() {
         "{from_merged:?}"
     );
 }
+
+#[test]
+fn qlora_runs_train_adapters_over_a_4_bit_base_and_resume_exactly() {
+    let ws = Workspace::new("qlora");
+    let qlora = |out: &str, tuner: &[&str], more: &[&str]| {
+        let flags = with(ws.flags(out), tuner);
+        let flags = with(
+            flags,
+            &[
+                "--lora_dropout",
+                "0",
+                "--learning_rate",
+                "1e-2",
+                "--max_steps",
+                "4",
+                "--save_steps",
+                "2",
+            ],
+        );
+        with(flags, more)
+    };
+    // What is not implemented is refused before any work, naming the field.
+    for (flags, field) in [
+        (
+            &[
+                "--tuner_type",
+                "lora",
+                "--quant_method",
+                "bnb",
+                "--quant_bits",
+                "8",
+            ][..],
+            "quant_bits",
+        ),
+        (
+            &[
+                "--tuner_type",
+                "lora",
+                "--quant_method",
+                "hqq",
+                "--quant_bits",
+                "4",
+            ][..],
+            "quant_method",
+        ),
+        (
+            &["--tuner_type", "qlora", "--bnb_4bit_quant_type", "int4"][..],
+            "bnb_4bit_quant_type",
+        ),
+    ] {
+        let refused = whet(&qlora("refused", flags, &[]));
+        assert_eq!(refused.status.code(), Some(1), "{flags:?}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains(field), "{flags:?}: {stderr}");
+        assert!(
+            !ws.root.join("refused").exists(),
+            "{flags:?}: no run folder"
+        );
+    }
+
+    check_ok(&whet(&qlora("straight", &["--tuner_type", "qlora"], &[])));
+    let run = ws.run_dir("straight");
+    let checkpoint = run.join("checkpoint-4");
+    assert!(checkpoint.join("adapter_config.json").exists());
+    assert!(!checkpoint.join("model.safetensors").exists());
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(checkpoint.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    let losses: Vec<f64> = jsonl(&run.join("logging.jsonl"))
+        .iter()
+        .filter_map(|l| l.get("loss")?.as_f64())
+        .collect();
+    assert!(
+        losses.last().unwrap() < losses.first().unwrap(),
+        "{losses:?}"
+    );
+    let tensors = |dir: &Path| {
+        let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+        safetensors_parts(&bytes).1.to_vec()
+    };
+
+    // Resumed from checkpoint-2: the base is quantized again, to the same bytes, so the
+    // adapter at step 4 is the same bit for bit.
+    let resume_from = run.join("checkpoint-2").display().to_string();
+    check_ok(&whet(&qlora(
+        "resumed",
+        &["--tuner_type", "qlora"],
+        &["--resume_from_checkpoint", &resume_from],
+    )));
+    assert_eq!(
+        tensors(&ws.run_dir("resumed").join("checkpoint-4")),
+        tensors(&checkpoint)
+    );
+
+    // ms-swift's spelling of the same job trains the same adapter; FP4 without double
+    // quantization is another base, so another adapter.
+    let swift = [
+        "--tuner_type",
+        "lora",
+        "--quant_method",
+        "bnb",
+        "--quant_bits",
+        "4",
+    ];
+    check_ok(&whet(&qlora(
+        "swift",
+        &swift,
+        &[
+            "--bnb_4bit_quant_type",
+            "nf4",
+            "--bnb_4bit_use_double_quant",
+            "true",
+        ],
+    )));
+    assert_eq!(
+        tensors(&ws.run_dir("swift").join("checkpoint-4")),
+        tensors(&checkpoint)
+    );
+    check_ok(&whet(&qlora(
+        "fp4",
+        &swift,
+        &[
+            "--bnb_4bit_quant_type",
+            "fp4",
+            "--bnb_4bit_use_double_quant",
+            "false",
+        ],
+    )));
+    assert_ne!(
+        tensors(&ws.run_dir("fp4").join("checkpoint-4")),
+        tensors(&checkpoint)
+    );
+}
+
+#[test]
+fn qlora_lowers_the_demos_loss() {
+    // The built-in demo (a random tiny Qwen3 learning addition) as a short QLoRA run.
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::env::temp_dir().join(format!("whet-sft-qlora-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let output = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .current_dir(&root)
+        .args([
+            "sft",
+            "--config",
+            "examples/demo.yaml",
+            "--tuner_type",
+            "qlora",
+        ])
+        .args([
+            "--lora_dropout",
+            "0",
+            "--learning_rate",
+            "1e-2",
+            "--warmup_ratio",
+            "0",
+        ])
+        .args(["--max_steps", "8", "--per_device_train_batch_size", "16"])
+        .args([
+            "--logging_steps",
+            "1",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+        ])
+        .arg("--output_dir")
+        .arg(&out)
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .env_remove("NPROC_PER_NODE")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    check_ok(&output);
+    let run = std::fs::read_dir(&out)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let losses: Vec<f64> = jsonl(&run.join("logging.jsonl"))
+        .iter()
+        .filter_map(|l| l.get("loss")?.as_f64())
+        .collect();
+    let _ = std::fs::remove_dir_all(&out);
+    assert_eq!(losses.len(), 8, "{losses:?}");
+    assert!(
+        losses[7] < losses[0] - 0.3,
+        "the loss does not fall: {losses:?}"
+    );
+}

@@ -1,8 +1,8 @@
 //! Parameters with roles. Every weight of the network is a [`Param`]: *trainable* (an f32 master
-//! `Var` that the forward pass casts to the compute dtype, so its gradient reaches the master) or
-//! *frozen* (stored once, already in the compute dtype, with no gradient and no optimizer state).
-//! A quantized frozen kind (QLoRA's 4-bit base) is a third variant that dequantises in
-//! [`Param::for_compute`]; nothing outside this file needs to change for it.
+//! `Var` that the forward pass casts to the compute dtype, so its gradient reaches the master),
+//! *frozen* (stored once, already in the compute dtype, with no gradient and no optimizer state)
+//! or *quantized* (frozen and stored in 4 bits, QLoRA's base, dequantised in
+//! [`Param::for_compute`]; see [`crate::quant`]).
 //!
 //! The trainable ones, in checkpoint order, make [`TrainableParams`]: the only parameters the
 //! optimizer, clipping and gradient reduction ever see, laid end to end in a flat space
@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use whet_shared::lora::AdapterPlan;
 
 use super::qwen3::ModelError;
+use crate::quant::{QuantOptions, QuantizedTensor, Quantizer};
 use crate::tensor_files::MappedWeights;
 
 /// One weight of the network.
@@ -26,6 +27,8 @@ pub enum Param {
     Trainable(Var),
     /// Not trained: stored once in the compute dtype.
     Frozen(Tensor),
+    /// Not trained: stored in 4 bits (bitsandbytes' NF4/FP4), dequantised on every use.
+    Quantized(Arc<QuantizedTensor>),
 }
 
 impl Param {
@@ -34,14 +37,20 @@ impl Param {
         match self {
             Param::Trainable(var) => var.as_tensor().to_dtype(dtype),
             Param::Frozen(tensor) => tensor.to_dtype(dtype),
+            Param::Quantized(quantized) => quantized.dequantize(dtype),
         }
     }
 
-    /// The stored value without any graph: the master, or the frozen tensor.
+    /// The stored value without any graph: the master, the frozen tensor, or the quantized
+    /// weight dequantised to f32.
     pub fn value(&self) -> Tensor {
         match self {
             Param::Trainable(var) => var.as_detached_tensor(),
             Param::Frozen(tensor) => tensor.clone(),
+            // Tensor ops over shapes checked when it was made: only allocation can fail.
+            Param::Quantized(quantized) => quantized
+                .dequantize(DType::F32)
+                .expect("dequantizing a 4-bit weight (out of memory?)"),
         }
     }
 
@@ -53,8 +62,36 @@ impl Param {
         match self {
             Param::Trainable(var) => var.elem_count(),
             Param::Frozen(tensor) => tensor.elem_count(),
+            Param::Quantized(quantized) => quantized.elem_count(),
         }
     }
+
+    /// Bytes the stored weight takes on its device (packed codes and scales when quantized).
+    pub fn resident_bytes(&self) -> usize {
+        match self {
+            Param::Trainable(var) => var.elem_count() * var.dtype().size_in_bytes(),
+            Param::Frozen(tensor) => tensor.elem_count() * tensor.dtype().size_in_bytes(),
+            Param::Quantized(quantized) => quantized.resident_bytes(),
+        }
+    }
+}
+
+/// Whether `name` is one of the weights QLoRA stores in 4 bits: every linear of the decoder
+/// layers — attention q/k/v/o and the MLP's gate/up/down, dense or per expert. Embeddings,
+/// norms, biases and `lm_head` stay in the compute dtype (transformers' bitsandbytes
+/// integration skips the output embedding too), and so does the MoE router (`mlp.gate`): it is
+/// tiny, and its logits make a discrete top-k choice that 4-bit noise would flip, which changes
+/// the routing and the aux loss, not just a product (transformers 5 keeps it a plain parameter,
+/// which bitsandbytes never replaces).
+pub fn is_quantized_linear(name: &str) -> bool {
+    let module = name
+        .strip_prefix("model.layers.")
+        .and_then(|rest| rest.strip_suffix(".weight"))
+        .and_then(|rest| rest.rsplit('.').next());
+    matches!(
+        module,
+        Some("q_proj" | "k_proj" | "v_proj" | "o_proj" | "gate_proj" | "up_proj" | "down_proj")
+    )
 }
 
 /// Which parameters a model trains.
@@ -304,6 +341,10 @@ pub(super) struct ParamBuilder {
     master_dtype: DType,
     trainable: Trainable,
     lora: Option<LoraOptions>,
+    /// QLoRA: the frozen decoder linears quantized at load ([`is_quantized_linear`]).
+    quantization: Option<QuantOptions>,
+    /// Made on first use, with the lookup tables on the model's device.
+    quantizer: Option<Quantizer>,
     /// An existing adapter (PEFT's `adapter_model.safetensors`) to start from.
     adapter: Option<MappedWeights>,
     all: Vec<(String, Param)>,
@@ -331,6 +372,8 @@ impl ParamBuilder {
             master_dtype: options.master_dtype,
             trainable: options.trainable.clone(),
             lora: options.lora.clone(),
+            quantization: options.quantization,
+            quantizer: None,
             adapter: None,
             all: Vec::new(),
             trainable_params: Vec::new(),
@@ -399,6 +442,17 @@ impl ParamBuilder {
         shape: &[usize],
         init: Init,
     ) -> std::result::Result<Tensor, ModelError> {
+        let device = self.device.clone();
+        self.stored_on(name, shape, init, &device)
+    }
+
+    fn stored_on(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+        device: &Device,
+    ) -> std::result::Result<Tensor, ModelError> {
         let missing = || ModelError::MissingTensor {
             name: name.to_string(),
         };
@@ -407,7 +461,7 @@ impl ParamBuilder {
             WeightSource::Files(sets) => {
                 let set = sets.iter().find(|s| s.contains(name)).ok_or_else(missing)?;
                 self.taken.insert(name.to_string());
-                set.load(name, &self.device)?
+                set.load(name, device)?
             }
             WeightSource::Random { .. } => {
                 let n: usize = shape.iter().product();
@@ -416,11 +470,31 @@ impl ParamBuilder {
                     Init::Ones => vec![1.0; n],
                     Init::Zeros => vec![0.0; n],
                 };
-                Tensor::from_vec(values, shape, &self.device)?
+                Tensor::from_vec(values, shape, device)?
             }
         };
         check_shape(name, &tensor, shape)?;
-        Ok(tensor.to_device(&self.device)?)
+        Ok(tensor.to_device(device)?)
+    }
+
+    /// A frozen linear weight in 4 bits: read on the host, rounded to the compute dtype (the
+    /// weight transformers would quantize), quantized, and the full-precision copy dropped
+    /// before the next weight is read, so peak memory stays near the 4-bit size.
+    fn quantized(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+        options: QuantOptions,
+    ) -> std::result::Result<Param, ModelError> {
+        let weight = self
+            .stored_on(name, shape, init, &Device::Cpu)?
+            .to_dtype(self.compute_dtype)?;
+        if self.quantizer.is_none() {
+            self.quantizer = Some(Quantizer::new(options, &self.device)?);
+        }
+        let quantizer = self.quantizer.as_ref().expect("made above");
+        Ok(Param::Quantized(Arc::new(quantizer.quantize(&weight)?)))
     }
 
     pub(super) fn get(
@@ -435,6 +509,13 @@ impl ParamBuilder {
             .filter(|l| l.plan.trains_in_full(name))
             .map(|l| l.peft_key(name));
         let in_full = adapter_key.is_some();
+        if let Some(options) = self.quantization {
+            if !in_full && !self.trainable.includes(name) && is_quantized_linear(name) {
+                let param = self.quantized(name, shape, init, options)?;
+                self.all.push((name.to_string(), param.clone()));
+                return Ok(param);
+            }
+        }
         // A module trained beside the adapters starts from the adapter's copy when it has one.
         let from_adapter = match (&self.adapter, adapter_key) {
             (Some(adapter), Some(key)) if adapter.contains(&key) => {

@@ -19,6 +19,7 @@ use super::params::{
     Init, LoraOptions, Param, ParamBuilder, Trainable, TrainableParams, WeightSource,
 };
 use crate::ops;
+use crate::quant::QuantOptions;
 use crate::tensor_files::{self, MappedWeights, TensorFileError};
 
 /// Failures while building, loading or saving a model.
@@ -54,6 +55,8 @@ pub struct ModelOptions {
     pub trainable: Trainable,
     /// LoRA adapters on the targeted linear layers (always trainable).
     pub lora: Option<LoraOptions>,
+    /// QLoRA: the frozen linears of the decoder layers stored in 4 bits.
+    pub quantization: Option<QuantOptions>,
 }
 
 impl Default for ModelOptions {
@@ -64,6 +67,7 @@ impl Default for ModelOptions {
             master_dtype: DType::F32,
             trainable: Trainable::All,
             lora: None,
+            quantization: None,
         }
     }
 }
@@ -799,6 +803,7 @@ impl Model {
         let table = match &self.embed_tokens {
             Param::Trainable(var) => var.as_tensor().clone(),
             Param::Frozen(tensor) => tensor.clone(),
+            Param::Quantized(quantized) => quantized.dequantize(self.options.compute_dtype)?,
         };
         let x = table
             .index_select(&ids, 0)?

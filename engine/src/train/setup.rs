@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use candle_core::{DType, Device};
 use serde_json::Value;
 use whet_shared::config::TunerType;
@@ -20,6 +20,7 @@ use super::progress::Console;
 use crate::model::adapter::read_adapter_config;
 use crate::model::{Architecture, LoraOptions, Model, ModelConfig, ModelOptions, Trainable};
 use crate::optim::AdamWConfig;
+use crate::quant::{QuantOptions, QuantType};
 
 /// What this version of the loop does not do yet, refused before any work.
 fn check_supported(config: &JobConfig) -> anyhow::Result<()> {
@@ -30,10 +31,12 @@ fn check_supported(config: &JobConfig) -> anyhow::Result<()> {
             sft.tuner_type
         );
     }
+    if sft.tuner_type == TunerType::Full && (sft.quant_method.is_some() || sft.quant_bits.is_some())
+    {
+        bail!("quant_bits: a quantized base cannot be fully fine-tuned; use --tuner_type lora (QLoRA) with the quantization, or remove --quant_method/--quant_bits");
+    }
     if sft.tuner_type == TunerType::Lora {
-        if sft.quant_method.is_some() {
-            bail!("quant_method: QLoRA (a quantized base) is not implemented in whet sft yet; remove --quant_method/--quant_bits to train LoRA on an unquantized base");
-        }
+        quant_options(config)?;
         if sft.lora_rank < 1 || sft.lora_alpha <= 0 {
             bail!("lora_rank must be at least 1 and lora_alpha above 0; set e.g. --lora_rank 8 --lora_alpha 32");
         }
@@ -54,6 +57,39 @@ fn check_supported(config: &JobConfig) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// How a QLoRA run stores its frozen base (None without quantization). Only bitsandbytes'
+/// 4-bit NF4/FP4 is implemented; anything else is refused, naming the field and the fix.
+pub fn quant_options(config: &JobConfig) -> anyhow::Result<Option<QuantOptions>> {
+    let sft = &config.sft;
+    if sft.quant_method.is_none() && sft.quant_bits.is_none() {
+        return Ok(None);
+    }
+    match sft.quant_method.as_deref() {
+        Some("bnb") => {}
+        Some(other) => bail!(
+            "quant_method `{other}` is not implemented in whet sft; use --quant_method bnb (bitsandbytes' 4-bit QLoRA)"
+        ),
+        None => bail!("quant_bits is set but quant_method is not; add --quant_method bnb"),
+    }
+    match sft.quant_bits {
+        Some(4) => {}
+        Some(bits) => bail!(
+            "quant_bits {bits} is not implemented in whet sft (only bitsandbytes' 4-bit QLoRA is); use --quant_bits 4"
+        ),
+        None => bail!("quant_method bnb needs quant_bits; add --quant_bits 4"),
+    }
+    let quant_type = QuantType::parse(&sft.bnb_4bit_quant_type).ok_or_else(|| {
+        anyhow!(
+            "bnb_4bit_quant_type `{}` is not nf4 or fp4; use --bnb_4bit_quant_type nf4",
+            sft.bnb_4bit_quant_type
+        )
+    })?;
+    Ok(Some(QuantOptions {
+        quant_type,
+        double_quant: sft.bnb_4bit_use_double_quant,
+    }))
 }
 
 /// The adapters a LoRA run trains (None for full fine-tuning): those of `--adapters` when it
@@ -138,9 +174,20 @@ impl Setup {
             .map(|dir| ResumePoint::read(Path::new(dir)))
             .transpose()?;
         let lora = lora_options(config)?;
+        // QLoRA: the 4-bit base dequantizes to bnb_4bit_compute_dtype (else torch_dtype), and
+        // the whole model computes in it.
+        let quantization = if lora.is_some() {
+            quant_options(config)?
+        } else {
+            None
+        };
+        let compute_dtype = match (quantization, sft.bnb_4bit_compute_dtype) {
+            (Some(_), Some(compute)) => crate::dtype::to_candle(compute),
+            _ => dtype,
+        };
         let options = ModelOptions {
             device: device.clone(),
-            compute_dtype: dtype,
+            compute_dtype,
             master_dtype: DType::F32,
             // LoRA: the base frozen in the compute dtype, only the adapters trained.
             trainable: if lora.is_some() {
@@ -149,6 +196,7 @@ impl Setup {
                 Trainable::All
             },
             lora,
+            quantization,
         };
         let model = load_model(
             &model_dir,
