@@ -123,6 +123,18 @@ pub fn read_adapter_config(dir: &Path) -> anyhow::Result<LoraOptions> {
 pub fn from_pretrained_with_adapter(
     base_dir: &Path,
     adapter_dir: &Path,
+    options: ModelOptions,
+) -> anyhow::Result<Model> {
+    let base = WeightSource::Files(vec![MappedWeights::open_model_dir(base_dir)?]);
+    adapter_over(base_dir, base, adapter_dir, options)
+}
+
+/// The adapter in `adapter_dir` over the model `base_dir`'s config.json describes, its weights
+/// from `base` (the folder's files, or the seeded random base a weightless demo folder stands for).
+pub fn adapter_over(
+    base_dir: &Path,
+    base: WeightSource,
+    adapter_dir: &Path,
     mut options: ModelOptions,
 ) -> anyhow::Result<Model> {
     let init_seed = options.lora.as_ref().map_or(0, |l| l.init_seed);
@@ -131,12 +143,11 @@ pub fn from_pretrained_with_adapter(
         ..read_adapter_config(adapter_dir)?
     });
     let config = ModelConfig::from_model_dir(base_dir)?;
-    let base = MappedWeights::open_model_dir(base_dir)?;
     let weights = adapter_dir.join("adapter_model.safetensors");
     let adapter = MappedWeights::open(&[weights], adapter_dir)?;
     Ok(Model::build_with_adapter(
         config,
-        WeightSource::Files(vec![base]),
+        base,
         Some(adapter),
         options,
     )?)

@@ -490,13 +490,16 @@ impl ResumePoint {
     }
 
     /// The checkpoint's model: the trainable parameters from its f32 masters when saved apart,
-    /// everything else from model.safetensors (memory-mapped).
-    pub fn load_model(&self, model_dir: &Path, options: ModelOptions) -> anyhow::Result<Model> {
+    /// everything else from model.safetensors (memory-mapped). An adapter checkpoint goes over
+    /// `base`, the run's base weights (from `model_dir`).
+    pub fn load_model(
+        &self,
+        model_dir: &Path,
+        base: WeightSource,
+        options: ModelOptions,
+    ) -> anyhow::Result<Model> {
         if self.dir.join("adapter_config.json").exists() {
-            // An adapter checkpoint: the base from the run's model folder, the adapter from here.
-            return crate::model::adapter::from_pretrained_with_adapter(
-                model_dir, &self.dir, options,
-            );
+            return crate::model::adapter::adapter_over(model_dir, base, &self.dir, options);
         }
         let config = ModelConfig::from_model_dir(&self.dir)?;
         let mut sources = Vec::new();
@@ -664,7 +667,11 @@ mod tests {
             assert_eq!(resume.master_weights.is_some(), save_dtype != DType::F32);
             assert_eq!(resume.training_state.as_ref(), Some(&training_state));
             let reloaded = resume
-                .load_model(&fixture_dir(), ModelOptions::default())
+                .load_model(
+                    &fixture_dir(),
+                    WeightSource::Random { seed: 0 },
+                    ModelOptions::default(),
+                )
                 .unwrap();
             let logits: Vec<f32> = reloaded
                 .forward(&ids, &mask)

@@ -18,9 +18,12 @@ use super::metrics::float;
 use super::plan::Plan;
 use super::progress::Console;
 use crate::model::adapter::read_adapter_config;
-use crate::model::{Architecture, LoraOptions, Model, ModelConfig, ModelOptions, Trainable};
+use crate::model::{
+    Architecture, LoraOptions, Model, ModelConfig, ModelOptions, Trainable, WeightSource,
+};
 use crate::optim::AdamWConfig;
 use crate::quant::{QuantOptions, QuantType};
+use crate::tensor_files::MappedWeights;
 
 /// What this version of the loop does not do yet, refused before any work.
 fn check_supported(config: &JobConfig) -> anyhow::Result<()> {
@@ -384,8 +387,8 @@ fn prepare_data(
 }
 
 /// The model, from a checkpoint when resuming (its f32 masters when saved), else from the
-/// model folder (with `--adapters`' adapter on top), else — a folder with only config.json —
-/// freshly initialised from `seed`.
+/// model folder (with `--adapters`' adapter on top). A folder with only config.json stands for
+/// a base freshly initialised from `seed` (the demo), the same at every start and resume.
 fn load_model(
     model_dir: &Path,
     resume: Option<&ResumePoint>,
@@ -394,21 +397,23 @@ fn load_model(
     options: ModelOptions,
     console: &Console,
 ) -> anyhow::Result<Model> {
-    if let Some(resume) = resume {
-        return resume.load_model(model_dir, options);
-    }
-    if let Some(adapter) = adapter {
-        return crate::model::adapter::from_pretrained_with_adapter(model_dir, adapter, options);
-    }
     let has_weights = model_dir.join("model.safetensors").exists()
         || model_dir.join("model.safetensors.index.json").exists();
-    if has_weights {
-        return Ok(Model::from_pretrained(model_dir, options)?);
+    let base = if has_weights {
+        WeightSource::Files(vec![MappedWeights::open_model_dir(model_dir)?])
+    } else {
+        console.line(&format!(
+            "{} has no weights: initialising the base model at random (seed {seed})",
+            model_dir.display()
+        ));
+        WeightSource::Random { seed }
+    };
+    if let Some(resume) = resume {
+        return resume.load_model(model_dir, base, options);
     }
-    console.line(&format!(
-        "{} has no weights: initialising the model at random (seed {seed})",
-        model_dir.display()
-    ));
+    if let Some(adapter) = adapter {
+        return crate::model::adapter::adapter_over(model_dir, base, adapter, options);
+    }
     let config = ModelConfig::from_model_dir(model_dir)?;
-    Ok(Model::random(config, seed, options)?)
+    Ok(Model::build(config, base, options)?)
 }
