@@ -243,8 +243,10 @@ mod tests {
             "target_modules ignored"
         );
         assert!(!p.adapts("xmodel.layers.1.self_attn.q_proj.y"));
-        let mut sft = SftConfig::default();
-        sft.target_regex = Some("(".into());
+        let sft = SftConfig {
+            target_regex: Some("(".into()),
+            ..SftConfig::default()
+        };
         let err = AdapterPlan::from_config(&sft).unwrap_err();
         assert_eq!(err.field, "target_regex");
     }
@@ -261,8 +263,10 @@ mod tests {
         assert!(p.trains_in_full("model.layers.3.self_attn.k_norm.weight"));
         assert!(p.trains_in_full("model.layers.0.self_attn.q_proj.bias"));
         assert!(!p.trains_in_full("model.layers.0.self_attn.q_proj.weight"));
-        let mut sft = SftConfig::default();
-        sft.lora_bias = "lora_only".into();
+        let sft = SftConfig {
+            lora_bias: "lora_only".into(),
+            ..SftConfig::default()
+        };
         assert_eq!(
             AdapterPlan::from_config(&sft).unwrap_err().field,
             "lora_bias"
