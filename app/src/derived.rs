@@ -4,6 +4,7 @@
 
 use leptos::prelude::*;
 use whet_shared::gpus::{self, GPUS};
+use whet_shared::memory::{params_text, trainable_percent};
 use whet_shared::schedule;
 
 use crate::chart::{short, LineChart};
@@ -112,6 +113,16 @@ pub fn DerivedPanel() -> impl IntoView {
                 </dd>
                 <dt>{t(lang, "Learning rate", "学习率")}</dt>
                 <dd id="learning-rate">{move || short(derived.get().learning_rate)}</dd>
+                <dt>{t(lang, "Trainable parameters", "可训练参数")}</dt>
+                <dd id="trainable-params">{move || derived.with(|d| match &d.memory {
+                    Some(m) => format!(
+                        "{} / {} ({})",
+                        params_text(m.trainable_params),
+                        params_text(m.total_params),
+                        trainable_percent(m)
+                    ),
+                    None => "?".to_string(),
+                })}</dd>
                 <dt>{t(lang, "Training rows", "训练样本数")}</dt>
                 <dd id="train-rows">{move || opt(derived.get().train_rows)}</dd>
                 <dt>{t(lang, "Steps per epoch", "每轮步数")}</dt>

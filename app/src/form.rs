@@ -6,7 +6,7 @@ use serde_json::Value;
 use whet_shared::config::DEEPSPEED_PRESETS;
 use whet_shared::fields::{Field, Group, Kind, FIELDS, TEMPLATES};
 use whet_shared::validate::parse_devices;
-use whet_shared::{form, models, Diagnostic, Severity};
+use whet_shared::{form, lora, models, Diagnostic, Severity};
 
 use crate::i18n::{t, Lang};
 use crate::studio::use_studio;
@@ -127,6 +127,22 @@ fn suggestions(field: &Field) -> Option<Vec<String>> {
                 .map(|s| s.to_string())
                 .collect(),
         ),
+        // The bit width whet quantises to (8 is refused by validation).
+        "quant_bits" => Some(vec!["4".into()]),
+        "target_modules" => Some(
+            std::iter::once("all-linear")
+                .chain(lora::ALL_LINEAR.iter().copied())
+                .map(String::from)
+                .collect(),
+        ),
+        "modules_to_save" => Some(
+            ["lm_head", "all-embedding", "all-norm"]
+                .into_iter()
+                .chain(lora::ALL_EMBEDDING.iter().copied())
+                .chain(lora::ALL_NORM.iter().copied())
+                .map(String::from)
+                .collect(),
+        ),
         _ => None,
     }
 }
@@ -238,6 +254,15 @@ fn ListInput(field: &'static Field) -> impl IntoView {
     });
     let count = Memo::new(move |_| items.with(Vec::len));
     let commit = move || items.with_untracked(|items| studio.set_list(field, items));
+    let list_id = format!("list-{}", field.name);
+    let datalist = suggestions(field).map(|items| {
+        view! {
+            <datalist id=list_id.clone()>
+                {items.into_iter().map(|item| view! { <option value=item /> }).collect_view()}
+            </datalist>
+        }
+    });
+    let list_attr = datalist.is_some().then(|| list_id.clone());
     let rows = move || {
         (0..count.get())
             .map(|i| {
@@ -249,6 +274,7 @@ fn ListInput(field: &'static Field) -> impl IntoView {
                             name=format!("{}[{i}]", field.name)
                             autocomplete="off"
                             spellcheck="false"
+                            list=list_attr.clone()
                             prop:value=move || items.with(|v| v.get(i).cloned().unwrap_or_default())
                             on:input=move |ev| {
                                 let text = event_target_value(&ev);
@@ -271,6 +297,7 @@ fn ListInput(field: &'static Field) -> impl IntoView {
     };
     view! {
         <div class="list" data-list=field.name>
+            {datalist}
             {rows}
             <button class="add" on:click=move |_| items.update(|v| v.push(String::new()))>
                 {t(lang, "+ add", "+ 添加")}

@@ -365,3 +365,60 @@ fn gpus_named_without_cuda_are_refused_before_any_work() {
         );
     }
 }
+
+#[test]
+fn check_shows_what_lora_and_qlora_train_and_hold() {
+    let args = |extra: &[&'static str]| -> Vec<&'static str> {
+        let model = ["--model", "examples/tiny-qwen3"];
+        let data = ["--dataset", "examples/demo/train.jsonl"];
+        model
+            .into_iter()
+            .chain(data)
+            .chain(extra.iter().copied())
+            .collect()
+    };
+    let run = |extra: &[&'static str]| {
+        let mut json = args(extra);
+        json.push("--json");
+        check_json(&json)
+    };
+    // tiny-qwen3: hidden 128, 4 layers, q 128 and k/v 64 wide, MLP 384, tied embeddings.
+    // LoRA r8 on all-linear, 8·(in + out) per linear: q 2048, k and v 1536, o 2048, gate, up
+    // and down 4096 each = 19456 a layer.
+    let lora = run(&["--tuner_type", "lora"]);
+    let qlora_flags = ["--tuner_type", "qlora", "--torch_dtype", "bfloat16"];
+    let qlora = run(&qlora_flags);
+    for report in [&lora, &qlora] {
+        assert_eq!(
+            report["derived"]["memory"]["trainable_params"],
+            4 * 19456,
+            "{report}"
+        );
+    }
+    let weights = |r: &serde_json::Value| r["derived"]["memory"]["weights_gib"].as_f64().unwrap();
+    assert!(weights(&qlora) < weights(&lora), "{qlora}");
+    let output = whet()
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .arg("check")
+        .args(args(&qlora_flags))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("QLoRA r8 (alpha 32) on a 4-bit nf4 base with double quant")
+            && text.contains("trainable parameters 77.8K of ")
+            && text.contains("memory per GPU"),
+        "{text}"
+    );
+    // 8-bit is refused, naming 4-bit.
+    let eight = run(&["--quant_method", "bnb", "--quant_bits", "8"]);
+    assert_eq!(eight["ok"], false);
+    let refusal = eight["diagnostics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["code"] == "quant_bits_8_unsupported")
+        .unwrap_or_else(|| panic!("{eight}"));
+    assert_eq!(refusal["field"], "quant_bits");
+    assert!(refusal["fix"].as_str().unwrap().contains("--quant_bits 4"));
+}

@@ -395,10 +395,14 @@ impl SftConfig {
         self.tuner_type != TunerType::Full
     }
 
-    /// QLoRA: LoRA on a 4-bit quantised base.
+    /// QLoRA: LoRA on a bitsandbytes 4-bit base — `qlora`, or `lora` with `quant_method bnb`
+    /// and `quant_bits 4` (what `normalize` makes of `qlora`). quant_bits without quant_method
+    /// quantises nothing: ms-swift builds no quantization config then.
     pub fn is_qlora(&self) -> bool {
-        self.tuner_type == TunerType::Qlora
-            || (self.tuner_type == TunerType::Lora && self.quant_bits == Some(4))
+        let shorthand = self.tuner_type == TunerType::Qlora;
+        let method = self.quant_method.as_deref().or(shorthand.then_some("bnb"));
+        let bits = self.quant_bits.or(shorthand.then_some(4));
+        self.is_adapter() && method == Some("bnb") && bits == Some(4)
     }
 
     /// The ZeRO settings `--deepspeed` names, when whet-shared can tell without reading a file.

@@ -336,8 +336,8 @@ pub const FIELDS: &[Field] = &[
         G::Tuner,
         K::List,
         false,
-        "Which linear layers get LoRA adapters; all-linear means every projection except lm_head.",
-        "哪些线性层加 LoRA；all-linear 表示除 lm_head 外的所有投影层。",
+        "Which linear layers get LoRA adapters; all-linear means every projection (MoE experts' included) except lm_head and the MoE router.",
+        "哪些线性层加 LoRA；all-linear 表示除 lm_head 和 MoE 路由层外的所有投影层（包括 MoE 专家）。",
     ),
     sft(
         "target_regex",
@@ -384,8 +384,8 @@ pub const FIELDS: &[Field] = &[
         G::Tuner,
         K::Int,
         true,
-        "Bits per base weight when quantising: 4 (QLoRA) or 8.",
-        "量化位数：4（QLoRA）或 8。",
+        "Bits per base weight when quantising: 4 (QLoRA, with --quant_method bnb). ms-swift also takes 8 (LLM.int8), which whet does not implement.",
+        "量化位数：4（QLoRA，需配合 --quant_method bnb）。ms-swift 还支持 8（LLM.int8），whet 尚未实现。",
     ),
     sft(
         "bnb_4bit_quant_type",

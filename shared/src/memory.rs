@@ -11,17 +11,25 @@
 //!   (K·P/N), stage 2 also the gradients (b·P/N), stage 3 also the weights (b·P/N, plus the two
 //!   largest layers gathered at a time). `_offload` moves the optimizer (and for zero3 the
 //!   weights) to CPU memory: 0 on the GPU.
-//! * LoRA keeps the frozen base in b bytes (QLoRA: 4-bit NF4 = 0.5 byte per linear weight plus
-//!   one fp32 absmax per 64 weights, or with double quantisation an 8-bit absmax and one fp32 per
-//!   256 blocks: 0.5 + 1/64 + 4/16384 bytes; embeddings, norms and router stay in b bytes;
-//!   8-bit = 1 byte). The T adapter weights train in fp32: 4T weights, 4T gradients, 8T Adam.
+//! * LoRA (as whet-engine runs it) keeps the frozen base once in b bytes and trains T parameters
+//!   — A (r × in) and B (out × r) on every linear `lora::AdapterPlan` adapts, plus whatever it
+//!   trains in full (modules_to_save, every bias with `lora_bias all`) — as fp32 masters: 4T
+//!   weights, 4T gradients, 8T for Adam, and (computing in 16 bits) the b·T copies each use casts
+//!   them to. QLoRA stores every frozen decoder projection (attention q/k/v/o, MLP and every
+//!   expert's gate/up/down) as bitsandbytes 4-bit, NF4 and FP4 alike: 0.5 byte per weight plus
+//!   an fp32 absmax per block of 64 weights, or with double quantisation an 8-bit absmax per
+//!   block and an fp32 per 256 blocks (blocks counted per tensor); embeddings, norms, router and
+//!   lm_head stay in b bytes, b being `bnb_4bit_compute_dtype`'s (else torch_dtype's); a buffer
+//!   the size of the largest projection in b bytes holds one dequantised weight at a time.
 //! * Activations for B samples of L tokens (L = max_length, 2048 when unset), per token and
 //!   decoder layer, elements kept for backward: attention 2h + (n_q + 2 n_kv)·d +
 //!   2 (n_q + n_kv)·d + n_q·d (norm in/out, q/k/v, q/k-norm and RoPE outputs, attention output), plus 2 n_q·L for
 //!   eager attention's scores and probabilities; MLP 2h + 4i (dense) or 2h + E + k (h + 4 i_moe)
 //!   (MoE: router logits and the k experts' inputs and intermediates). Without gradient
 //!   checkpointing every layer keeps these; with it, each layer keeps only its input (h per
-//!   token) and one layer at a time is recomputed. The logits add B·L·V·(b + 4 + 4) bytes
+//!   token) and one layer at a time is recomputed. LoRA adds, per adapted linear and token, the
+//!   r elements of `A x` and, with lora_dropout, the dropped-out input and its mask (2 × in);
+//!   experts' linears count for the share top-k / experts of the tokens. The logits add B·L·V·(b + 4 + 4) bytes
 //!   (logits, their fp32 copy and the log-softmax for the loss).
 //! * Overhead: 0.75 GiB for the CUDA context and kernels' workspaces, 0.5 GiB of NCCL buffers
 //!   with more than one rank, DeepSpeed's all-gather and reduce buckets (2 × 2e8 elements) when
@@ -30,7 +38,8 @@
 use serde::Serialize;
 
 use crate::config::{SftConfig, TorchDtype, ZeroSettings};
-use crate::models::ModelFacts;
+use crate::lora::AdapterPlan;
+use crate::models::{AdapterCounts, ModelFacts};
 
 pub const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 /// Sequence length assumed when max_length is unset.
@@ -61,21 +70,42 @@ pub struct Sharding {
     pub deepspeed: bool,
 }
 
-/// The compute dtype: `--torch_dtype`, else the model's own, else bfloat16.
+/// The compute dtype: `--torch_dtype`, else the model's own, else bfloat16; QLoRA computes in
+/// `--bnb_4bit_compute_dtype` when it is set.
 pub fn compute_dtype(config: &SftConfig, facts: &ModelFacts) -> TorchDtype {
-    config
-        .torch_dtype
+    let qlora_dtype = config.bnb_4bit_compute_dtype.filter(|_| config.is_qlora());
+    qlora_dtype
+        .or(config.torch_dtype)
         .or(facts.torch_dtype)
         .unwrap_or(TorchDtype::Bfloat16)
 }
 
-/// Bytes per parameter of a quantised linear weight.
-pub fn quantized_bytes_per_param(bits: i64, double_quant: bool) -> f64 {
-    match bits {
-        8 => 1.0,
-        _ if double_quant => 0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0),
-        _ => 0.5 + 4.0 / 64.0,
+/// What an adapter config trains and freezes on this model. A `target_regex` or `lora_bias`
+/// that validation refuses counts as unset here, so the estimate still shows.
+pub fn adapter_counts(config: &SftConfig, facts: &ModelFacts) -> AdapterCounts {
+    let plan = AdapterPlan::from_config(config).or_else(|_| {
+        let mut lenient = config.clone();
+        lenient.target_regex = None;
+        lenient.lora_bias = "none".into();
+        AdapterPlan::from_config(&lenient)
+    });
+    match plan {
+        Ok(plan) => facts.adapter_counts(config.lora_rank.max(0) as u64, &plan),
+        Err(_) => AdapterCounts::default(),
     }
+}
+
+/// Bytes of the frozen projections stored as bitsandbytes 4-bit: two weights a byte, and the
+/// absmax of each block of 64 as fp32, or with double quantisation as one byte plus an fp32
+/// per 256 blocks.
+pub fn quantized_bytes(counts: &AdapterCounts, double_quant: bool) -> f64 {
+    let packed = counts.frozen_projections as f64 * 0.5;
+    let constants = if double_quant {
+        counts.quant_blocks as f64 + 4.0 * counts.quant_block_groups as f64
+    } else {
+        4.0 * counts.quant_blocks as f64
+    };
+    packed + constants
 }
 
 /// Activation elements one token keeps in one decoder layer (see the module comment).
@@ -112,18 +142,21 @@ pub fn estimate(config: &SftConfig, facts: &ModelFacts, sharding: Sharding) -> M
 
     // --- model states
     let (mut weights, gradients, optimizer, trainable, mut cpu_offload);
-    if config.is_adapter() {
-        let t = facts.lora_params(config.lora_rank.max(0) as u64, &config.target_modules) as f64;
-        let base = match config.quant_bits {
-            Some(bits) if config.quant_method.is_some() || config.is_qlora() => {
-                let linear = counts.linear as f64;
-                linear * quantized_bytes_per_param(bits, config.bnb_4bit_use_double_quant)
-                    + (p - linear) * b
-            }
-            _ => p * b,
+    let adapters = config.is_adapter().then(|| adapter_counts(config, facts));
+    if let Some(a) = &adapters {
+        let t = a.trainable() as f64;
+        let (frozen, dequant_buffer) = if config.is_qlora() {
+            (
+                quantized_bytes(a, config.bnb_4bit_use_double_quant) + a.frozen_other as f64 * b,
+                a.largest_frozen_projection as f64 * b,
+            )
+        } else {
+            ((a.frozen_projections + a.frozen_other) as f64 * b, 0.0)
         };
-        let base_on_gpu = if zero.stage >= 3 { base / n } else { base };
-        weights = base_on_gpu + 4.0 * t;
+        // Trainable masters are cast to the compute dtype on use; backward keeps the copies.
+        let casts = if b < 4.0 { t * b } else { 0.0 };
+        let base_on_gpu = if zero.stage >= 3 { frozen / n } else { frozen };
+        weights = base_on_gpu + 4.0 * t + casts + dequant_buffer;
         gradients = if zero.stage >= 2 {
             4.0 * t / n
         } else {
@@ -136,7 +169,7 @@ pub fn estimate(config: &SftConfig, facts: &ModelFacts, sharding: Sharding) -> M
         };
         optimizer = if zero.offload_optimizer { 0.0 } else { adam };
         cpu_offload = if zero.offload_optimizer { adam } else { 0.0 };
-        trainable = t as u64;
+        trainable = a.trainable();
     } else {
         let k = if dtype == TorchDtype::Float32 {
             8.0
@@ -170,8 +203,21 @@ pub fn estimate(config: &SftConfig, facts: &ModelFacts, sharding: Sharding) -> M
     let batch = config.per_device_train_batch_size.max(1) as f64;
     let tokens = batch * seq_len as f64;
     let eager = config.attn_impl.as_deref() == Some("eager");
+    let lora_dropout = config.lora_dropout > 0.0;
     let per_layer: Vec<f64> = (0..facts.num_layers)
-        .map(|layer| activation_elements_per_token_layer(facts, layer, seq_len, eager))
+        .map(|layer| {
+            let base = activation_elements_per_token_layer(facts, layer, seq_len, eager);
+            let lora = adapters.as_ref().map_or(0.0, |a| {
+                let i = layer as usize;
+                let inputs = if lora_dropout {
+                    2.0 * a.lora_inputs_per_token[i]
+                } else {
+                    0.0
+                };
+                a.lora_outputs_per_token[i] + inputs
+            });
+            base + lora
+        })
         .collect();
     let layers_elements = if config.gradient_checkpointing {
         let largest = per_layer.iter().cloned().fold(0.0, f64::max);
@@ -209,6 +255,32 @@ pub fn estimate(config: &SftConfig, facts: &ModelFacts, sharding: Sharding) -> M
     }
 }
 
+/// A parameter count as model cards write it: `8.19B`, `21.8M`, `140.2K`, `512`.
+pub fn params_text(n: u64) -> String {
+    let x = n as f64;
+    if x >= 1e9 {
+        format!("{:.2}B", x / 1e9)
+    } else if x >= 1e6 {
+        format!("{:.1}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}K", x / 1e3)
+    } else {
+        n.to_string()
+    }
+}
+
+/// The trainable share of the model's parameters: `100%`, `0.27%`, `3.1e-3%`.
+pub fn trainable_percent(m: &MemoryEstimate) -> String {
+    let share = 100.0 * m.trainable_params as f64 / m.total_params.max(1) as f64;
+    if share >= 10.0 || share == 0.0 {
+        format!("{share:.0}%")
+    } else if share >= 0.01 {
+        format!("{share:.2}%")
+    } else {
+        format!("{share:.1e}%")
+    }
+}
+
 /// On-disk size of one checkpoint: the weights (or adapter) and, unless save_only_model, the
 /// optimizer state needed to resume (fp32 master + Adam m, v for full runs; m, v for adapters).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -221,7 +293,7 @@ pub struct CheckpointSize {
 pub fn checkpoint_size(config: &SftConfig, facts: &ModelFacts) -> CheckpointSize {
     let dtype = compute_dtype(config, facts);
     let (weights, optimizer) = if config.is_adapter() {
-        let t = facts.lora_params(config.lora_rank.max(0) as u64, &config.target_modules) as f64;
+        let t = adapter_counts(config, facts).trainable() as f64;
         (4.0 * t, 8.0 * t)
     } else {
         let p = facts.param_counts().total as f64;

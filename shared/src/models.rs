@@ -2,9 +2,13 @@
 //! template. Built from a config.json text or from a built-in catalog of the Qwen3 and Qwen2.5
 //! families, so the offline editor can estimate without downloading anything.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
+
 use serde::{Deserialize, Serialize};
 
 use crate::config::TorchDtype;
+use crate::lora::AdapterPlan;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Architecture {
@@ -59,6 +63,134 @@ pub struct ParamCounts {
     pub largest_layer: u64,
 }
 
+/// Weights per bitsandbytes absmax block (`blocksize` 64 for 4-bit).
+pub const QUANT_BLOCK: u64 = 64;
+/// Blocks per second-level constant with double quantisation (bitsandbytes' 256).
+pub const QUANT_BLOCK_GROUP: u64 = 256;
+
+/// What a parameter tensor is to the estimates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorKind {
+    /// The weight of a decoder projection (attention q/k/v/o, MLP or an expert's
+    /// gate/up/down): what QLoRA stores in 4 bits.
+    Projection,
+    /// The MoE router (`mlp.gate`): a linear kept in the compute dtype.
+    Router,
+    Bias,
+    Norm,
+    Embedding,
+    /// The output projection (untied models only).
+    LmHead,
+}
+
+/// One parameter tensor of a checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorInfo<'a> {
+    /// The Hugging Face name, `model.layers.0.self_attn.q_proj.weight`.
+    pub name: &'a str,
+    pub kind: TensorKind,
+    /// (out, in) of a linear weight, (vocab, hidden) of the embedding, (len, 1) of a vector.
+    pub shape: (u64, u64),
+    /// The decoder layer it sits in (none for the embedding, final norm and lm_head).
+    pub layer: Option<u64>,
+    /// Whether it belongs to one of a MoE layer's experts.
+    pub expert: bool,
+}
+
+impl TensorInfo<'_> {
+    pub fn numel(&self) -> u64 {
+        self.shape.0 * self.shape.1
+    }
+
+    /// The module the tensor belongs to: its name without `.weight` / `.bias`.
+    pub fn module(&self) -> &str {
+        self.name.rsplit_once('.').map_or(self.name, |(m, _)| m)
+    }
+}
+
+/// Writes tensor names into one buffer for [`ModelFacts::for_each_tensor`]: a MoE model has
+/// tens of thousands of tensors.
+struct TensorNames<'v, F> {
+    name: String,
+    visit: &'v mut F,
+    /// Where the tensors emitted now sit.
+    layer: Option<u64>,
+    expert: bool,
+}
+
+impl<F: FnMut(&TensorInfo)> TensorNames<'_, F> {
+    fn emit(&mut self, prefix: &str, leaf: &str, kind: TensorKind, shape: (u64, u64)) {
+        self.name.clear();
+        self.name.push_str(prefix);
+        if !prefix.is_empty() {
+            self.name.push('.');
+        }
+        self.name.push_str(leaf);
+        (self.visit)(&TensorInfo {
+            name: &self.name,
+            kind,
+            shape,
+            layer: self.layer,
+            expert: self.expert,
+        });
+    }
+
+    /// A SwiGLU MLP of `width` under `prefix` (a dense MLP or one expert).
+    fn mlp(&mut self, prefix: &str, hidden: u64, width: u64) {
+        for (leaf, shape) in [
+            ("gate_proj.weight", (width, hidden)),
+            ("up_proj.weight", (width, hidden)),
+            ("down_proj.weight", (hidden, width)),
+        ] {
+            self.emit(prefix, leaf, TensorKind::Projection, shape);
+        }
+    }
+}
+
+/// An adapter run's parameters by role (see [`ModelFacts::adapter_counts`]).
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct AdapterCounts {
+    /// LoRA's A and B matrices.
+    pub lora: u64,
+    /// Parameters trained in full beside the adapters (modules_to_save, `lora_bias all`).
+    pub full: u64,
+    /// Frozen projection weights: what QLoRA quantises.
+    pub frozen_projections: u64,
+    /// Absmax blocks of [`QUANT_BLOCK`] weights over those, counted tensor by tensor.
+    pub quant_blocks: u64,
+    /// Groups of [`QUANT_BLOCK_GROUP`] blocks (double quantisation's fp32 constants).
+    pub quant_block_groups: u64,
+    /// The largest frozen projection: QLoRA's dequantisation buffer.
+    pub largest_frozen_projection: u64,
+    /// Every other frozen parameter: embeddings, norms, router, lm_head, frozen biases.
+    pub frozen_other: u64,
+    /// Per decoder layer and token, the rank-wide `A x` of every adapted linear (experts
+    /// weighted by top-k / experts): what backward keeps for B's gradient.
+    pub lora_outputs_per_token: Vec<f64>,
+    /// Per decoder layer and token, the input width of every adapted linear (same weighting):
+    /// what LoRA dropout copies.
+    pub lora_inputs_per_token: Vec<f64>,
+}
+
+impl AdapterCounts {
+    /// Every trained parameter: adapters and the parameters trained in full.
+    pub fn trainable(&self) -> u64 {
+        self.lora + self.full
+    }
+}
+
+/// How many recent adapter counts are kept.
+const RECENT_COUNTS_KEPT: usize = 8;
+
+thread_local! {
+    /// The last few adapter counts. Counting asks the plan about every tensor — tens of
+    /// thousands in a MoE model, each a regex match with `target_regex` — while one check
+    /// estimates a config several times (the OOM remedies) and the studio checks on every
+    /// keystroke. A cache of a pure function: the answers are the same with or without it.
+    static RECENT_COUNTS: RefCell<VecDeque<(ModelFacts, u64, AdapterPlan, AdapterCounts)>> =
+        const { RefCell::new(VecDeque::new()) };
+}
+
 impl ModelFacts {
     pub fn is_moe(&self) -> bool {
         self.num_experts > 0
@@ -72,16 +204,36 @@ impl ModelFacts {
             && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
+    /// q/k/v projections have biases: always for Qwen2, with `attention_bias` for Qwen3.
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.architecture == Architecture::Qwen2
+    }
+
+    /// o_proj has a bias: Qwen3 with `attention_bias` (Qwen2's never has one).
+    pub fn o_proj_bias(&self) -> bool {
+        self.attention_bias && self.architecture != Architecture::Qwen2
+    }
+
+    /// Qwen3 normalises q and k per head (`q_norm`, `k_norm`); Qwen2 does not.
+    pub fn qk_norm(&self) -> bool {
+        self.architecture != Architecture::Qwen2
+    }
+
     fn attention_params(&self) -> (u64, u64) {
         let h = self.hidden_size;
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
         let linear = h * q + 2 * h * kv + q * h;
-        let extra = if self.attention_bias {
-            q + 2 * kv
-        } else {
-            2 * self.head_dim
-        };
+        let mut extra = 0;
+        if self.qkv_bias() {
+            extra += q + 2 * kv;
+        }
+        if self.o_proj_bias() {
+            extra += h;
+        }
+        if self.qk_norm() {
+            extra += 2 * self.head_dim;
+        }
         (linear, extra)
     }
 
@@ -127,48 +279,160 @@ impl ModelFacts {
         }
     }
 
-    /// LoRA parameters for `rank` on `target_modules` (`all-linear` = every projection,
-    /// experts included, as PEFT does; never lm_head or the router).
-    pub fn lora_params(&self, rank: u64, target_modules: &[String]) -> u64 {
+    /// Visits every parameter tensor of the checkpoint under its Hugging Face name, as the
+    /// engine builds the model (`model.layers.3.mlp.experts.7.down_proj.weight`; `lm_head.weight`
+    /// only when the embeddings are not tied).
+    pub fn for_each_tensor(&self, mut visit: impl FnMut(&TensorInfo)) {
         let h = self.hidden_size;
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
-        let all = target_modules.iter().any(|t| t == "all-linear");
-        let wants = |name: &str| all || target_modules.iter().any(|t| t == name);
-        let lora = |fan_in: u64, fan_out: u64| rank * (fan_in + fan_out);
-        let mut per_layer_attention = 0;
-        if wants("q_proj") {
-            per_layer_attention += lora(h, q);
-        }
-        if wants("k_proj") {
-            per_layer_attention += lora(h, kv);
-        }
-        if wants("v_proj") {
-            per_layer_attention += lora(h, kv);
-        }
-        if wants("o_proj") {
-            per_layer_attention += lora(q, h);
-        }
-        let mut total = 0;
+        let mut out = TensorNames {
+            name: String::with_capacity(64),
+            visit: &mut visit,
+            layer: None,
+            expert: false,
+        };
+        out.emit(
+            "model",
+            "embed_tokens.weight",
+            TensorKind::Embedding,
+            (self.vocab_size, h),
+        );
+        let mut prefix = String::with_capacity(48);
         for layer in 0..self.num_layers {
-            let (width, copies) = if self.is_moe_layer(layer) {
-                (self.moe_intermediate_size, self.num_experts)
+            out.layer = Some(layer);
+            out.expert = false;
+            prefix.clear();
+            prefix.push_str("model.layers.");
+            prefix.push_str(&layer.to_string());
+            let layer_prefix = prefix.len();
+            for norm in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+                out.emit(&prefix, norm, TensorKind::Norm, (h, 1));
+            }
+            prefix.push_str(".self_attn");
+            for (proj, rows, cols, bias) in [
+                ("q_proj", q, h, self.qkv_bias()),
+                ("k_proj", kv, h, self.qkv_bias()),
+                ("v_proj", kv, h, self.qkv_bias()),
+                ("o_proj", h, q, self.o_proj_bias()),
+            ] {
+                let weight = format!("{proj}.weight");
+                out.emit(&prefix, &weight, TensorKind::Projection, (rows, cols));
+                if bias {
+                    let bias = format!("{proj}.bias");
+                    out.emit(&prefix, &bias, TensorKind::Bias, (rows, 1));
+                }
+            }
+            if self.qk_norm() {
+                for norm in ["q_norm.weight", "k_norm.weight"] {
+                    out.emit(&prefix, norm, TensorKind::Norm, (self.head_dim, 1));
+                }
+            }
+            prefix.truncate(layer_prefix);
+            prefix.push_str(".mlp");
+            if self.is_moe_layer(layer) {
+                out.emit(
+                    &prefix,
+                    "gate.weight",
+                    TensorKind::Router,
+                    (self.num_experts, h),
+                );
+                out.expert = true;
+                let mlp_prefix = prefix.len();
+                for e in 0..self.num_experts {
+                    prefix.truncate(mlp_prefix);
+                    prefix.push_str(".experts.");
+                    prefix.push_str(&e.to_string());
+                    out.mlp(&prefix, h, self.moe_intermediate_size);
+                }
             } else {
-                (self.intermediate_size, 1)
-            };
-            let mut mlp = 0;
-            if wants("gate_proj") {
-                mlp += lora(h, width);
+                out.mlp(&prefix, h, self.intermediate_size);
             }
-            if wants("up_proj") {
-                mlp += lora(h, width);
-            }
-            if wants("down_proj") {
-                mlp += lora(width, h);
-            }
-            total += per_layer_attention + copies * mlp;
         }
-        total
+        out.layer = None;
+        out.expert = false;
+        out.emit("model", "norm.weight", TensorKind::Norm, (h, 1));
+        if !self.tie_word_embeddings {
+            out.emit(
+                "",
+                "lm_head.weight",
+                TensorKind::LmHead,
+                (self.vocab_size, h),
+            );
+        }
+    }
+
+    /// What an adapter run with LoRA rank `rank` trains and freezes, tensor by tensor: the
+    /// linears `plan` adapts get A (rank x in) and B (out x rank); the parameters it trains in
+    /// full (modules_to_save, biases with `lora_bias all`) train beside them; the rest is the
+    /// frozen base. The same [`AdapterPlan`] decides for the engine, so the counts agree.
+    pub fn adapter_counts(&self, rank: u64, plan: &AdapterPlan) -> AdapterCounts {
+        RECENT_COUNTS.with(|recent| {
+            let mut recent = recent.borrow_mut();
+            if let Some((.., counts)) = recent
+                .iter()
+                .find(|(facts, r, p, _)| *r == rank && p == plan && facts == self)
+            {
+                return counts.clone();
+            }
+            let counts = self.count_adapters(rank, plan);
+            if recent.len() == RECENT_COUNTS_KEPT {
+                recent.pop_front();
+            }
+            recent.push_back((self.clone(), rank, plan.clone(), counts.clone()));
+            counts
+        })
+    }
+
+    fn count_adapters(&self, rank: u64, plan: &AdapterPlan) -> AdapterCounts {
+        let per_layer = vec![0.0; self.num_layers as usize];
+        let mut counts = AdapterCounts {
+            lora_outputs_per_token: per_layer.clone(),
+            lora_inputs_per_token: per_layer,
+            ..AdapterCounts::default()
+        };
+        // Each token passes through top-k of the experts.
+        let expert_share = if self.num_experts > 0 {
+            self.num_experts_per_tok as f64 / self.num_experts as f64
+        } else {
+            0.0
+        };
+        self.for_each_tensor(|tensor| {
+            let n = tensor.numel();
+            if plan.trains_in_full(tensor.name) {
+                counts.full += n;
+                return;
+            }
+            let linear = matches!(
+                tensor.kind,
+                TensorKind::Projection | TensorKind::Router | TensorKind::LmHead
+            );
+            if linear && plan.adapts(tensor.module()) {
+                let (out, input) = tensor.shape;
+                counts.lora += rank * (input + out);
+                if let Some(layer) = tensor.layer {
+                    let share = if tensor.expert { expert_share } else { 1.0 };
+                    counts.lora_outputs_per_token[layer as usize] += share * rank as f64;
+                    counts.lora_inputs_per_token[layer as usize] += share * input as f64;
+                }
+            }
+            if tensor.kind == TensorKind::Projection {
+                counts.frozen_projections += n;
+                let blocks = n.div_ceil(QUANT_BLOCK);
+                counts.quant_blocks += blocks;
+                counts.quant_block_groups += blocks.div_ceil(QUANT_BLOCK_GROUP);
+                counts.largest_frozen_projection = counts.largest_frozen_projection.max(n);
+            } else {
+                counts.frozen_other += n;
+            }
+        });
+        counts
+    }
+
+    /// Parameters an adapter run trains: LoRA's A and B on the linears `plan` adapts plus the
+    /// parameters it trains in full (see [`ModelFacts::adapter_counts`]).
+    pub fn lora_params(&self, rank: u64, plan: &AdapterPlan) -> u64 {
+        self.adapter_counts(rank, plan).trainable()
     }
 
     /// Reads a Hugging Face config.json (both transformers 4.x and 5.x key styles).
@@ -636,6 +900,38 @@ mod tests {
         check("Qwen/Qwen3-235B-A22B", 235.1, 22.2);
         check("Qwen/Qwen2.5-7B-Instruct", 7.62, 7.62);
         check("/data/models/qwen3-32b", 32.8, 32.8);
+    }
+
+    #[test]
+    fn the_tensor_list_adds_up_to_the_parameter_counts() {
+        let mut models: Vec<ModelFacts> =
+            catalog_ids().iter().filter_map(|id| lookup(id)).collect();
+        models.dedup_by_key(|f| f.param_counts());
+        let mut with_bias = lookup("Qwen/Qwen3-0.6B").unwrap();
+        with_bias.attention_bias = true;
+        models.push(with_bias);
+        let plan = AdapterPlan::from_config(&crate::SftConfig::default()).unwrap();
+        for facts in &models {
+            let mut total = 0;
+            let mut projections = 0;
+            facts.for_each_tensor(|t| {
+                total += t.numel();
+                if t.kind == TensorKind::Projection {
+                    projections += t.numel();
+                }
+            });
+            let counts = facts.param_counts();
+            assert_eq!(total, counts.total, "{}", facts.name);
+            assert_eq!(projections, counts.linear, "{}", facts.name);
+            // An adapter run's roles cover the model once.
+            let a = facts.adapter_counts(8, &plan);
+            assert_eq!(
+                a.full + a.frozen_projections + a.frozen_other,
+                counts.total,
+                "{}",
+                facts.name
+            );
+        }
     }
 
     #[test]

@@ -151,6 +151,42 @@ mod tests {
     }
 
     #[test]
+    fn the_lora_and_qlora_presets_show_their_memory() {
+        use crate::config::TunerType;
+        use crate::derive::CheckContext;
+        let derived = |config: &JobConfig| {
+            let context = CheckContext::default();
+            let facts = context.facts_for(config);
+            crate::derive::derive(config, facts.as_ref(), None, context.gpu)
+                .memory
+                .expect("Qwen3-8B is in the catalog")
+        };
+        let lora = find("qwen3-8b-lora").unwrap().config();
+        let qlora = find("qwen3-8b-qlora").unwrap().config();
+        assert!(lora.sft.is_adapter() && !lora.sft.is_qlora());
+        assert!(qlora.sft.is_qlora());
+        // ms-swift's default dropout, which the engine runs.
+        assert_eq!(lora.sft.lora_dropout, 0.05);
+        assert_eq!(qlora.sft.lora_dropout, 0.05);
+        let mut full = lora.clone();
+        full.sft.tuner_type = TunerType::Full;
+        let (full, lora, qlora) = (derived(&full), derived(&lora), derived(&qlora));
+        assert!(
+            qlora.per_gpu_gib < lora.per_gpu_gib && lora.per_gpu_gib < full.per_gpu_gib,
+            "QLoRA {:.1} < LoRA {:.1} < full {:.1} GiB per GPU",
+            qlora.per_gpu_gib,
+            lora.per_gpu_gib,
+            full.per_gpu_gib
+        );
+        // The same adapters, a quarter of the projections' bytes.
+        assert_eq!(qlora.trainable_params, lora.trainable_params);
+        assert!(lora.trainable_params < full.trainable_params / 100);
+        assert!(qlora.weights_gib < lora.weights_gib / 2.0);
+        // Both fit one 80 GB GPU, as their titles say.
+        assert!(lora.per_gpu_gib < 80.0 && qlora.per_gpu_gib < lora.per_gpu_gib);
+    }
+
+    #[test]
     fn the_seed_preset_is_the_seed_command() {
         let seed = find("seed").unwrap().config();
         assert_eq!(seed.launch.nproc_per_node, Some(5));

@@ -1,11 +1,14 @@
 //! Validation rules: everything in a config a user would regret, as diagnostics with a fix in
 //! both languages. Errors stop a run; warnings and infos are shown beside the field.
 
-use crate::config::{IntervalStrategy, JobConfig, TorchDtype, ZeroSettings, DEEPSPEED_PRESETS};
+use crate::config::{
+    IntervalStrategy, JobConfig, SftConfig, TorchDtype, ZeroSettings, DEEPSPEED_PRESETS,
+};
 use crate::dataset_spec::DatasetSpec;
 use crate::derive::{self, CheckContext, Derived};
 use crate::diagnostics::{closest_word, shorten, Diagnostic};
 use crate::fields::TEMPLATES;
+use crate::lora::AdapterPlan;
 use crate::memory::{self, Sharding};
 use crate::models::ModelFacts;
 use crate::shell::format_float;
@@ -21,7 +24,7 @@ pub fn validate_with(config: &JobConfig, context: &CheckContext) -> Vec<Diagnost
     let mut out = Vec::new();
     launch_rules(config, &mut out);
     model_rules(config, facts.as_ref(), context, &mut out);
-    tuner_rules(config, &mut out);
+    tuner_rules(config, facts.as_ref(), &mut out);
     data_rules(config, &mut out);
     training_rules(config, &derived, &mut out);
     eval_save_rules(config, &derived, &mut out);
@@ -374,8 +377,60 @@ fn model_rules(
     }
 }
 
-fn tuner_rules(config: &JobConfig, out: &mut Vec<Diagnostic>) {
-    let sft = &config.sft;
+/// The bit widths ms-swift's `--quant_bits` accepts (`QuantizeArguments.quant_bits`, a
+/// `Literal[1, 2, 3, 4, 8, 'float8']`; float8 belongs to quant_method fp8, which whet lacks).
+const MS_SWIFT_QUANT_BITS: &[i64] = &[1, 2, 3, 4, 8];
+
+/// The LoRA fields, which a full fine-tune ignores.
+fn adapter_fields_set(sft: &SftConfig) -> Vec<&'static str> {
+    let default = SftConfig::default();
+    [
+        ("lora_rank", sft.lora_rank != default.lora_rank),
+        ("lora_alpha", sft.lora_alpha != default.lora_alpha),
+        ("lora_dropout", sft.lora_dropout != default.lora_dropout),
+        (
+            "target_modules",
+            sft.target_modules != default.target_modules,
+        ),
+        ("target_regex", sft.target_regex.is_some()),
+        ("use_rslora", sft.use_rslora != default.use_rslora),
+        ("lora_bias", sft.lora_bias != default.lora_bias),
+        (
+            "modules_to_save",
+            sft.modules_to_save != default.modules_to_save,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(field, set)| set.then_some(field))
+    .collect()
+}
+
+/// The bitsandbytes 4-bit fields set away from their defaults.
+fn bnb_4bit_fields_set(sft: &SftConfig) -> Vec<&'static str> {
+    let default = SftConfig::default();
+    [
+        (
+            "bnb_4bit_quant_type",
+            sft.bnb_4bit_quant_type != default.bnb_4bit_quant_type,
+        ),
+        (
+            "bnb_4bit_use_double_quant",
+            sft.bnb_4bit_use_double_quant != default.bnb_4bit_use_double_quant,
+        ),
+        (
+            "bnb_4bit_compute_dtype",
+            sft.bnb_4bit_compute_dtype.is_some(),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(field, set)| set.then_some(field))
+    .collect()
+}
+
+fn tuner_rules(config: &JobConfig, facts: Option<&ModelFacts>, out: &mut Vec<Diagnostic>) {
+    // Judge the canonical form: `qlora` is lora + quant_method bnb + quant_bits 4.
+    let normalized = config.clone().normalized();
+    let sft = &normalized.sft;
     if sft.is_adapter() {
         positive(out, "lora_rank", sft.lora_rank, "8");
         positive(out, "lora_alpha", sft.lora_alpha, "32");
@@ -388,47 +443,147 @@ fn tuner_rules(config: &JobConfig, out: &mut Vec<Diagnostic>) {
             false,
             "0.05",
         );
-    } else if sft.quant_bits.is_some() || sft.quant_method.is_some() {
-        out.push(
+        // The plan the engine builds the model by: a target_regex that does not compile or
+        // a lora_bias it does not know is its diagnostic.
+        match AdapterPlan::from_config(sft) {
+            Err(diagnostic) => out.push(diagnostic),
+            Ok(plan) => {
+                if let Some(facts) = facts {
+                    let counts = facts.adapter_counts(sft.lora_rank.max(1) as u64, &plan);
+                    if counts.lora == 0 {
+                        out.push(no_target_matched(sft, facts));
+                    }
+                }
+            }
+        }
+    } else {
+        for field in adapter_fields_set(sft) {
+            out.push(
+                Diagnostic::warning(
+                    field,
+                    "adapter_field_with_full",
+                    format!("`{field}` only applies to LoRA and QLoRA; with tuner_type full it is ignored"),
+                    format!("`{field}` 只用于 LoRA 和 QLoRA；tuner_type 为 full 时会被忽略"),
+                )
+                .with_fix(
+                    format!("remove --{field}, or set --tuner_type lora"),
+                    format!("删除 --{field}，或设置 --tuner_type lora"),
+                ),
+            );
+        }
+        if sft.quant_method.is_some() {
+            out.push(
+                Diagnostic::error(
+                    "quant_method",
+                    "quant_with_full",
+                    "a quantised base cannot be fully fine-tuned: quantisation is for LoRA (QLoRA)",
+                    "量化后的基座无法做全参数微调：量化只用于 LoRA（QLoRA）",
+                )
+                .with_fix("use --tuner_type lora with the quantisation, or remove --quant_method/--quant_bits", "配合量化使用 --tuner_type lora，或删除 --quant_method/--quant_bits"),
+            );
+        }
+    }
+    // ms-swift's QuantizeArguments.get_quantization_config: no quant_method, no quantisation;
+    // bnb without quant_bits is "Please set the quant_bits"; bnb takes 4 or 8 bits only.
+    match (sft.quant_method.as_deref(), sft.quant_bits) {
+        (_, Some(bits)) if !MS_SWIFT_QUANT_BITS.contains(&bits) => out.push(
             Diagnostic::error(
                 "quant_bits",
-                "quant_with_full",
-                "a quantised base cannot be fully fine-tuned: quantisation is for LoRA (QLoRA)",
-                "量化后的基座无法做全参数微调：量化只用于 LoRA（QLoRA）",
+                "quant_bits_invalid",
+                format!("quant_bits {bits} is not a bit width ms-swift accepts (1, 2, 3, 4 or 8)"),
+                format!("quant_bits {bits} 不是 ms-swift 接受的位数（1、2、3、4 或 8）"),
             )
-            .with_fix("use --tuner_type lora with the quantisation, or remove --quant_bits/--quant_method", "配合量化使用 --tuner_type lora，或删除 --quant_bits/--quant_method"),
-        );
-    }
-    match (sft.quant_method.as_deref(), sft.quant_bits) {
+            .with_fix("use --quant_bits 4 (QLoRA)", "使用 --quant_bits 4（QLoRA）"),
+        ),
         (Some(_), None) => out.push(
             Diagnostic::error(
                 "quant_bits",
                 "quant_bits_missing",
-                "quant_method is set but quant_bits is not",
-                "设置了 quant_method 但没有设置 quant_bits",
+                "quant_method is set but quant_bits is not (ms-swift: \"Please set the quant_bits\")",
+                "设置了 quant_method 但没有设置 quant_bits（ms-swift 会报 \"Please set the quant_bits\"）",
             )
             .with_fix("add --quant_bits 4", "添加 --quant_bits 4"),
         ),
-        (_, Some(bits)) if bits != 4 && bits != 8 => out.push(
+        (Some(_), Some(8)) => out.push(
+            Diagnostic::error(
+                "quant_bits",
+                "quant_bits_8_unsupported",
+                "quant_bits 8 (bitsandbytes LLM.int8) is not implemented in whet, which quantises the base to 4 bits (QLoRA)",
+                "whet 未实现 quant_bits 8（bitsandbytes LLM.int8），whet 只把基座量化为 4 位（QLoRA）",
+            )
+            .with_fix(
+                "set --quant_bits 4 (NF4 QLoRA, about half the memory of 8-bit), or remove --quant_method/--quant_bits for LoRA on an unquantised base",
+                "设置 --quant_bits 4（NF4 QLoRA，显存约为 8-bit 的一半），或删除 --quant_method/--quant_bits 在未量化的基座上训练 LoRA",
+            ),
+        ),
+        (Some(method), Some(bits)) if bits != 4 => out.push(
             Diagnostic::error(
                 "quant_bits",
                 "quant_bits_invalid",
-                format!("quant_bits {bits} is not supported by bitsandbytes (4 or 8)"),
-                format!("bitsandbytes 不支持 quant_bits {bits}（只支持 4 或 8）"),
+                format!("quant_method {method} does not support quant_bits {bits} (bitsandbytes quantises to 4 or 8 bits; whet to 4)"),
+                format!("quant_method {method} 不支持 quant_bits {bits}（bitsandbytes 只支持 4 或 8 位，whet 只支持 4 位）"),
             )
             .with_fix("use --quant_bits 4", "使用 --quant_bits 4"),
         ),
-        (None, Some(_)) => out.push(
-            Diagnostic::error(
+        (None, Some(bits)) => out.push(
+            Diagnostic::warning(
                 "quant_method",
                 "quant_method_missing",
-                "quant_bits is set but quant_method is not",
-                "设置了 quant_bits 但没有设置 quant_method",
+                format!("quant_bits {bits} has no effect without quant_method: as in ms-swift, the base is not quantised"),
+                format!("未设置 quant_method 时 quant_bits {bits} 不起作用：与 ms-swift 一样，基座不会被量化"),
             )
-            .with_fix("add --quant_method bnb", "添加 --quant_method bnb"),
+            .with_fix(
+                "add --quant_method bnb (QLoRA), or remove --quant_bits",
+                "添加 --quant_method bnb（QLoRA），或删除 --quant_bits",
+            ),
         ),
         _ => {}
     }
+    // With a quant_method set, the rules above already say what is wrong with quantising.
+    if !sft.is_qlora() && sft.quant_method.is_none() {
+        for field in bnb_4bit_fields_set(sft) {
+            out.push(
+                Diagnostic::warning(
+                    field,
+                    "bnb_4bit_without_quant",
+                    format!("`{field}` has no effect: the base is not quantised to 4 bits"),
+                    format!("`{field}` 不起作用：基座没有做 4-bit 量化"),
+                )
+                .with_fix(
+                    format!("add --quant_method bnb --quant_bits 4 (QLoRA), or remove --{field}"),
+                    format!("添加 --quant_method bnb --quant_bits 4（QLoRA），或删除 --{field}"),
+                ),
+            );
+        }
+    }
+}
+
+/// PEFT refuses a LoRA config that adapts no module: "Target modules ... not found in the
+/// base model".
+fn no_target_matched(sft: &SftConfig, facts: &ModelFacts) -> Diagnostic {
+    let (field, what) = match sft.target_regex.as_deref().filter(|p| !p.is_empty()) {
+        Some(pattern) => (
+            "target_regex",
+            format!("target_regex `{}`", shorten(pattern)),
+        ),
+        None => (
+            "target_modules",
+            format!(
+                "target_modules `{}`",
+                shorten(&sft.target_modules.join(" "))
+            ),
+        ),
+    };
+    Diagnostic::error(
+        field,
+        "target_modules_unmatched",
+        format!("{what} matches no linear layer of {}, so LoRA would train nothing (PEFT: \"Target modules not found in the base model\")", facts.name),
+        format!("{what} 没有匹配 {} 的任何线性层，LoRA 将不训练任何参数（PEFT 会报 \"Target modules not found in the base model\"）", facts.name),
+    )
+    .with_fix(
+        "use --target_modules all-linear, or names such as q_proj v_proj (a regex must match whole names like model.layers.0.self_attn.q_proj)",
+        "使用 --target_modules all-linear，或 q_proj v_proj 等名称（正则需匹配完整模块名，如 model.layers.0.self_attn.q_proj）",
+    )
 }
 
 fn data_rules(config: &JobConfig, out: &mut Vec<Diagnostic>) {
@@ -969,13 +1124,19 @@ fn distributed_rules(config: &JobConfig, out: &mut Vec<Diagnostic>) {
         None
     };
     if let Some(zero) = zero {
+        // ms-swift 4.x has no up-front rule for this pair (sft_args.py `_init_deepspeed` and
+        // quant_args.py `get_quantization_config` both accept it); the run itself fails
+        // (modelscope/ms-swift#8267 "qlora+zero3报错", a Qwen2.5-7B bnb 4-bit run with
+        // --deepspeed zero3; DeepSpeed and bitsandbytes: huggingface/peft#2014,
+        // deepspeedai/DeepSpeed#3620), and its multi-GPU QLoRA example uses FSDP
+        // (examples/train/multi-gpu/fsdp_qlora). whet refuses the pair before any work.
         if zero.stage == 3 && sft.is_qlora() {
             out.push(
                 Diagnostic::error(
                     "deepspeed",
                     "qlora_zero3",
-                    "QLoRA's 4-bit base cannot be sharded by ZeRO-3",
-                    "QLoRA 的 4-bit 基座无法用 ZeRO-3 分片",
+                    "QLoRA's 4-bit base cannot be sharded by ZeRO-3 (ms-swift fails loading the model)",
+                    "QLoRA 的 4-bit 基座无法用 ZeRO-3 分片（ms-swift 会在加载模型时报错）",
                 )
                 .with_fix(
                     "use --deepspeed zero2 with QLoRA, or plain LoRA with zero3",

@@ -1,5 +1,6 @@
 //! Every diagnostic code `validate` can emit is produced by a case here. The codes are read
-//! from validate.rs itself, so a new rule without a case fails this test by name.
+//! from validate.rs itself (and the modules whose diagnostics it passes on: derive.rs,
+//! lora.rs), so a new rule without a case fails this test by name.
 
 use std::collections::BTreeSet;
 
@@ -10,6 +11,8 @@ use whet_shared::{
 const VALIDATE_RS: &str = include_str!("../src/validate.rs");
 /// derive.rs judges the values it resolves for validate (`best_metric`).
 const DERIVE_RS: &str = include_str!("../src/derive.rs");
+/// lora.rs judges target_regex and lora_bias as it builds the adapter plan.
+const LORA_RS: &str = include_str!("../src/lora.rs");
 
 const BASE: &str = "swift sft --model Qwen/Qwen3-8B --dataset d.jsonl";
 
@@ -75,8 +78,25 @@ const CASES: &[Case] = &[
     ("quant_bits_invalid", || {
         flags("--tuner_type lora --quant_method bnb --quant_bits 3")
     }),
+    ("quant_bits_8_unsupported", || {
+        flags("--tuner_type lora --quant_method bnb --quant_bits 8")
+    }),
     ("quant_method_missing", || {
         flags("--tuner_type lora --quant_bits 4")
+    }),
+    ("bnb_4bit_without_quant", || {
+        flags("--tuner_type lora --bnb_4bit_quant_type fp4")
+    }),
+    ("adapter_field_with_full", || {
+        flags("--tuner_type full --lora_rank 16")
+    }),
+    ("target_regex_invalid", || flags("--target_regex '('")),
+    // The parser checks lora_bias choices, so only a config built in code holds another one.
+    ("lora_bias_unknown", || {
+        edited(|c| c.sft.lora_bias = "lora_only".into())
+    }),
+    ("target_modules_unmatched", || {
+        flags("--target_modules qproj vproj")
     }),
     // data
     ("dataset_missing", || {
@@ -186,17 +206,20 @@ fn edited(change: fn(&mut JobConfig)) -> Vec<Diagnostic> {
 /// `Diagnostic::warning(` and `Diagnostic::info(` call, which must be a string literal.
 fn emitted_codes() -> BTreeSet<String> {
     let mut codes = BTreeSet::new();
-    for ((file, source), constructor) in [("validate.rs", VALIDATE_RS), ("derive.rs", DERIVE_RS)]
-        .into_iter()
-        .flat_map(|s| {
-            [
-                "Diagnostic::error(",
-                "Diagnostic::warning(",
-                "Diagnostic::info(",
-            ]
-            .map(|c| (s, c))
-        })
-    {
+    for ((file, source), constructor) in [
+        ("validate.rs", VALIDATE_RS),
+        ("derive.rs", DERIVE_RS),
+        ("lora.rs", LORA_RS),
+    ]
+    .into_iter()
+    .flat_map(|s| {
+        [
+            "Diagnostic::error(",
+            "Diagnostic::warning(",
+            "Diagnostic::info(",
+        ]
+        .map(|c| (s, c))
+    }) {
         for (at, _) in source.match_indices(constructor) {
             let line = source[..at].lines().count();
             let arguments = leading_arguments(&source[at + constructor.len()..], 2);

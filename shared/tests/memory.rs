@@ -3,8 +3,9 @@
 //! full so that a change of the formula shows.
 
 use whet_shared::config::{TorchDtype, TunerType, ZeroSettings};
+use whet_shared::lora::AdapterPlan;
 use whet_shared::memory::{estimate, MemoryEstimate, Sharding, GIB};
-use whet_shared::models::lookup;
+use whet_shared::models::{lookup, ModelFacts};
 use whet_shared::SftConfig;
 
 // Qwen3-0.6B: h 1024, 28 layers, 16 q / 8 kv heads of 128, MLP 3072, vocab 151936, tied.
@@ -76,7 +77,8 @@ fn catalog_counts_equal_the_hand_counts() {
     assert_eq!(
         lookup("Qwen/Qwen3-8B")
             .unwrap()
-            .lora_params(8, &["all-linear".into()]) as f64,
+            .lora_params(8, &AdapterPlan::from_config(&SftConfig::default()).unwrap())
+            as f64,
         LORA_8B
     );
     assert_eq!(
@@ -130,8 +132,13 @@ fn qwen3_8b_lora_and_qlora_in_bf16() {
         &facts,
         one_gpu,
     );
-    // Frozen bf16 base plus fp32 adapters; gradients and Adam only for the adapters.
-    assert_close("lora weights", lora.weights_gib, 2.0 * P_8B + 4.0 * LORA_8B);
+    // Frozen bf16 base plus fp32 adapters and the bf16 copies each use casts them to;
+    // gradients and Adam only for the adapters.
+    assert_close(
+        "lora weights",
+        lora.weights_gib,
+        2.0 * P_8B + (4.0 + 2.0) * LORA_8B,
+    );
     assert_close("lora gradients", lora.gradients_gib, 4.0 * LORA_8B);
     assert_close("lora optimizer", lora.optimizer_gib, 8.0 * LORA_8B);
     assert_adds_up(&lora);
@@ -141,12 +148,13 @@ fn qwen3_8b_lora_and_qlora_in_bf16() {
     qlora_config.quant_bits = Some(4);
     let qlora = estimate(&qlora_config, &facts, one_gpu);
     // NF4 with double quantisation: 0.5 byte + an 8-bit absmax per 64 weights + an fp32 per
-    // 256 blocks; embeddings, lm_head and norms stay bf16.
+    // 256 blocks (every 8B projection is a multiple of 64 · 256 weights); embeddings, lm_head
+    // and norms stay bf16; one bf16 buffer of the largest projection (4096 × 12288) dequantises.
     let nf4 = 0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0);
     assert_close(
         "qlora weights",
         qlora.weights_gib,
-        LINEAR_8B * nf4 + (P_8B - LINEAR_8B) * 2.0 + 4.0 * LORA_8B,
+        LINEAR_8B * nf4 + (P_8B - LINEAR_8B) * 2.0 + 4096.0 * 12288.0 * 2.0 + (4.0 + 2.0) * LORA_8B,
     );
     assert_close("qlora gradients", qlora.gradients_gib, 4.0 * LORA_8B);
     assert_eq!(qlora.activations_gib, lora.activations_gib);
@@ -219,4 +227,322 @@ fn qwen3_30b_a3b_full_bf16_over_five_gpus_by_zero_stage() {
             }
         }
     }
+}
+
+// The fixture-sized models (shared/fixtures/hf-reference): hidden 64, 2 layers, 4 q / 2 kv heads
+// of 16, vocab 512, untied; dense MLP 128, or 4 experts of 32 with top-2.
+const TINY_DENSE: &str = r#"{"architectures":["Qwen3ForCausalLM"],"hidden_size":64,
+    "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+    "intermediate_size":128,"vocab_size":512,"tie_word_embeddings":false,"torch_dtype":"bfloat16"}"#;
+const TINY_MOE: &str = r#"{"architectures":["Qwen3MoeForCausalLM"],"hidden_size":64,
+    "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+    "intermediate_size":128,"moe_intermediate_size":32,"num_experts":4,"num_experts_per_tok":2,
+    "vocab_size":512,"tie_word_embeddings":false,"torch_dtype":"bfloat16"}"#;
+
+// Parameters. Per layer: two norms 2·64; q 64×64, k and v 32×64, o 64×64 = 12288; q/k norms
+// 2·16; dense MLP 3·64·128 = 24576, or 4 experts of 3·64·32 = 24576 and a router 4·64.
+// Embedding and lm_head 512·64 each, final norm 64.
+const P_TINY_DENSE: f64 = 2.0 * 32768.0 + 2.0 * (128.0 + 12288.0 + 32.0 + 24576.0) + 64.0;
+const P_TINY_MOE: f64 = 2.0 * 32768.0 + 2.0 * (128.0 + 12288.0 + 32.0 + 24576.0 + 256.0) + 64.0;
+/// Projection weights (what QLoRA quantises): 12288 + 24576 per layer, in both.
+const PROJ_TINY: f64 = 2.0 * (12288.0 + 24576.0);
+// LoRA rank 8 on all-linear, 8·(in + out) per linear. Attention: q 8·128, k and v 8·96,
+// o 8·128 = 3584. Dense MLP: gate, up, down 8·192 each = 4608. Experts: 3 · 8·96 = 2304 each.
+const LORA_TINY_DENSE: f64 = 2.0 * (3584.0 + 4608.0);
+const LORA_TINY_MOE: f64 = 2.0 * (3584.0 + 4.0 * 2304.0);
+const LM_HEAD_TINY: f64 = 512.0 * 64.0;
+
+fn tiny(json: &str) -> ModelFacts {
+    ModelFacts::from_config_json("tiny", json).unwrap()
+}
+
+fn tiny_config(tuner: TunerType, edit: impl FnOnce(&mut SftConfig)) -> SftConfig {
+    let mut c = SftConfig {
+        tuner_type: tuner,
+        max_length: Some(128),
+        per_device_train_batch_size: 1,
+        gradient_checkpointing: true,
+        ..SftConfig::default()
+    };
+    if tuner == TunerType::Qlora {
+        c.tuner_type = TunerType::Lora;
+        c.quant_method = Some("bnb".into());
+        c.quant_bits = Some(4);
+    }
+    edit(&mut c);
+    c
+}
+
+const ONE_GPU: Sharding = Sharding {
+    world_size: 1,
+    zero: ZeroSettings {
+        stage: 0,
+        offload_optimizer: false,
+        offload_param: false,
+    },
+    deepspeed: false,
+};
+
+#[test]
+fn tiny_counts_equal_the_hand_counts() {
+    let dense = tiny(TINY_DENSE);
+    let moe = tiny(TINY_MOE);
+    assert_eq!(dense.param_counts().total as f64, P_TINY_DENSE);
+    assert_eq!(moe.param_counts().total as f64, P_TINY_MOE);
+    assert_eq!(P_TINY_DENSE, 139_648.0, "the dense fixture's size");
+    assert_eq!(P_TINY_MOE, 140_160.0, "the MoE fixture's size");
+    let plan = |edit: fn(&mut SftConfig)| {
+        let mut c = SftConfig::default();
+        edit(&mut c);
+        AdapterPlan::from_config(&c).unwrap()
+    };
+    let all_linear = plan(|_| {});
+    assert_eq!(dense.lora_params(8, &all_linear) as f64, LORA_TINY_DENSE);
+    assert_eq!(moe.lora_params(8, &all_linear) as f64, LORA_TINY_MOE);
+    let with_lm_head = plan(|c| c.modules_to_save = vec!["lm_head".into()]);
+    assert_eq!(
+        dense.lora_params(8, &with_lm_head) as f64,
+        LORA_TINY_DENSE + LM_HEAD_TINY
+    );
+    // Only q and v, by name or by regex: 2 layers · (8·128 + 8·96).
+    let qv = plan(|c| c.target_modules = vec!["q_proj".into(), "v_proj".into()]);
+    let qv_regex = plan(|c| c.target_regex = Some(r".*\.(q|v)_proj".into()));
+    assert_eq!(moe.lora_params(8, &qv), 2 * (1024 + 768));
+    assert_eq!(moe.lora_params(8, &qv_regex), 2 * (1024 + 768));
+    // One expert of layer 1 by regex: 3 · 8·96.
+    let one_expert =
+        plan(|c| c.target_regex = Some(r"model\.layers\.1\.mlp\.experts\.3\..*".into()));
+    assert_eq!(moe.lora_params(8, &one_expert), 2304);
+    // all-norm trains every norm in full: 2 layers · (128 + 32) + 64.
+    let norms = plan(|c| {
+        c.target_modules = vec!["q_proj".into()];
+        c.modules_to_save = vec!["all-norm".into()];
+    });
+    assert_eq!(dense.lora_params(8, &norms), 2 * 1024 + 2 * (128 + 32) + 64);
+}
+
+#[test]
+fn tiny_dense_full_lora_and_qlora_in_bf16() {
+    let facts = tiny(TINY_DENSE);
+    let tokens = 128.0;
+    let logits = tokens * 512.0 * (2.0 + 4.0 + 4.0);
+    // Per token and layer: attention 2·64 + (64 + 2·32) + 2·(64 + 32) + 64 = 512, MLP
+    // 2·64 + 4·128 = 640. Checkpointed: each layer's input (64) plus one layer recomputed.
+    let base_layer = 512.0 + 640.0;
+    // LoRA keeps A x (8) for each of the 7 linears and, with dropout 0.05, each linear's
+    // dropped-out input and mask: 2 · (q, k, v, gate, up 64 each + o 64 + down 128) = 1024.
+    let lora_layer = base_layer + 7.0 * 8.0 + 2.0 * 512.0;
+    let activations = |layer: f64| tokens * (2.0 * 64.0 + layer) * 2.0 + logits;
+
+    let full = estimate(&tiny_config(TunerType::Full, |_| {}), &facts, ONE_GPU);
+    assert_close("full weights", full.weights_gib, 2.0 * P_TINY_DENSE);
+    assert_close("full gradients", full.gradients_gib, 2.0 * P_TINY_DENSE);
+    assert_close("full optimizer", full.optimizer_gib, 12.0 * P_TINY_DENSE);
+    assert_close(
+        "full activations",
+        full.activations_gib,
+        activations(base_layer),
+    );
+    assert_eq!(full.trainable_params as f64, P_TINY_DENSE);
+
+    let lora = estimate(&tiny_config(TunerType::Lora, |_| {}), &facts, ONE_GPU);
+    // bf16 base, fp32 masters of the adapters and their bf16 casts: 279296 + 98304 bytes.
+    let t = LORA_TINY_DENSE;
+    assert_close(
+        "lora weights",
+        lora.weights_gib,
+        2.0 * P_TINY_DENSE + 6.0 * t,
+    );
+    assert_close("lora weights in bytes", lora.weights_gib, 377_600.0);
+    assert_close("lora gradients", lora.gradients_gib, 4.0 * t);
+    assert_close("lora optimizer", lora.optimizer_gib, 8.0 * t);
+    assert_close(
+        "lora activations",
+        lora.activations_gib,
+        activations(lora_layer),
+    );
+    assert_eq!(lora.trainable_params as f64, t);
+    let no_dropout = estimate(
+        &tiny_config(TunerType::Lora, |c| c.lora_dropout = 0.0),
+        &facts,
+        ONE_GPU,
+    );
+    assert_close(
+        "lora activations without dropout",
+        no_dropout.activations_gib,
+        activations(base_layer + 56.0),
+    );
+
+    // QLoRA: 4-bit projections, 0.5 byte each = 36864 bytes; blocks of 64 per tensor: q and o
+    // 64, k and v 32, gate, up and down 128 each = 576 a layer, 1152 in all; double
+    // quantisation adds one fp32 per 256 blocks of each tensor: 14 tensors, 14 · 4 bytes.
+    let packed = PROJ_TINY * 0.5;
+    let rest = (P_TINY_DENSE - PROJ_TINY) * 2.0;
+    let dequant_buffer = 64.0 * 128.0 * 2.0; // gate/up/down, the largest projections
+    let qlora = estimate(&tiny_config(TunerType::Qlora, |_| {}), &facts, ONE_GPU);
+    let double_quant = packed + 1152.0 + 14.0 * 4.0;
+    assert_close(
+        "qlora weights",
+        qlora.weights_gib,
+        double_quant + rest + dequant_buffer + 6.0 * t,
+    );
+    assert_close("qlora weights in bytes", qlora.weights_gib, 284_600.0);
+    assert_close("qlora gradients", qlora.gradients_gib, 4.0 * t);
+    assert_close("qlora optimizer", qlora.optimizer_gib, 8.0 * t);
+    assert_eq!(qlora.activations_gib, lora.activations_gib);
+    let single_quant = estimate(
+        &tiny_config(TunerType::Qlora, |c| c.bnb_4bit_use_double_quant = false),
+        &facts,
+        ONE_GPU,
+    );
+    assert_close(
+        "qlora weights without double quant",
+        single_quant.weights_gib,
+        packed + 1152.0 * 4.0 + rest + dequant_buffer + 6.0 * t,
+    );
+    assert_close("single quant in bytes", single_quant.weights_gib, 288_000.0);
+    let fp4 = estimate(
+        &tiny_config(TunerType::Qlora, |c| c.bnb_4bit_quant_type = "fp4".into()),
+        &facts,
+        ONE_GPU,
+    );
+    assert_eq!(fp4, qlora, "FP4 and NF4 take the same room");
+
+    // modules_to_save lm_head: its 32768 weights train in full (fp32 master, bf16 cast,
+    // gradient and Adam) instead of sitting frozen in bf16.
+    let t_head = t + LM_HEAD_TINY;
+    let head = |c: &mut SftConfig| c.modules_to_save = vec!["lm_head".into()];
+    let lora_head = estimate(&tiny_config(TunerType::Lora, head), &facts, ONE_GPU);
+    assert_close(
+        "lora + lm_head weights",
+        lora_head.weights_gib,
+        2.0 * (P_TINY_DENSE - LM_HEAD_TINY) + 6.0 * t_head,
+    );
+    assert_close(
+        "lora + lm_head gradients",
+        lora_head.gradients_gib,
+        4.0 * t_head,
+    );
+    assert_close(
+        "lora + lm_head optimizer",
+        lora_head.optimizer_gib,
+        8.0 * t_head,
+    );
+    assert_eq!(lora_head.trainable_params as f64, t_head);
+    let qlora_head = estimate(&tiny_config(TunerType::Qlora, head), &facts, ONE_GPU);
+    assert_close(
+        "qlora + lm_head weights",
+        qlora_head.weights_gib,
+        double_quant + rest - 2.0 * LM_HEAD_TINY + dequant_buffer + 6.0 * t_head,
+    );
+    assert_close(
+        "qlora + lm_head in bytes",
+        qlora_head.weights_gib,
+        415_672.0,
+    );
+
+    for m in [&full, &lora, &qlora, &single_quant, &lora_head, &qlora_head] {
+        assert_adds_up(m);
+    }
+    assert!(qlora.per_gpu_gib < lora.per_gpu_gib && lora.per_gpu_gib < full.per_gpu_gib);
+}
+
+#[test]
+fn tiny_moe_lora_and_qlora_count_every_expert() {
+    let facts = tiny(TINY_MOE);
+    let t = LORA_TINY_MOE;
+    let tokens = 128.0;
+    let logits = tokens * 512.0 * 10.0;
+    // Per token and layer: attention 512; MoE 2·64 + 4 + 2·(64 + 4·32) = 516. LoRA: A x (8)
+    // for the 4 attention linears and, for a token's share 2/4 of each of the 4 experts, its
+    // 3 linears: 32 + 2 · 24 = 80; dropout copies the inputs and masks: 2 · (4 · 64 + 2 ·
+    // (64 + 64 + 32)) = 1152.
+    let layer = 512.0 + 516.0 + 80.0 + 1152.0;
+    let lora = estimate(&tiny_config(TunerType::Lora, |_| {}), &facts, ONE_GPU);
+    assert_close(
+        "moe lora weights",
+        lora.weights_gib,
+        2.0 * P_TINY_MOE + 6.0 * t,
+    );
+    assert_close("moe lora gradients", lora.gradients_gib, 4.0 * t);
+    assert_close("moe lora optimizer", lora.optimizer_gib, 8.0 * t);
+    assert_close(
+        "moe lora activations",
+        lora.activations_gib,
+        tokens * (2.0 * 64.0 + layer) * 2.0 + logits,
+    );
+    assert_eq!(lora.trainable_params as f64, t);
+
+    // QLoRA quantises every expert's projections too; the router stays bf16. Blocks: attention
+    // 64 + 32 + 32 + 64, experts 12 tensors of 32 = 576 a layer; 16 tensors a layer, each
+    // with one fp32 for its (fewer than 256) blocks. The largest projection is q or o (4096).
+    let packed = PROJ_TINY * 0.5;
+    let rest = (P_TINY_MOE - PROJ_TINY) * 2.0;
+    let dequant_buffer = 4096.0 * 2.0;
+    let qlora = estimate(&tiny_config(TunerType::Qlora, |_| {}), &facts, ONE_GPU);
+    assert_close(
+        "moe qlora weights",
+        qlora.weights_gib,
+        packed + 1152.0 + 32.0 * 4.0 + rest + dequant_buffer + 6.0 * t,
+    );
+    assert_close("moe qlora in bytes", qlora.weights_gib, 332_800.0);
+    let single_quant = estimate(
+        &tiny_config(TunerType::Qlora, |c| c.bnb_4bit_use_double_quant = false),
+        &facts,
+        ONE_GPU,
+    );
+    assert_close(
+        "moe qlora weights without double quant",
+        single_quant.weights_gib,
+        packed + 1152.0 * 4.0 + rest + dequant_buffer + 6.0 * t,
+    );
+    let full = estimate(&tiny_config(TunerType::Full, |_| {}), &facts, ONE_GPU);
+    assert_close("moe full weights", full.weights_gib, 2.0 * P_TINY_MOE);
+    for m in [&full, &lora, &qlora, &single_quant] {
+        assert_adds_up(m);
+    }
+    assert!(qlora.per_gpu_gib < lora.per_gpu_gib && lora.per_gpu_gib < full.per_gpu_gib);
+}
+
+#[test]
+fn qlora_computes_in_bnb_4bit_compute_dtype() {
+    let facts = tiny(TINY_DENSE);
+    let fp32 = |c: &mut SftConfig| c.bnb_4bit_compute_dtype = Some(TorchDtype::Float32);
+    let qlora = estimate(&tiny_config(TunerType::Qlora, fp32), &facts, ONE_GPU);
+    assert_eq!(qlora.compute_dtype, TorchDtype::Float32);
+    // fp32 everywhere but the 4-bit projections; fp32 masters need no cast.
+    assert_close(
+        "fp32-compute qlora weights",
+        qlora.weights_gib,
+        PROJ_TINY * 0.5
+            + 1152.0
+            + 14.0 * 4.0
+            + (P_TINY_DENSE - PROJ_TINY) * 4.0
+            + 64.0 * 128.0 * 4.0
+            + 4.0 * LORA_TINY_DENSE,
+    );
+    // Without quantisation the field changes nothing (validation warns about it).
+    let lora = estimate(&tiny_config(TunerType::Lora, fp32), &facts, ONE_GPU);
+    assert_eq!(lora.compute_dtype, TorchDtype::Bfloat16);
+}
+
+#[test]
+fn parameter_counts_read_like_model_cards() {
+    use whet_shared::memory::{params_text, trainable_percent};
+    assert_eq!(params_text(8_190_735_360), "8.19B");
+    assert_eq!(params_text(21_823_488), "21.8M");
+    assert_eq!(params_text(140_160), "140.2K");
+    assert_eq!(params_text(512), "512");
+    let facts = lookup("Qwen/Qwen3-8B").unwrap();
+    let lora = estimate(
+        &config(TunerType::Lora, TorchDtype::Bfloat16, 2048, true),
+        &facts,
+        Sharding {
+            world_size: 1,
+            zero: ZeroSettings::none(),
+            deepspeed: false,
+        },
+    );
+    // 21,823,488 of 8,190,735,360.
+    assert_eq!(trainable_percent(&lora), "0.27%");
 }

@@ -176,6 +176,57 @@ async fn pasted_script_fills_the_form_and_bad_flags_are_explained() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn lora_and_qlora_presets_show_what_they_train_and_hold() {
+    let (_server, browser) = studio().await;
+    let memory = |text: String| -> f64 {
+        text.trim_end_matches(" GiB")
+            .parse()
+            .unwrap_or_else(|_| panic!("memory total `{text}`"))
+    };
+    browser.click("button[data-preset=qwen3-8b-lora]").await;
+    // LoRA r8 on every projection of Qwen3-8B: 21,823,488 of 8,190,735,360 parameters.
+    browser
+        .wait_text_eq("#trainable-params", "21.8M / 8.19B (0.27%)")
+        .await;
+    let lora = memory(browser.wait_text("#memory-total").await);
+    browser.click("button[data-preset=qwen3-8b-qlora]").await;
+    let qlora = browser
+        .until("the QLoRA preset's memory", || async {
+            browser
+                .text_of("#memory-total")
+                .await
+                .map(memory)
+                .filter(|m| *m != lora)
+        })
+        .await;
+    browser
+        .wait_text_eq("#trainable-params", "21.8M / 8.19B (0.27%)")
+        .await;
+    assert!(qlora < lora, "QLoRA {qlora} GiB, LoRA {lora} GiB");
+    // The adapter fields are in the tuner section.
+    for field in [
+        "target_modules",
+        "target_regex",
+        "use_rslora",
+        "lora_bias",
+        "modules_to_save",
+        "quant_bits",
+    ] {
+        assert_eq!(
+            browser.count(&format!("#group-tuner #field-{field}")).await,
+            1,
+            "{field}"
+        );
+    }
+    browser.type_into("#field-quant_bits input", "8").await;
+    browser
+        .wait_text("#field-quant_bits .diag.error[data-code=quant_bits_8_unsupported]")
+        .await;
+    browser.screenshot("studio-qlora.png").await;
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn share_link_restores_the_same_config_in_a_new_page() {
     let (server, browser) = studio().await;
     browser.click("button[data-preset=qwen3-8b-qlora]").await;

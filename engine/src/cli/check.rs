@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
+use whet_shared::memory::{params_text, trainable_percent};
 use whet_shared::report::FailedReport;
-use whet_shared::{check, gpus, CheckReport};
+use whet_shared::{check, gpus, CheckReport, SftConfig};
 
 use super::input::{check_context, load_job, JobInput};
 
@@ -81,13 +82,51 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// How the run trains: `full fine-tuning`, `LoRA r8 (alpha 32)`,
+/// `QLoRA r8 (alpha 32) on a 4-bit nf4 base with double quant`.
+fn tuner_text(sft: &SftConfig) -> String {
+    if !sft.is_adapter() {
+        return "full fine-tuning".into();
+    }
+    let lora = format!(
+        "r{} (alpha {}{})",
+        sft.lora_rank,
+        sft.lora_alpha,
+        if sft.use_rslora { ", rsLoRA" } else { "" }
+    );
+    if sft.is_qlora() {
+        let double = if sft.bnb_4bit_use_double_quant {
+            " with double quant"
+        } else {
+            ""
+        };
+        format!(
+            "QLoRA {lora} on a 4-bit {} base{double}",
+            sft.bnb_4bit_quant_type
+        )
+    } else {
+        format!("LoRA {lora}")
+    }
+}
+
+/// A size in GiB, or in MiB / KiB below a tenth of a GiB (the demo's tiny models).
+fn size_text(gib: f64) -> String {
+    if gib >= 0.1 || gib == 0.0 {
+        format!("{gib:.1} GiB")
+    } else if gib * 1024.0 >= 0.1 {
+        format!("{:.1} MiB", gib * 1024.0)
+    } else {
+        format!("{:.1} KiB", gib * 1024.0 * 1024.0)
+    }
+}
+
 fn print_report(report: &CheckReport) {
     let d = &report.derived;
     let sft = &report.config.sft;
     println!(
-        "{} — {} fine-tuning, {} rank(s)",
+        "{} — {}, {} rank(s)",
         sft.model.as_deref().unwrap_or("(no model)"),
-        format!("{:?}", sft.tuner_type).to_lowercase(),
+        tuner_text(sft),
         d.world_size
     );
     println!(
@@ -111,17 +150,30 @@ fn print_report(report: &CheckReport) {
     );
     if let Some(m) = &d.memory {
         println!(
-            "  memory per GPU {:.1} GiB = weights {:.1} + gradients {:.1} + optimizer {:.1} + activations {:.1} + overhead {:.1} (vs {:.1} GiB {})",
-            m.per_gpu_gib, m.weights_gib, m.gradients_gib, m.optimizer_gib, m.activations_gib, m.overhead_gib, d.gpu.memory_gib, d.gpu.name
+            "  trainable parameters {} of {} ({})",
+            params_text(m.trainable_params),
+            params_text(m.total_params),
+            trainable_percent(m)
+        );
+        println!(
+            "  memory per GPU {} = weights {} + gradients {} + optimizer {} + activations {} + overhead {} (vs {:.1} GiB {})",
+            size_text(m.per_gpu_gib),
+            size_text(m.weights_gib),
+            size_text(m.gradients_gib),
+            size_text(m.optimizer_gib),
+            size_text(m.activations_gib),
+            size_text(m.overhead_gib),
+            d.gpu.memory_gib,
+            d.gpu.name
         );
     }
     if let (Some(checkpoint), Some(disk)) = (d.checkpoint_gib, d.disk_gib) {
         println!(
-            "  checkpoint {:.1} GiB (weights {:.1} + optimizer state {:.1}); disk for kept checkpoints {:.1} GiB",
-            checkpoint,
-            d.checkpoint_weights_gib.unwrap_or(0.0),
-            d.checkpoint_optimizer_gib.unwrap_or(0.0),
-            disk
+            "  checkpoint {} (weights {} + optimizer state {}); disk for kept checkpoints {}",
+            size_text(checkpoint),
+            size_text(d.checkpoint_weights_gib.unwrap_or(0.0)),
+            size_text(d.checkpoint_optimizer_gib.unwrap_or(0.0)),
+            size_text(disk)
         );
     }
     println!("  output {}", d.output_dir);
