@@ -10,6 +10,7 @@ pub mod dtype;
 pub mod generate;
 pub mod grad;
 pub mod hub;
+pub mod launch;
 pub mod model;
 pub mod ops;
 pub mod optim;

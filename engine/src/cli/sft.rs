@@ -1,15 +1,19 @@
 //! `whet sft`: validate the job (errors stop it before any work), then train it with the
 //! recipe in `crate::train`.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Args;
 use whet_shared::{validate_with, JobConfig};
+use whet_store::RankEnv;
 
 use super::input::{check_context, load_job, JobInput};
 use crate::device;
+use crate::launch::{self, LaunchPlan};
 use crate::tensorboard::{unix_time_now, EventWriter};
 use crate::train::metrics::CurvePlotter;
 use crate::train::{self, progress::Console, ScalarSink};
@@ -21,7 +25,13 @@ wherever they stand (later flags win among themselves). CUDA_VISIBLE_DEVICES and
 NPROC_PER_NODE from the environment apply where the config does not set them.\n\
 Outputs go to <output_dir>/v<N>-<YYYYMMDD-HHMMSS>/ (args.json, logging.jsonl, \
 trainer_state.json, checkpoint-<step>/).\n\
-Exit codes: 0 trained, 1 invalid config or training failure, 2 usage.";
+With --nproc_per_node N > 1 (or NPROC_PER_NODE=N, or --nnodes > 1) whet is the launcher, as \
+torchrun is: it starts N ranks (this command again, with torchrun's RANK, LOCAL_RANK, WORLD_SIZE, \
+LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), node 0 hosting their TCPStore on --master_port; \
+their lines come prefixed `[rank k]`. Under torchrun (or any launcher that sets those \
+variables) whet is one rank.\n\
+Exit codes: 0 trained, 1 invalid config or training failure (of any rank), 2 usage, \
+128 + N when the launcher was stopped by signal N.";
 
 #[derive(Debug, Args)]
 pub struct SftArgs {
@@ -74,6 +84,30 @@ fn apply_config_env(config: &JobConfig) {
     }
 }
 
+/// Starts this node's ranks: this executable again, with the arguments it was given.
+fn launch_ranks(plan: &LaunchPlan, input: &JobInput) -> anyhow::Result<ExitCode> {
+    if reads_standard_input(input) {
+        eprintln!(
+            "the job is read from standard input, which cannot be handed to {} ranks: save it \
+             to a file and pass that file instead\nnothing was trained",
+            plan.nproc_per_node
+        );
+        return Ok(ExitCode::from(1));
+    }
+    let program = std::env::current_exe().context("finding the whet executable to launch")?;
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    launch::run_launcher(plan, &program, &args)
+}
+
+/// Whether the job names `-` (standard input) as its script or a config file.
+fn reads_standard_input(input: &JobInput) -> bool {
+    let dash_config = input.flags.iter().enumerate().any(|(i, flag)| {
+        flag == "--config=-"
+            || (flag == "--config" && input.flags.get(i + 1).is_some_and(|f| f == "-"))
+    });
+    dash_config || input.from_shell.as_deref() == Some(Path::new("-"))
+}
+
 pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
     let input = JobInput {
         command: "whet sft",
@@ -91,8 +125,18 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
     apply_config_env(&config);
     config.normalize();
 
+    // Whether this process is a rank of a job (whet's launcher or torchrun set its variables).
+    let rank = match RankEnv::from_env() {
+        Ok(rank) => rank,
+        Err(err) => {
+            eprintln!("{err}\nnothing was trained");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    // Every rank validates, but only rank 0 repeats the warnings (errors come from all).
+    let warns = rank.as_ref().is_none_or(|rank| rank.rank == 0);
     let diagnostics = validate_with(&config, &check_context(&config));
-    for d in &diagnostics {
+    for d in diagnostics.iter().filter(|d| warns || d.is_error()) {
         eprintln!("{d}");
     }
     let errors = diagnostics.iter().filter(|d| d.is_error()).count();
@@ -105,15 +149,18 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{refusal}\nnothing was trained");
         return Ok(ExitCode::from(1));
     }
-    if let Some(n) = config.launch.nproc_per_node.filter(|n| *n > 1) {
-        anyhow::bail!("nproc_per_node is {n}: multi-process training is not implemented yet; run one process (--nproc_per_node 1, or unset NPROC_PER_NODE)");
-    }
-    if let Some(world) = std::env::var("WORLD_SIZE")
-        .ok()
-        .and_then(|w| w.parse::<u64>().ok())
-        .filter(|w| *w > 1)
-    {
-        anyhow::bail!("WORLD_SIZE is {world}: multi-process training is not implemented yet; run a single process");
+    // A rank of a job never launches; a one-process job under a launcher trains as one process.
+    match rank {
+        Some(rank) if rank.world_size > 1 => return launch::run_rank(&rank),
+        Some(_) => {}
+        None => match LaunchPlan::from_config(&config.launch) {
+            Err(refusal) => {
+                eprintln!("{refusal}\nnothing was trained");
+                return Ok(ExitCode::from(1));
+            }
+            Ok(Some(plan)) => return launch_ranks(&plan, &input),
+            Ok(None) => {}
+        },
     }
 
     let console = Console::new(std::io::stderr().is_terminal());

@@ -1,0 +1,147 @@
+//! One rank of a multi-process job (WORLD_SIZE > 1), however it was launched: reach the job's
+//! store through [`RankEnv::connect_store`] — the one path every rank takes — and meet the
+//! other ranks there. Distributed training is not built yet, so after meeting a rank refuses
+//! clearly; later work puts the training in that place.
+//!
+//! Two test-only switches (read from the environment, documented in ARCHITECTURE.md; no user
+//! needs them):
+//! - `WHET_RENDEZVOUS_ONLY=1`: after meeting, print `rank R of W met all ranks through the
+//!   store at ADDR:PORT` and exit 0 instead of refusing.
+//! - `WHET_TEST_FAIL_RANK=K`: rank K prints a few error lines and exits with status
+//!   [`INJECTED_FAILURE_STATUS`] before it reaches the store, so the others wait there for it.
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use whet_store::{RankEnv, RankStore, Store};
+
+/// Test-only: meet, report, exit 0.
+pub const RENDEZVOUS_ONLY: &str = "WHET_RENDEZVOUS_ONLY";
+/// Test-only: the rank that fails on purpose before the rendezvous.
+pub const TEST_FAIL_RANK: &str = "WHET_TEST_FAIL_RANK";
+/// The status a rank chosen by [`TEST_FAIL_RANK`] exits with.
+pub const INJECTED_FAILURE_STATUS: u8 = 3;
+
+/// How long a rank waits for the store to answer and for the others to arrive (torch's
+/// TCPStore default).
+pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs this process as rank `env.rank` of `env.world_size` (> 1).
+pub fn run_rank(env: &RankEnv) -> anyhow::Result<ExitCode> {
+    if switch(TEST_FAIL_RANK).and_then(|rank| rank.parse::<usize>().ok()) == Some(env.rank) {
+        eprintln!(
+            "error: rank {} fails on purpose ({TEST_FAIL_RANK}={}, a test-only switch)",
+            env.rank, env.rank
+        );
+        eprintln!("error: the other ranks are left waiting at the store");
+        return Ok(ExitCode::from(INJECTED_FAILURE_STATUS));
+    }
+    let store = meet(env, RENDEZVOUS_TIMEOUT)?;
+    if switch(RENDEZVOUS_ONLY).as_deref() == Some("1") {
+        println!(
+            "rank {} of {} met all ranks through the store at {}:{}",
+            env.rank, env.world_size, env.master_addr, env.master_port
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    drop(store);
+    anyhow::bail!(
+        "WORLD_SIZE is {}: multi-process training is not implemented yet; run a single process \
+         (--nproc_per_node 1 or NPROC_PER_NODE unset, and no torchrun)",
+        env.world_size
+    )
+}
+
+fn switch(var: &str) -> Option<String> {
+    std::env::var(var).ok().filter(|value| !value.is_empty())
+}
+
+/// Connects to the job's store and waits until every rank has arrived: each rank claims the key
+/// `rendezvous/rank_<R>` (a second process claiming the same RANK is an error), then waits for
+/// all `WORLD_SIZE` keys.
+pub fn meet(env: &RankEnv, timeout: Duration) -> anyhow::Result<RankStore> {
+    let where_ = format!("{}:{}", env.master_addr, env.master_port);
+    let rank_store = env.connect_store(timeout).with_context(|| {
+        format!(
+            "rank {} of {} could not reach the job's store at {where_}",
+            env.rank, env.world_size
+        )
+    })?;
+    let store = rank_store.store();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos());
+    let me = format!("pid {} at {nanos}", std::process::id());
+    let key = arrival_key(env.rank);
+    let holder = store
+        .compare_set(&key, b"", me.as_bytes())
+        .with_context(|| {
+            format!(
+                "rank {}: announcing itself in the store at {where_}",
+                env.rank
+            )
+        })?;
+    if holder != me.as_bytes() {
+        anyhow::bail!(
+            "RANK {} is already taken in the store at {where_} (by {}): each rank of a job needs \
+             its own RANK; is another job using --master_port {}?",
+            env.rank,
+            String::from_utf8_lossy(&holder),
+            env.master_port
+        );
+    }
+    eprintln!(
+        "rank {} of {}: waiting at {where_} for all {} ranks",
+        env.rank, env.world_size, env.world_size
+    );
+    let keys: Vec<String> = (0..env.world_size).map(arrival_key).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    store.wait(&keys, timeout).with_context(|| {
+        format!(
+            "rank {} waited {timeout:?} at {where_} and not all {} ranks arrived",
+            env.rank, env.world_size
+        )
+    })?;
+    Ok(rank_store)
+}
+
+fn arrival_key(rank: usize) -> String {
+    format!("rendezvous/rank_{rank}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+    use whet_store::TcpStoreServer;
+
+    #[test]
+    fn ranks_meet_through_an_agent_store_and_a_rank_cannot_come_twice() {
+        let server = TcpStoreServer::bind("127.0.0.1", 0).unwrap();
+        let port = server.port();
+        let env = move |rank| RankEnv {
+            rank,
+            world_size: 3,
+            ..RankEnv::launched_by_whet(rank, 3, "127.0.0.1", port)
+        };
+        let timeout = Duration::from_secs(20);
+        let others: Vec<_> = [1, 2]
+            .into_iter()
+            .map(|rank| thread::spawn(move || meet(&env(rank), timeout).map(|_| ())))
+            .collect();
+        // Ranks 1 and 2 are waiting for rank 0.
+        assert!(server.await_waiting_clients(2, timeout));
+        let rank0 = meet(&env(0), timeout).unwrap();
+        for other in others {
+            other.join().unwrap().unwrap();
+        }
+        assert_eq!(
+            rank0.store().get("rendezvous/rank_1").unwrap()[..4],
+            *b"pid "
+        );
+
+        let twice = meet(&env(1), timeout).unwrap_err().to_string();
+        assert!(twice.starts_with("RANK 1 is already taken"), "{twice}");
+    }
+}
