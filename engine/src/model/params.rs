@@ -88,10 +88,8 @@ pub fn is_quantized_linear(name: &str) -> bool {
         .strip_prefix("model.layers.")
         .and_then(|rest| rest.strip_suffix(".weight"))
         .and_then(|rest| rest.rsplit('.').next());
-    matches!(
-        module,
-        Some("q_proj" | "k_proj" | "v_proj" | "o_proj" | "gate_proj" | "up_proj" | "down_proj")
-    )
+    // The decoder's projections are exactly what `all-linear` names.
+    module.is_some_and(|m| whet_shared::lora::ALL_LINEAR.contains(&m))
 }
 
 /// Which parameters a model trains.
