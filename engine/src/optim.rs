@@ -465,7 +465,7 @@ pub fn clip_grad_norm(
     max_norm: f64,
     sync: &mut dyn GradSync,
 ) -> Result<f64> {
-    let mut sum_sq = [grads.sum_of_squares(sync.owned())?];
+    let mut sum_sq = [grads.sum_of_squares(sync.norm_range())?];
     sync.sum_scalars(&mut sum_sq)?;
     let norm = sum_sq[0].sqrt();
     // torch computes the coefficient in float32; multiplying by a clamped 1.0 changes nothing.

@@ -14,6 +14,7 @@ use whet_store::RankEnv;
 use super::input::{check_context, load_job, JobInput};
 use crate::device;
 use crate::launch::{self, LaunchPlan};
+use crate::sync::Group;
 use crate::tensorboard::{unix_time_now, EventWriter};
 use crate::train::metrics::CurvePlotter;
 use crate::train::{self, progress::Console, ScalarSink};
@@ -151,7 +152,9 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
     }
     // A rank of a job never launches; a one-process job under a launcher trains as one process.
     match rank {
-        Some(rank) if rank.world_size > 1 => return launch::run_rank(&rank),
+        Some(rank) if rank.world_size > 1 => {
+            return launch::run_rank(&rank, &config, &|run_dir| scalar_sinks(&config, run_dir))
+        }
         Some(_) => {}
         None => match LaunchPlan::from_config(&config.launch) {
             Err(refusal) => {
@@ -165,7 +168,7 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
 
     let console = Console::new(std::io::stderr().is_terminal());
     let make_sinks = |run_dir: &Path| scalar_sinks(&config, run_dir);
-    let summary = train::train(&config, &console, &make_sinks)?;
+    let summary = train::train(&config, &console, &make_sinks, &Group::single())?;
     if let Some(best) = &summary.best_checkpoint {
         console.line(&format!("Best checkpoint: {}", best.display()));
     }

@@ -1,7 +1,7 @@
 //! One rank of a multi-process job (WORLD_SIZE > 1), however it was launched: reach the job's
-//! store through [`RankEnv::connect_store`] — the one path every rank takes — and meet the
-//! other ranks there. Distributed training is not built yet, so after meeting a rank refuses
-//! clearly; later work puts the training in that place.
+//! store through [`RankEnv::connect_store`] — the one path every rank takes — meet the other
+//! ranks there, connect gloo's collectives through the same store, and run the one training
+//! recipe as this rank of the [`Group`].
 //!
 //! Two test-only switches (read from the environment, documented in ARCHITECTURE.md; no user
 //! needs them):
@@ -13,8 +13,16 @@
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
+use whet_collective::GlooCollective;
+use whet_shared::JobConfig;
 use whet_store::{RankEnv, RankStore, Store};
+
+use crate::sync::Group;
+use crate::train::outputs::SinkFactory;
+use crate::train::progress::Console;
 
 /// Test-only: meet, report, exit 0.
 pub const RENDEZVOUS_ONLY: &str = "WHET_RENDEZVOUS_ONLY";
@@ -27,8 +35,12 @@ pub const INJECTED_FAILURE_STATUS: u8 = 3;
 /// TCPStore default).
 pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Runs this process as rank `env.rank` of `env.world_size` (> 1).
-pub fn run_rank(env: &RankEnv) -> anyhow::Result<ExitCode> {
+/// Trains `config` as rank `env.rank` of `env.world_size` (> 1).
+pub fn run_rank(
+    env: &RankEnv,
+    config: &JobConfig,
+    make_sinks: SinkFactory,
+) -> anyhow::Result<ExitCode> {
     if switch(TEST_FAIL_RANK).and_then(|rank| rank.parse::<usize>().ok()) == Some(env.rank) {
         eprintln!(
             "error: rank {} fails on purpose ({TEST_FAIL_RANK}={}, a test-only switch)",
@@ -45,12 +57,31 @@ pub fn run_rank(env: &RankEnv) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    drop(store);
-    anyhow::bail!(
-        "WORLD_SIZE is {}: multi-process training is not implemented yet; run a single process \
-         (--nproc_per_node 1 or NPROC_PER_NODE unset, and no torchrun)",
-        env.world_size
-    )
+    let collective = GlooCollective::new(store.store(), env.rank, env.world_size, RENDEZVOUS_TIMEOUT)
+        .with_context(|| {
+            format!(
+                "rank {} of {}: connecting gloo's collectives",
+                env.rank, env.world_size
+            )
+        })?;
+    let group = Group::new(store, collective, RENDEZVOUS_TIMEOUT);
+    let console = if group.is_leader() {
+        Console::new(std::io::stderr().is_terminal())
+    } else {
+        Console::quiet()
+    };
+    crate::train::train(&as_launched(config, env), &console, make_sinks, &group)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The job as its launcher started it: the world the ranks form decides the step arithmetic,
+/// whether or not the flags said `--nproc_per_node` (torchrun's ranks see no such flag).
+fn as_launched(config: &JobConfig, env: &RankEnv) -> JobConfig {
+    let mut config = config.clone();
+    let per_node = env.local_world_size.max(1);
+    config.launch.nproc_per_node = Some(per_node as _);
+    config.launch.nnodes = (env.world_size / per_node).max(1) as _;
+    config
 }
 
 fn switch(var: &str) -> Option<String> {

@@ -297,8 +297,13 @@ impl TrainableParams {
 
     /// Indices outside every decoder layer (embeddings, final norm, output projection).
     pub fn outside_layers(&self) -> impl Iterator<Item = usize> + '_ {
-        let after = self.layers.last().map_or(self.params.len(), |r| r.end);
-        self.before_layers().chain(after..self.params.len())
+        self.before_layers().chain(self.after_layers())
+    }
+
+    /// Indices after the last decoder layer (final norm, output projection): their gradients
+    /// are complete as soon as the loss's own backward is.
+    pub fn after_layers(&self) -> Range<usize> {
+        self.layers.last().map_or(self.params.len(), |r| r.end)..self.params.len()
     }
 
     pub fn num_elements(&self) -> usize {

@@ -5,7 +5,8 @@
 //!
 //! A checkpoint holds what `from_pretrained` needs (config.json, generation_config.json,
 //! model.safetensors or shards with an index, tokenizer files) plus what whet needs to continue
-//! bit for bit: `optimizer/optimizer.safetensors` (AdamW step and moments), `scheduler.json`,
+//! bit for bit: `optimizer/optimizer.safetensors` (AdamW step and moments; one
+//! `optimizer_rank<R>_of_<N>.safetensors` per rank when a job of N ranks shards it), `scheduler.json`,
 //! `training_state.json` (sampler RNG and position, the open logging window, running totals) and,
 //! when the weights are saved in a narrower dtype than the f32 masters,
 //! `optimizer/master_weights.safetensors`. The optimizer files sit in a subfolder because tools
@@ -19,12 +20,13 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::data::{Sampler, SamplerState};
+use super::data::{RankShare, Sampler, SamplerState};
 pub use super::metrics::LogWindow;
 use super::plan::Plan;
 use super::step::StepLoss;
 use crate::model::{Model, ModelConfig, ModelOptions, WeightSource};
 use crate::optim::AdamW;
+use crate::sync::GradSync;
 use crate::tensor_files::{self, MappedWeights};
 
 /// transformers shards checkpoints past 5 GB (`max_shard_size="5GB"`, decimal).
@@ -324,10 +326,24 @@ pub struct Checkpointer {
     /// A LoRA run saves its adapters as PEFT does, not the (unchanged) base weights.
     pub lora: Option<crate::model::LoraOptions>,
     pub save_total_limit: Option<usize>,
+    /// This process's rank and the job's world size: rank 0 writes the checkpoint, every rank
+    /// its optimizer shard.
+    pub rank: usize,
+    pub world_size: usize,
 }
 
 /// The subfolder of a checkpoint with the optimizer state (and f32 masters when needed).
 pub const OPTIMIZER_DIR: &str = "optimizer";
+
+/// The optimizer state file of `rank` in a job of `world_size` ranks (one per rank; the world
+/// size is in the name so that a resume with another one is refused by name, not by content).
+pub fn optimizer_file(rank: usize, world_size: usize) -> String {
+    if world_size <= 1 {
+        "optimizer.safetensors".to_string()
+    } else {
+        format!("optimizer_rank{rank}_of_{world_size}.safetensors")
+    }
+}
 
 pub fn checkpoint_name(step: u64) -> String {
     format!("checkpoint-{step}")
@@ -335,24 +351,48 @@ pub fn checkpoint_name(step: u64) -> String {
 
 impl Checkpointer {
     /// Writes `checkpoint-<step>` atomically: everything goes into `.checkpoint-<step>.tmp`,
-    /// which is renamed only when complete, so a crash never leaves a half checkpoint under
-    /// the real name.
-    pub fn save(&self, contents: &CheckpointContents) -> anyhow::Result<PathBuf> {
+    /// which is renamed only when complete, so a crash (of any rank) never leaves a half
+    /// checkpoint under the real name. With several ranks, in turns: rank 0 writes the model and
+    /// the states, then every other rank its optimizer shard, then rank 0 renames.
+    pub fn save(
+        &self,
+        contents: &CheckpointContents,
+        sync: &mut dyn GradSync,
+    ) -> anyhow::Result<PathBuf> {
         let name = checkpoint_name(contents.step);
         let final_dir = self.run_dir.join(&name);
         let tmp = self.run_dir.join(format!(".{name}.tmp"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
+        let leader = self.rank == 0;
+        if leader {
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp)?;
+            }
+            std::fs::create_dir_all(&tmp)?;
+            self.write_contents(&tmp, contents)
+                .with_context(|| format!("cannot write checkpoint {}", tmp.display()))?;
         }
-        std::fs::create_dir_all(&tmp)?;
-        self.write_contents(&tmp, contents)
-            .with_context(|| format!("cannot write checkpoint {}", tmp.display()))?;
-        if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir)?;
+        sync.barrier()?;
+        if !leader && !self.save_only_model {
+            self.write_optimizer(&tmp, contents.optimizer).with_context(|| {
+                format!("rank {}: cannot write its optimizer shard into {}", self.rank, tmp.display())
+            })?;
         }
-        std::fs::rename(&tmp, &final_dir)
-            .with_context(|| format!("cannot rename {} to {name}", tmp.display()))?;
+        sync.barrier()?;
+        if leader {
+            if final_dir.exists() {
+                std::fs::remove_dir_all(&final_dir)?;
+            }
+            std::fs::rename(&tmp, &final_dir)
+                .with_context(|| format!("cannot rename {} to {name}", tmp.display()))?;
+        }
         Ok(final_dir)
+    }
+
+    fn write_optimizer(&self, dir: &Path, optimizer: &AdamW) -> anyhow::Result<()> {
+        let optimizer_dir = dir.join(OPTIMIZER_DIR);
+        std::fs::create_dir_all(&optimizer_dir)?;
+        optimizer.save(optimizer_dir.join(optimizer_file(self.rank, self.world_size)))?;
+        Ok(())
     }
 
     fn write_contents(&self, dir: &Path, c: &CheckpointContents) -> anyhow::Result<()> {
@@ -373,10 +413,8 @@ impl Checkpointer {
         if self.save_only_model {
             return Ok(());
         }
+        self.write_optimizer(dir, c.optimizer)?;
         let optimizer_dir = dir.join(OPTIMIZER_DIR);
-        std::fs::create_dir_all(&optimizer_dir)?;
-        c.optimizer
-            .save(optimizer_dir.join("optimizer.safetensors"))?;
         std::fs::write(
             dir.join("scheduler.json"),
             serde_json::to_string_pretty(c.scheduler)? + "\n",
@@ -448,7 +486,8 @@ pub struct ResumePoint {
     pub trainer_state: TrainerState,
     /// None for a `save_only_model` checkpoint.
     pub training_state: Option<TrainingState>,
-    pub optimizer: Option<PathBuf>,
+    /// The checkpoint's `optimizer/` folder, when it has one.
+    pub optimizer_dir: Option<PathBuf>,
     pub master_weights: Option<PathBuf>,
 }
 
@@ -478,15 +517,44 @@ impl ResumePoint {
         } else {
             None
         };
-        let optimizer = dir.join(OPTIMIZER_DIR).join("optimizer.safetensors");
-        let master = dir.join(OPTIMIZER_DIR).join("master_weights.safetensors");
+        let optimizer_dir = dir.join(OPTIMIZER_DIR);
+        let master = optimizer_dir.join("master_weights.safetensors");
         Ok(Self {
             dir: dir.to_path_buf(),
             trainer_state,
             training_state,
-            optimizer: optimizer.exists().then_some(optimizer),
+            optimizer_dir: optimizer_dir.is_dir().then_some(optimizer_dir),
             master_weights: master.exists().then_some(master),
         })
+    }
+
+    /// The optimizer state of `share.rank`, or why there is none for a job of `share.world`.
+    fn optimizer_state(&self, share: RankShare) -> anyhow::Result<PathBuf> {
+        let only_model = "resume with --resume_only_model true to load the weights only";
+        let Some(folder) = &self.optimizer_dir else {
+            bail!(
+                "{} has no {OPTIMIZER_DIR}/ folder; {only_model}",
+                self.dir.display()
+            );
+        };
+        let path = folder.join(optimizer_file(share.rank, share.world));
+        if path.exists() {
+            return Ok(path);
+        }
+        let saved_by = (2..=1024).find(|&w| folder.join(optimizer_file(0, w)).exists());
+        let saved_by = match saved_by {
+            Some(w) => format!("{w} ranks"),
+            None if folder.join(optimizer_file(0, 1)).exists() => "one process".to_string(),
+            None => bail!(
+                "{} has no optimizer state in {OPTIMIZER_DIR}/; {only_model}",
+                self.dir.display()
+            ),
+        };
+        bail!(
+            "{} was saved by {saved_by}, this run has {} (its optimizer state is sharded by rank): resume with the same number of processes, or {only_model}",
+            self.dir.display(),
+            if share.world == 1 { "one process".to_string() } else { format!("{} ranks", share.world) }
+        )
     }
 
     /// The checkpoint's model: the trainable parameters from its f32 masters when saved apart,
@@ -521,6 +589,7 @@ impl ResumePoint {
         &self,
         resume_only_model: bool,
         accumulation: usize,
+        share: RankShare,
         trainer_state: &mut TrainerState,
         optimizer: &mut AdamW,
         sampler: &mut Sampler,
@@ -528,7 +597,7 @@ impl ResumePoint {
         trainer_state.continue_from(&self.trainer_state);
         if resume_only_model {
             for _ in 0..self.trainer_state.global_step {
-                sampler.next_window(accumulation);
+                sampler.next_window_for(accumulation, share);
             }
             return Ok((LogWindow::default(), 0.0));
         }
@@ -538,13 +607,7 @@ impl ResumePoint {
                 self.dir.display()
             );
         };
-        let Some(optimizer_state) = &self.optimizer else {
-            bail!(
-                "{} has no optimizer/optimizer.safetensors; resume with --resume_only_model true to load the weights only",
-                self.dir.display()
-            );
-        };
-        optimizer.load(optimizer_state)?;
+        optimizer.load(self.optimizer_state(share)?)?;
         sampler.restore(state.sampler);
         Ok((state.log_window, state.loss_sum))
     }
@@ -621,6 +684,8 @@ mod tests {
                 save_only_model: false,
                 lora: None,
                 save_total_limit: None,
+                rank: 0,
+                world_size: 1,
             };
             let trainer_state: TrainerState = serde_json::from_value(serde_json::json!({
                 "best_global_step": null, "best_metric": null, "best_model_checkpoint": null,
@@ -659,7 +724,7 @@ mod tests {
                     training_state: &training_state,
                     scheduler: &scheduler,
                     args_json: &serde_json::json!({}),
-                })
+                }, &mut crate::sync::SingleProcess::new(model.trainable().num_elements()))
                 .unwrap();
             assert_eq!(dir, run.join("checkpoint-1"));
             assert!(!run.join(".checkpoint-1.tmp").exists());
@@ -705,6 +770,8 @@ mod tests {
             save_only_model: false,
             lora: None,
             save_total_limit: Some(2),
+            rank: 0,
+            world_size: 1,
         };
         let best = run.join("checkpoint-4");
         let deleted = checkpointer.rotate(Some(&best)).unwrap();

@@ -503,6 +503,56 @@ impl Sampler {
     }
 }
 
+/// Which of the job's ranks takes which per-device batches: rank `rank` of `world` takes every
+/// world-th one (accelerate's `BatchSamplerShard`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankShare {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl RankShare {
+    pub const SINGLE: RankShare = RankShare { rank: 0, world: 1 };
+
+    /// This rank's items of a list that every rank sees whole.
+    pub fn take<T>(self, items: impl IntoIterator<Item = T>) -> impl Iterator<Item = T> {
+        items.into_iter().skip(self.rank).step_by(self.world.max(1))
+    }
+}
+
+impl Sampler {
+    /// This rank's micro-batches of the next optimizer step: the window of all ranks
+    /// (`accumulation` per rank) is drawn from the one sampler and dealt out round-robin. With
+    /// several ranks, the epoch's last window is completed as accelerate's `even_batches` does:
+    /// the last batch is filled up, and missing batches added, from the start of the epoch's
+    /// order, so every rank takes as many micro-batches of full size.
+    pub fn next_window_for(&mut self, accumulation: usize, share: RankShare) -> Window {
+        let mut window = self.next_window(accumulation.max(1) * share.world.max(1));
+        if share.world > 1 {
+            if window.ends_epoch {
+                self.complete_for(&mut window.micro_batches, share.world);
+            }
+            window.micro_batches = share.take(window.micro_batches).collect();
+        }
+        window
+    }
+
+    fn complete_for(&self, batches: &mut Vec<Vec<usize>>, world: usize) {
+        if self.order.is_empty() {
+            return;
+        }
+        let mut cycle = self.order.iter().copied().cycle();
+        if let Some(last) = batches.last_mut() {
+            while last.len() < self.batch_size {
+                last.extend(cycle.next());
+            }
+        }
+        while batches.len() % world != 0 {
+            batches.push(cycle.by_ref().take(self.batch_size).collect());
+        }
+    }
+}
+
 /// The tokenized train and validation sets of a run.
 #[derive(Debug, Clone)]
 pub struct PreparedData {

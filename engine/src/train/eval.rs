@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 
-use super::data::{self, Sample};
+use super::data::{self, RankShare, Sample};
 use super::metrics::{float, round8, round_to, Record};
 use crate::grad::{self, LossOptions};
 use crate::model::Model;
@@ -65,7 +65,11 @@ pub fn evaluate(
     };
     // weighted loss, correct tokens, label tokens, exact rows, rows, batches
     let mut sums = [0f64; 6];
-    for chunk in val.chunks(batch_size.max(1)) {
+    let share = RankShare {
+        rank: sync.rank(),
+        world: sync.world_size(),
+    };
+    for chunk in share.take(val.chunks(batch_size.max(1))) {
         let refs: Vec<&Sample> = chunk.iter().collect();
         let batch =
             data::collate(&refs, pad_id, &Device::Cpu)?.to_device(&model.options().device)?;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use candle_core::Device;
 
-use super::data::{self, Sample, Sampler};
+use super::data::{self, RankShare, Sample, Sampler};
 use crate::grad::Batch;
 
 /// Right-padded CPU batches of one window's micro-batches (sample indices).
@@ -38,14 +38,15 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// With `prefetch`, a thread collates the next `windows` windows of `sampler` (a copy of
-    /// the loop's, in the same state) ahead of the step.
+    /// With `prefetch`, a thread collates this rank's share of the next `windows` windows of
+    /// `sampler` (a copy of the loop's, in the same state) ahead of the step.
     pub fn new(
         samples: Arc<Vec<Sample>>,
         pad_id: u32,
         prefetch: bool,
         mut sampler: Sampler,
         accumulation: usize,
+        share: RankShare,
         windows: u64,
     ) -> Self {
         let prefetched = prefetch.then(|| {
@@ -53,7 +54,7 @@ impl Loader {
             let samples = samples.clone();
             std::thread::spawn(move || {
                 for _ in 0..windows {
-                    let window = sampler.next_window(accumulation);
+                    let window = sampler.next_window_for(accumulation, share);
                     let batches = collate_window(&window.micro_batches, &samples, pad_id);
                     if sender.send((window.micro_batches, batches)).is_err() {
                         break; // the run ended early

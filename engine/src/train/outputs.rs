@@ -15,29 +15,55 @@ use super::progress::Console;
 use super::setup::Setup;
 use crate::model::Model;
 use crate::optim::AdamW;
+use crate::sync::{GradSync, Group};
 
 /// Makes the scalar sinks of a run once its folder exists (TensorBoard event files under
 /// `<run_dir>/runs`, plots under `<run_dir>/images`).
 pub type SinkFactory<'a> = &'a dyn Fn(&Path) -> anyhow::Result<Vec<Box<dyn ScalarSink>>>;
 
+/// Rank 0 writes every file of the run; the other ranks of a job only their optimizer shards
+/// (their `logger` is None and logging is a no-op there).
 pub struct Outputs {
     pub run_dir: PathBuf,
     args: Value,
-    logger: MetricLogger,
+    logger: Option<MetricLogger>,
     checkpointer: Checkpointer,
     pub last_checkpoint: Option<PathBuf>,
 }
 
 impl Outputs {
-    /// Creates the versioned run folder with args.json (and the split-off validation rows).
+    /// Creates the versioned run folder with args.json (and the split-off validation rows); the
+    /// other ranks learn its name from rank 0.
     pub fn create(
         config: &JobConfig,
         setup: &Setup,
         make_sinks: SinkFactory,
+        group: &Group,
     ) -> anyhow::Result<Self> {
         let sft = &config.sft;
+        let checkpointer = |run_dir: &Path| Checkpointer {
+            run_dir: run_dir.to_path_buf(),
+            model_dir: setup.model_dir.clone(),
+            save_dtype: setup.dtype,
+            save_only_model: sft.save_only_model,
+            lora: setup.model.options().lora.clone(),
+            save_total_limit: sft.save_total_limit.map(|n| n.max(1) as usize),
+            rank: group.rank(),
+            world_size: group.world_size(),
+        };
+        if !group.is_leader() {
+            let run_dir = PathBuf::from(group.from_leader("run_dir", None)?);
+            return Ok(Self {
+                args: setup.args_json(config, &run_dir)?,
+                checkpointer: checkpointer(&run_dir),
+                run_dir,
+                logger: None,
+                last_checkpoint: None,
+            });
+        }
         let output_dir = PathBuf::from(derive::output_dir(config));
         let run_dir = create_run_dir(&output_dir, sft.add_version)?;
+        group.from_leader("run_dir", Some(&run_dir.display().to_string()))?;
         let args = setup.args_json(config, &run_dir)?;
         std::fs::write(
             run_dir.join("args.json"),
@@ -55,19 +81,11 @@ impl Outputs {
             JsonlLogger::create(&run_dir.join("logging.jsonl"))?,
             make_sinks(&run_dir)?,
         );
-        let checkpointer = Checkpointer {
-            run_dir: run_dir.clone(),
-            model_dir: setup.model_dir.clone(),
-            save_dtype: setup.dtype,
-            save_only_model: sft.save_only_model,
-            lora: setup.model.options().lora.clone(),
-            save_total_limit: sft.save_total_limit.map(|n| n.max(1) as usize),
-        };
         Ok(Self {
+            checkpointer: checkpointer(&run_dir),
             run_dir,
             args,
-            logger,
-            checkpointer,
+            logger: Some(logger),
             last_checkpoint: None,
         })
     }
@@ -81,9 +99,12 @@ impl Outputs {
         clock: &RunClock,
         console: &Console,
     ) -> anyhow::Result<()> {
+        let Some(logger) = &mut self.logger else {
+            return Ok(());
+        };
         let step = state.global_step;
         let progress = clock.progress_fields(step, state.max_steps);
-        console.record(&self.logger.log(step, &entry, &progress)?);
+        console.record(&logger.log(step, &entry, &progress)?);
         state.log_history.push(history_entry(entry, step));
         Ok(())
     }
@@ -98,10 +119,11 @@ impl Outputs {
         training_state: &TrainingState,
         scheduler: &SchedulerState,
         console: &Console,
+        sync: &mut dyn GradSync,
     ) -> anyhow::Result<()> {
         let step = state.global_step;
         state.note_checkpoint(step, &self.run_dir.join(checkpoint_name(step)));
-        let dir = self.checkpointer.save(&CheckpointContents {
+        let contents = CheckpointContents {
             step,
             model,
             optimizer,
@@ -109,7 +131,12 @@ impl Outputs {
             training_state,
             scheduler,
             args_json: &self.args,
-        })?;
+        };
+        let dir = self.checkpointer.save(&contents, sync)?;
+        if self.logger.is_none() {
+            self.last_checkpoint = Some(dir);
+            return Ok(());
+        }
         state.write(&self.run_dir.join("trainer_state.json"))?;
         let best = state.best_model_checkpoint.as_ref().map(PathBuf::from);
         for deleted in self.checkpointer.rotate(best.as_deref())? {
@@ -138,10 +165,13 @@ impl Outputs {
         summary: impl FnOnce(&TrainerState, Option<&Path>) -> Record,
     ) -> anyhow::Result<()> {
         self.log(end_of_train, state, clock, console)?;
-        self.logger.finish()?;
+        let Some(logger) = &mut self.logger else {
+            return Ok(());
+        };
+        logger.finish()?;
         state.write(&self.run_dir.join("trainer_state.json"))?;
         let summary = summary(state, self.last_checkpoint.as_deref());
-        self.logger.write_line(&summary)?;
+        logger.write_line(&summary)?;
         Ok(())
     }
 }

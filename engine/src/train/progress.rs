@@ -15,6 +15,8 @@ pub(crate) fn print_line(text: &str) {
 
 pub struct Console {
     bar: Option<ProgressBar>,
+    /// Ranks other than 0 stay silent: rank 0 speaks for the job.
+    quiet: bool,
 }
 
 impl Console {
@@ -31,7 +33,15 @@ impl Console {
             );
             bar
         });
-        Self { bar }
+        Self { bar, quiet: false }
+    }
+
+    /// Prints nothing (a rank other than 0).
+    pub fn quiet() -> Self {
+        Self {
+            bar: None,
+            quiet: true,
+        }
     }
 
     /// Shows the bar from `done` of `total` steps.
@@ -46,6 +56,9 @@ impl Console {
 
     /// A message line (above the bar on a terminal).
     pub fn line(&self, text: &str) {
+        if self.quiet {
+            return;
+        }
         match &self.bar {
             Some(bar) if !bar.is_hidden() => bar.println(text),
             _ => print_line(text),
@@ -54,6 +67,9 @@ impl Console {
 
     /// A logging.jsonl record: the bar's status on a terminal, a plain line otherwise.
     pub fn record(&self, json_line: &str) {
+        if self.quiet {
+            return;
+        }
         match &self.bar {
             Some(bar) if !bar.is_hidden() => bar.println(json_line),
             _ => print_line(json_line),

@@ -5,9 +5,13 @@
 //! What changes between one process and many, CPU and GPU, full training and adapters does not
 //! fork this loop; it changes the parts the loop calls through narrow interfaces:
 //! * the [`GradSync`] hears of each decoder layer's gradients during backward and reduces them
-//!   (identity in one process), and sums every scalar the ranks must agree on;
+//!   (identity in one process), sums every scalar the ranks must agree on, and after the
+//!   optimizer step brings every rank's parameters up to date (ZeRO's shards);
 //! * the optimizer keeps state for the range of the flat parameter space the sync says this
-//!   process owns; clipping sums squares over that range and then over ranks;
+//!   process owns; clipping sums squares over the sync's norm range and then over ranks;
+//! * each rank takes every world-th micro-batch of the one sampler ([`RankShare`]) and its share
+//!   of the validation batches; rank 0 alone writes logs and checkpoints, every rank its own
+//!   optimizer shard;
 //! * parameters have roles (trainable or frozen), so the optimizer, clipping and the sync only
 //!   ever see trainable ones;
 //! * the device is chosen once; batches are collated on the CPU and moved to it here.
@@ -21,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::checkpoint::{SchedulerState, TrainerState, TrainingState, TRAINING_STATE_FORMAT};
-use super::data::{self, Sampler};
+use super::data::{self, RankShare, Sampler};
 use super::eval::evaluate;
 use super::loader::Loader;
 use super::metrics::{end_of_train_record, summary_record, LogWindow, RunClock, RunTotals};
@@ -30,7 +34,7 @@ use super::progress::Console;
 use super::setup::{adamw_config, Setup};
 use super::step::{forward_backward, StepOptions};
 use crate::optim::{clip_grad_norm, AdamW};
-use crate::sync::{GradSync, SingleProcess};
+use crate::sync::Group;
 use whet_shared::JobConfig;
 
 /// What a finished run leaves behind.
@@ -66,17 +70,23 @@ fn finite(what: &'static str, value: f64, step: u64, outputs: &Outputs) -> anyho
     .into())
 }
 
-/// Trains `config` to the end: the whole recipe. The sinks `make_sinks` returns receive every
-/// logged scalar; `console` shows progress.
+/// Trains `config` to the end as this process of `group`: the whole recipe. The sinks
+/// `make_sinks` returns receive every logged scalar; `console` shows progress.
 pub fn train(
     config: &JobConfig,
     console: &Console,
     make_sinks: SinkFactory,
+    group: &Group,
 ) -> anyhow::Result<RunSummary> {
     let sft = &config.sft;
     let setup = Setup::new(config, console)?;
     let (plan, model, device) = (&setup.plan, &setup.model, &setup.device);
-    let mut sync = SingleProcess::new(model.trainable().num_elements());
+    let bucket_elems = setup.sharding.bucket_elems(setup.model_config.hidden_size);
+    let mut sync = group.grad_sync(setup.sharding.stage, model.trainable(), bucket_elems);
+    let share = RankShare {
+        rank: group.rank(),
+        world: group.world_size(),
+    };
     let mut optimizer = AdamW::for_range(model.trainable(), sync.owned(), adamw_config(config))?;
     let schedule = setup.schedule(config);
     let mut sampler = Sampler::new(
@@ -91,6 +101,7 @@ pub fn train(
         (log_window, loss_sum) = resume.restore(
             sft.resume_only_model,
             plan.accumulation,
+            share,
             &mut state,
             &mut optimizer,
             &mut sampler,
@@ -114,7 +125,7 @@ pub fn train(
         });
     }
 
-    let mut outputs = Outputs::create(config, &setup, make_sinks)?;
+    let mut outputs = Outputs::create(config, &setup, make_sinks, group)?;
     console.line(&setup.describe(&outputs.run_dir));
     let router_aux_loss_coef = setup.router_aux_loss_coef(config);
     // transformers does not clip at max_grad_norm 0, but the norm is still logged.
@@ -131,6 +142,7 @@ pub fn train(
         sft.dataloader_num_workers.unwrap_or(1) > 0,
         sampler.clone(),
         plan.accumulation,
+        share,
         plan.total_steps - state.global_step,
     );
     console.start(state.global_step, plan.total_steps);
@@ -138,7 +150,7 @@ pub fn train(
     while state.global_step < plan.total_steps {
         let step = state.global_step + 1;
         // The sampler itself advances here too: checkpoints store its state.
-        let window = sampler.next_window(plan.accumulation);
+        let window = sampler.next_window_for(plan.accumulation, share);
         let batches = loader.batches(&window.micro_batches, device)?;
 
         // Forward, loss and backward over the window; gradients reduced as they appear.
@@ -147,15 +159,16 @@ pub fn train(
             gradient_checkpointing: sft.gradient_checkpointing,
             dropout: Some((sft.seed as u64, step)),
         };
-        let (loss, mut grads) = forward_backward(model, &batches, step_options, &mut sync)?;
+        let (loss, mut grads) = forward_backward(model, &batches, step_options, sync.as_mut())?;
         finite("loss", loss.loss, step, &outputs)?;
 
         // Clip (the logged norm is the one before clipping), then the one optimizer step.
-        let grad_norm = clip_grad_norm(&mut grads, max_norm, &mut sync)?;
+        let grad_norm = clip_grad_norm(&mut grads, max_norm, sync.as_mut())?;
         finite("gradient norm", grad_norm, step, &outputs)?;
         let learning_rate = schedule.lr(step);
         optimizer.step(&grads, learning_rate)?;
         drop(grads);
+        sync.params_updated(model.trainable())?;
 
         // The step is done.
         state.record_step(
@@ -183,7 +196,7 @@ pub fn train(
                 plan.eval_batch_size,
                 setup.tokenizer.pad_token_id,
                 router_aux_loss_coef,
-                &mut sync,
+                sync.as_mut(),
             )?;
             outputs.log(result.record(state.epoch), &mut state, &clock, console)?;
             let metric = result.metric(plan.best.key);
@@ -208,6 +221,7 @@ pub fn train(
                 &training_state,
                 &scheduler,
                 console,
+                sync.as_mut(),
             )?;
         }
     }

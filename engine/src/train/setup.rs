@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context};
 use candle_core::{DType, Device};
 use serde_json::Value;
-use whet_shared::config::TunerType;
+use whet_shared::config::{TunerType, ZeroSettings};
 use whet_shared::lora::AdapterPlan;
 use whet_shared::schedule::{min_lr_rate, Schedule};
 use whet_shared::{derive, JobConfig, ModelFacts};
@@ -23,6 +23,7 @@ use crate::model::{
 };
 use crate::optim::AdamWConfig;
 use crate::quant::{QuantOptions, QuantType};
+use crate::sync::ZeroStage;
 use crate::tensor_files::MappedWeights;
 
 /// What this version of the loop does not do yet, refused before any work.
@@ -121,7 +122,59 @@ pub fn lora_options(config: &JobConfig) -> anyhow::Result<Option<LoraOptions>> {
     }))
 }
 
+/// How a job's ranks split the training state: the ZeRO stage and the reduction bucket size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sharding {
+    pub stage: ZeroStage,
+    /// Elements per gradient bucket (DeepSpeed's `reduce_bucket_size`); None for its `auto`.
+    pub reduce_bucket_size: Option<usize>,
+}
+
+impl Sharding {
+    /// The bucket size: DeepSpeed's `auto` (what ms-swift's presets say) is hidden_size², as
+    /// the HF integration fills it in.
+    pub fn bucket_elems(&self, hidden_size: usize) -> usize {
+        self.reduce_bucket_size
+            .unwrap_or(hidden_size * hidden_size)
+            .max(1)
+    }
+}
+
+/// The sharding `--deepspeed` asks for (a preset, inline JSON, or a JSON file the engine reads),
+/// for a job of `derive::world_size` ranks; one process has nothing to shard. A stage this build
+/// cannot do is refused here, before any work.
+pub fn sharding(config: &JobConfig) -> anyhow::Result<Sharding> {
+    let sft = &config.sft;
+    let json = match sft.deepspeed.as_deref() {
+        Some(path) if sft.zero().is_none() => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("deepspeed: cannot read the DeepSpeed config {path}"))?,
+        ),
+        Some(text) if text.trim_start().starts_with('{') => Some(text.to_string()),
+        _ => None,
+    };
+    let zero = match &json {
+        Some(text) => ZeroSettings::from_json(text).map_err(|e| anyhow!("deepspeed: {e}"))?,
+        None => sft.zero().unwrap_or_else(ZeroSettings::none),
+    };
+    let reduce_bucket_size = json
+        .as_deref()
+        .and_then(|text| serde_json::from_str::<Value>(text).ok())
+        .and_then(|v| v["zero_optimization"]["reduce_bucket_size"].as_f64())
+        .map(|n| n.max(1.0) as usize);
+    let stage = if derive::world_size(config) > 1 {
+        ZeroStage::from_settings(&zero)?
+    } else {
+        ZeroStage::Zero0
+    };
+    Ok(Sharding {
+        stage,
+        reduce_bucket_size,
+    })
+}
+
 pub struct Setup {
+    pub sharding: Sharding,
     pub model_id: String,
     pub model_dir: PathBuf,
     pub model_config: ModelConfig,
@@ -140,6 +193,7 @@ impl Setup {
     pub fn new(config: &JobConfig, console: &Console) -> anyhow::Result<Self> {
         let sft = &config.sft;
         check_supported(config)?;
+        let sharding = sharding(config)?;
         let device = crate::device::select_device(config)
             .map_err(|d| anyhow::anyhow!("{}: {} ({})", d.field, d.message_en, d.fix))?;
 
@@ -210,6 +264,7 @@ impl Setup {
             console,
         )?;
         Ok(Self {
+            sharding,
             model_id,
             model_dir,
             model_config,
@@ -324,7 +379,7 @@ impl Setup {
                 "greater_is_better",
                 Value::from(plan.best.greater_is_better),
             ),
-            ("world_size", Value::from(1)),
+            ("world_size", Value::from(derive::world_size(config))),
         ];
         for (key, value) in resolved {
             map.insert(key.to_string(), value);

@@ -92,7 +92,8 @@ pub fn forward_backward(
         label_tokens[0] += count_label_tokens(batch)? as f64;
     }
     sync.sum_scalars(&mut label_tokens)?;
-    let shares = (micro_batches.len().max(1) * sync.world_size()) as f64;
+    let (rank, world) = (sync.rank(), sync.world_size());
+    let shares = (micro_batches.len().max(1) * world) as f64;
     let options = LossOptions {
         router_aux_loss_coef: router_aux_loss_coef / shares,
         num_label_tokens: Some(label_tokens[0] as usize),
@@ -110,8 +111,10 @@ pub fn forward_backward(
         let mut on_layer = |layer: usize, grads: &mut Gradients| {
             sync.layer_ready(grads, model.layer_parameters(layer), micro_batch)
         };
+        // Each rank's micro-batch has its own masks: numbered as in the window of all ranks.
+        let global_index = index * world + rank;
         let options = LossOptions {
-            dropout_seed: dropout.map(|(seed, step)| step_dropout_seed(seed, step, index)),
+            dropout_seed: dropout.map(|(seed, step)| step_dropout_seed(seed, step, global_index)),
             ..options
         };
         let report = grad::backward(model, batch, &options, &mut grads, &mut on_layer)?;

@@ -7,14 +7,27 @@
 //! Invariants every implementation keeps:
 //! * after [`GradSync::finish`], the gradients inside [`GradSync::owned`] are the sum over all
 //!   ranks (what one process holding every batch would have computed);
-//! * the optimizer keeps state for `owned()` only, and clipping counts squares in `owned()` only,
-//!   so ranges of different ranks never overlap and together cover the flat space.
+//! * the optimizer keeps state for `owned()` only; clipping counts squares in
+//!   [`GradSync::norm_range`] only, and those ranges of different ranks never overlap and
+//!   together cover the flat space;
+//! * after [`GradSync::params_updated`], every rank holds the same, whole parameters.
+//!
+//! [`Sharded`] is the multi-process implementation (ZeRO stages 0–2 over a [`Collective`]).
+//!
+//! [`Collective`]: whet_collective::Collective
+
+mod group;
+mod sharded;
 
 use std::ops::Range;
 
 use candle_core::Result;
 
 use crate::grad::Gradients;
+use crate::model::TrainableParams;
+
+pub use group::{Group, ZeroStage};
+pub use sharded::Sharded;
 
 /// Which micro-batch of the accumulation window a backward pass belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,9 +47,19 @@ pub trait GradSync {
     /// Ranks taking part (1 in one process).
     fn world_size(&self) -> usize;
 
+    /// This process's rank, `0..world_size()`.
+    fn rank(&self) -> usize {
+        0
+    }
+
     /// The range of the flat trainable space (see [`crate::model::FlatLayout`]) whose reduced
     /// gradients this process holds after `finish`, and whose optimizer state it keeps.
     fn owned(&self) -> Range<usize>;
+
+    /// The range whose squared gradients this process counts toward the global norm.
+    fn norm_range(&self) -> Range<usize> {
+        self.owned()
+    }
 
     /// Backward of `micro_batch` has just added the gradients of the trainable parameters with
     /// indices `params` (one decoder layer's) to `grads`.
@@ -53,6 +76,16 @@ pub trait GradSync {
 
     /// Replaces each value by its sum over all ranks.
     fn sum_scalars(&mut self, values: &mut [f64]) -> Result<()>;
+
+    /// The optimizer has updated `owned()` of `params`: bring every rank's copy up to date.
+    fn params_updated(&mut self, _params: &TrainableParams) -> Result<()> {
+        Ok(())
+    }
+
+    /// Returns once every rank has called it (checkpoints are written in turns).
+    fn barrier(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One process: every reduction is the identity and it owns the whole flat space.
