@@ -1,10 +1,9 @@
 //! `whet sft` as a launcher and as a rank, driving the real binary: N ranks meeting through the
 //! launcher's store, NPROC_PER_NODE, a taken master_port, a failing rank, SIGTERM, two
 //! launchers as two nodes on 127.0.0.1 (meeting, and failing together), and torchrun launching
-//! whet's ranks. The ranks stop
-//! after the rendezvous (`WHET_RENDEZVOUS_ONLY=1`, test-only) since distributed training is not
-//! built yet. Every launcher a test starts is killed by a guard, and every rank it reported is
-//! checked gone.
+//! whet's ranks. Most ranks stop after the rendezvous (`WHET_RENDEZVOUS_ONLY=1`, test-only);
+//! two jobs train (whet's launcher, and torchrun's against it). Every launcher a test starts is
+//! killed by a guard, and every rank it reported is checked gone.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
@@ -322,24 +321,54 @@ fn nproc_per_node_from_the_environment_launches() {
     launcher.assert_ranks_gone(2);
 }
 
+/// The training flags of a two-step job, 8 samples in batches of 2 per rank.
+fn training(job: &Job, out: &str) -> Vec<String> {
+    let mut flags = job.flags(&[
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+    ]);
+    let at = flags.iter().position(|f| f == "--output_dir").unwrap() + 1;
+    flags[at] = job.root.join(out).display().to_string();
+    flags
+}
+
+/// The loss lines of a run's logging.jsonl (one per step).
+fn losses(job: &Job, out: &str) -> Vec<String> {
+    let runs: Vec<PathBuf> = std::fs::read_dir(job.root.join(out))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(runs.len(), 1, "one run folder: {runs:?}");
+    std::fs::read_to_string(runs[0].join("logging.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("{\"loss\""))
+        .map(|l| l.split(", \"learning_rate\"").next().unwrap().to_string())
+        .collect()
+}
+
 #[test]
-fn without_the_test_switch_ranks_meet_then_refuse_to_train() {
-    let job = Job::new("refuse");
+fn without_the_test_switch_ranks_train_the_job_and_rank_0_speaks_for_it() {
+    let job = Job::new("train");
     let port = free_port().to_string();
-    let mut launcher = Launcher::whet(
-        &job.flags(&["--nproc_per_node", "2", "--master_port", &port]),
-        &[],
-    );
+    let mut flags = training(&job, "out");
+    flags.extend(["--nproc_per_node", "2", "--master_port", &port].map(String::from));
+    let mut launcher = Launcher::whet(&flags, &[]);
     let status = launcher.finish();
-    assert_eq!(status.code(), Some(1), "{}", launcher.output());
-    let stderr = launcher.stderr.join("\n");
-    assert!(
-        stderr.contains("waiting at")
-            && stderr.contains("multi-process training is not implemented yet")
-            && stderr.contains("exited with status 1; its last lines:"),
-        "{}",
-        launcher.output()
-    );
+    assert!(status.success(), "{status}; {}", launcher.output());
+    assert_eq!(losses(&job, "out").len(), 2);
+    let logged = |rank: usize| count(&launcher.stdout, &format!("[rank {rank}] {{\"loss\""));
+    assert_eq!((logged(0), logged(1)), (2, 0), "{}", launcher.output());
     launcher.assert_ranks_gone(2);
 }
 
@@ -559,4 +588,24 @@ fn torchrun_launches_whet_as_its_ranks() {
         let line = format!("rank {rank} of 2 met all ranks through the store at 127.0.0.1:{port}");
         assert_eq!(count(&launcher.stdout, &line), 1, "{}", launcher.output());
     }
+
+    // Training under torchrun takes the steps whet's own launcher takes.
+    let mut command = Command::new(&torchrun);
+    command
+        .arg("--nproc_per_node=2")
+        .arg(format!("--master_port={}", free_port()))
+        .arg("--no_python")
+        .arg(Path::new(env!("CARGO_BIN_EXE_whet")))
+        .arg("sft")
+        .args(training(&job, "torchrun"));
+    let mut torchrun_job = Launcher::start(command, &[]);
+    let status = torchrun_job.finish();
+    assert!(status.success(), "{status}; {}", torchrun_job.output());
+    let mut flags = training(&job, "whet");
+    flags.extend(["--nproc_per_node", "2", "--master_port"].map(String::from));
+    flags.push(free_port().to_string());
+    let mut whet_job = Launcher::whet(&flags, &[]);
+    assert!(whet_job.finish().success(), "{}", whet_job.output());
+    assert_eq!(losses(&job, "torchrun"), losses(&job, "whet"));
+    assert_eq!(losses(&job, "whet").len(), 2);
 }

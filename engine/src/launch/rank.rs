@@ -57,13 +57,14 @@ pub fn run_rank(
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let collective = GlooCollective::new(store.store(), env.rank, env.world_size, RENDEZVOUS_TIMEOUT)
-        .with_context(|| {
-            format!(
-                "rank {} of {}: connecting gloo's collectives",
-                env.rank, env.world_size
-            )
-        })?;
+    let collective =
+        GlooCollective::new(store.store(), env.rank, env.world_size, RENDEZVOUS_TIMEOUT)
+            .with_context(|| {
+                format!(
+                    "rank {} of {}: connecting gloo's collectives",
+                    env.rank, env.world_size
+                )
+            })?;
     let group = Group::new(store, collective, RENDEZVOUS_TIMEOUT);
     let console = if group.is_leader() {
         Console::new(std::io::stderr().is_terminal())

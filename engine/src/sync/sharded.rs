@@ -47,11 +47,7 @@ impl Sharded {
         bucket_elems: usize,
     ) -> Self {
         let layout = params.layout().clone();
-        let shard = shard_range(
-            layout.total(),
-            collective.world_size(),
-            collective.rank(),
-        );
+        let shard = shard_range(layout.total(), collective.world_size(), collective.rank());
         Self {
             collective,
             stage,
@@ -106,7 +102,11 @@ impl Sharded {
                 Some(g) => {
                     shapes.push(Some(g.shape().clone()));
                     device = g.device().clone();
-                    flat.extend(g.flatten_all()?.to_dtype(<T as WithDType>::DTYPE)?.to_vec1::<T>()?);
+                    flat.extend(
+                        g.flatten_all()?
+                            .to_dtype(<T as WithDType>::DTYPE)?
+                            .to_vec1::<T>()?,
+                    );
                 }
                 None => {
                     shapes.push(None);
@@ -119,7 +119,8 @@ impl Sharded {
             .map_err(candle_core::Error::wrap)?;
         let mut at = 0;
         for ((&i, &size), shape) in bucket.iter().zip(&sizes).zip(shapes) {
-            let keep = self.stage != ZeroStage::Zero2 || overlaps(&self.layout.range(i), &self.shard);
+            let keep =
+                self.stage != ZeroStage::Zero2 || overlaps(&self.layout.range(i), &self.shard);
             let grad = if keep {
                 let shape = shape.unwrap_or_else(|| vec![size].into());
                 Some(Tensor::from_slice(&flat[at..at + size], shape, &device)?)
@@ -243,9 +244,7 @@ impl GradSync for Sharded {
     }
 
     fn barrier(&mut self) -> Result<()> {
-        self.collective
-            .barrier()
-            .map_err(candle_core::Error::wrap)
+        self.collective.barrier().map_err(candle_core::Error::wrap)
     }
 }
 

@@ -373,9 +373,14 @@ impl Checkpointer {
         }
         sync.barrier()?;
         if !leader && !self.save_only_model {
-            self.write_optimizer(&tmp, contents.optimizer).with_context(|| {
-                format!("rank {}: cannot write its optimizer shard into {}", self.rank, tmp.display())
-            })?;
+            self.write_optimizer(&tmp, contents.optimizer)
+                .with_context(|| {
+                    format!(
+                        "rank {}: cannot write its optimizer shard into {}",
+                        self.rank,
+                        tmp.display()
+                    )
+                })?;
         }
         sync.barrier()?;
         if leader {
@@ -716,15 +721,18 @@ mod tests {
                 num_training_steps: 2,
             };
             let dir = checkpointer
-                .save(&CheckpointContents {
-                    step: 1,
-                    model: &model,
-                    optimizer: &optimizer,
-                    trainer_state: &trainer_state,
-                    training_state: &training_state,
-                    scheduler: &scheduler,
-                    args_json: &serde_json::json!({}),
-                }, &mut crate::sync::SingleProcess::new(model.trainable().num_elements()))
+                .save(
+                    &CheckpointContents {
+                        step: 1,
+                        model: &model,
+                        optimizer: &optimizer,
+                        trainer_state: &trainer_state,
+                        training_state: &training_state,
+                        scheduler: &scheduler,
+                        args_json: &serde_json::json!({}),
+                    },
+                    &mut crate::sync::SingleProcess::new(model.trainable().num_elements()),
+                )
                 .unwrap();
             assert_eq!(dir, run.join("checkpoint-1"));
             assert!(!run.join(".checkpoint-1.tmp").exists());
