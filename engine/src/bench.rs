@@ -14,12 +14,13 @@ use serde::Serialize;
 use whet_shared::config::TunerType;
 use whet_shared::JobConfig;
 
-use crate::grad::{loss_and_gradients, Batch, LossOptions};
+use crate::grad::Batch;
 use crate::model::params::is_quantized_linear;
 use crate::model::{Model, ModelConfig, ModelOptions, Trainable};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::sync::SingleProcess;
+use crate::sync::{Group, ZeroStage};
 use crate::train::setup::{lora_options, quant_options};
+use crate::train::step::{forward_backward, StepOptions};
 
 /// Steps at the start that are run but not timed (allocator and thread-pool warm-up).
 pub const WARMUP_STEPS: usize = 2;
@@ -121,6 +122,8 @@ pub struct BenchOptions {
     /// Training steps in all, the [`WARMUP_STEPS`] untimed ones included (as torch_train_bench).
     pub steps: usize,
     pub gradient_checkpointing: bool,
+    /// What each rank of a multi-process bench shards (zero0 in one process).
+    pub stage: ZeroStage,
 }
 
 impl Default for BenchOptions {
@@ -132,6 +135,7 @@ impl Default for BenchOptions {
             seq: 256,
             steps: 10,
             gradient_checkpointing: false,
+            stage: ZeroStage::Zero0,
         }
     }
 }
@@ -147,6 +151,11 @@ pub struct BenchReport {
     /// Untimed steps at the start.
     pub warmup_steps: usize,
     pub gradient_checkpointing: bool,
+    /// This process's rank and the ranks in all (each takes `batch` sequences per step).
+    pub rank: usize,
+    pub world_size: usize,
+    /// The ZeRO stage (`zero0` in one process).
+    pub zero_stage: String,
     /// Parameters of the model (the base; LoRA adapters not included).
     pub params: usize,
     /// Parameters the optimizer updates.
@@ -155,7 +164,7 @@ pub struct BenchReport {
     pub base_weights_mib: f64,
     /// The part of it in the decoder linears, the weights qlora stores in 4 bits.
     pub linear_weights_mib: f64,
-    /// Tokens (batch * seq) per second over the timed steps.
+    /// This rank's tokens (batch * seq) per second over the timed steps.
     pub tokens_per_s: f64,
     /// Mean wall time of a timed step, in milliseconds.
     pub step_ms: f64,
@@ -222,7 +231,9 @@ fn resident_mib(model: &Model, keep: impl Fn(&str) -> bool) -> f64 {
 
 /// Builds the preset model and times `opts.steps` full training steps (forward, backward,
 /// clip to 1.0, AdamW) on random tokens.
-pub fn run_train_bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
+/// Runs the bench as this process of `group` (one process, or a rank of a multi-process bench:
+/// each rank draws its own tokens and the ranks reduce as `whet sft`'s do under `opts.stage`).
+pub fn run_train_bench(opts: &BenchOptions, group: &Group) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(
         opts.batch > 0 && opts.seq > 1,
         "bench needs --batch >= 1 and --seq >= 2 (got batch {}, seq {})",
@@ -239,31 +250,36 @@ pub fn run_train_bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let vocab = config.vocab_size;
     let model =
         Model::random(config, 0, opts.train_type.model_options()?).context("building the model")?;
-    let mut sync = SingleProcess::new(model.trainable().num_elements());
-    let mut optimizer = AdamW::new(
+    let hidden = model.config().hidden_size;
+    let mut sync = group.grad_sync(opts.stage, model.trainable(), hidden * hidden);
+    let mut optimizer = AdamW::for_range(
         model.trainable(),
+        sync.owned(),
         AdamWConfig {
             weight_decay: 0.1,
             ..Default::default()
         },
     )?;
-    let loss_options = LossOptions {
+    let step_options = StepOptions {
+        router_aux_loss_coef: 0.0,
         gradient_checkpointing: opts.gradient_checkpointing,
-        dropout_seed: None,
-        ..LossOptions::for_model(model.config())
+        dropout: None,
     };
-    let mut tokens = TokenStream { state: 1 };
+    let mut tokens = TokenStream {
+        state: 1 + group.rank() as u64,
+    };
     let mut step_secs = Vec::with_capacity(opts.steps);
     let mut losses = Vec::with_capacity(opts.steps);
     for _ in 0..opts.steps {
         let batch = tokens.batch(opts.batch, opts.seq, vocab)?;
         let start = Instant::now();
-        let (report, mut grads) = loss_and_gradients(&model, &batch, &loss_options)?;
-        clip_grad_norm(&mut grads, 1.0, &mut sync)?;
+        let (loss, mut grads) = forward_backward(&model, &[batch], step_options, sync.as_mut())?;
+        clip_grad_norm(&mut grads, 1.0, sync.as_mut())?;
         optimizer.step(&grads, 1e-4)?;
         drop(grads);
+        sync.params_updated(model.trainable())?;
         step_secs.push(start.elapsed().as_secs_f64());
-        losses.push(report.loss);
+        losses.push(loss.loss);
     }
     let timed = &step_secs[WARMUP_STEPS..];
     let total: f64 = timed.iter().sum();
@@ -276,6 +292,9 @@ pub fn run_train_bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         steps: opts.steps,
         warmup_steps: WARMUP_STEPS,
         gradient_checkpointing: opts.gradient_checkpointing,
+        rank: group.rank(),
+        world_size: group.world_size(),
+        zero_stage: opts.stage.name().to_string(),
         params: model.num_parameters(),
         trainable_params: model.num_trainable_parameters(),
         base_weights_mib: resident_mib(&model, |_| true),
@@ -296,14 +315,18 @@ mod tests {
     #[test]
     fn tiny_bench_reports_sane_numbers() {
         for gradient_checkpointing in [false, true] {
-            let report = run_train_bench(&BenchOptions {
-                size: BenchSize::Tiny,
-                train_type: BenchTrainType::Full,
-                batch: 2,
-                seq: 16,
-                steps: 3,
-                gradient_checkpointing,
-            })
+            let report = run_train_bench(
+                &BenchOptions {
+                    size: BenchSize::Tiny,
+                    train_type: BenchTrainType::Full,
+                    batch: 2,
+                    seq: 16,
+                    steps: 3,
+                    gradient_checkpointing,
+                    ..Default::default()
+                },
+                &Group::single(),
+            )
             .unwrap();
             assert!(report.tokens_per_s > 0.0 && report.tokens_per_s.is_finite());
             assert!(report.step_ms > 0.0 && report.step_ms_min <= report.step_ms);
@@ -326,14 +349,17 @@ mod tests {
     #[test]
     fn lora_and_qlora_benches_train_adapters_over_a_smaller_base() {
         let run = |train_type| {
-            run_train_bench(&BenchOptions {
-                size: BenchSize::Tiny,
-                train_type,
-                batch: 2,
-                seq: 16,
-                steps: 3,
-                gradient_checkpointing: false,
-            })
+            run_train_bench(
+                &BenchOptions {
+                    size: BenchSize::Tiny,
+                    train_type,
+                    batch: 2,
+                    seq: 16,
+                    steps: 3,
+                    ..Default::default()
+                },
+                &Group::single(),
+            )
             .unwrap()
         };
         let (full, lora, qlora) = (
@@ -375,7 +401,7 @@ mod tests {
             steps: 2,
             ..Default::default()
         };
-        assert!(run_train_bench(&opts)
+        assert!(run_train_bench(&opts, &Group::single())
             .unwrap_err()
             .to_string()
             .contains("--steps"));

@@ -1,10 +1,16 @@
 //! `whet bench train`: the training-step benchmark; prints one JSON line.
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
+use whet_shared::config::{LaunchConfig, ZeroSettings, DEEPSPEED_PRESETS};
+use whet_store::RankEnv;
 
 use crate::bench::{run_train_bench, BenchOptions, BenchSize, BenchTrainType};
+use crate::launch::{self, LaunchPlan};
+use crate::sync::{Group, ZeroStage};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -42,18 +48,62 @@ pub struct TrainBenchArgs {
     pub steps: usize,
     #[arg(long = "gradient_checkpointing", alias = "gradient-checkpointing")]
     pub gradient_checkpointing: bool,
+    /// Ranks on this machine (gloo), each with --batch sequences per step, as `whet sft`'s;
+    /// every rank prints its own report (with its peak RSS).
+    #[arg(long = "nproc_per_node", default_value_t = 1)]
+    pub nproc_per_node: usize,
+    #[arg(long = "master_port", default_value_t = 29500)]
+    pub master_port: u16,
+    /// What the ranks shard: zero0, zero1, zero2 (or their _offload names).
+    #[arg(long, default_value = "zero0")]
+    pub deepspeed: String,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let BenchWhat::Train(train) = args.what;
-    let report = run_train_bench(&BenchOptions {
-        size: train.size,
-        train_type: train.train_type,
-        batch: train.batch,
-        seq: train.seq,
-        steps: train.steps,
-        gradient_checkpointing: train.gradient_checkpointing,
+    let zero = ZeroSettings::from_preset(&train.deepspeed).with_context(|| {
+        format!(
+            "--deepspeed {}: the bench takes a preset name ({})",
+            train.deepspeed,
+            DEEPSPEED_PRESETS.join(", ")
+        )
     })?;
+    // As `whet sft`: a rank of a job benches; a job of several processes launches them.
+    let group = match RankEnv::from_env()? {
+        Some(rank) if rank.world_size > 1 => launch::join_group(&rank)?,
+        Some(_) => Group::single(),
+        None if train.nproc_per_node > 1 => {
+            let launch = LaunchConfig {
+                nproc_per_node: Some(train.nproc_per_node as i64),
+                master_port: i64::from(train.master_port),
+                ..LaunchConfig::default()
+            };
+            let plan = LaunchPlan::from_config(&launch)
+                .map_err(anyhow::Error::msg)?
+                .context("more than one process makes a launch plan")?;
+            let program = std::env::current_exe().context("finding the whet executable")?;
+            let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+            return launch::run_launcher(&plan, &program, &args);
+        }
+        None => Group::single(),
+    };
+    let stage = if group.world_size() > 1 {
+        ZeroStage::from_settings(&zero)?
+    } else {
+        ZeroStage::Zero0
+    };
+    let report = run_train_bench(
+        &BenchOptions {
+            size: train.size,
+            train_type: train.train_type,
+            batch: train.batch,
+            seq: train.seq,
+            steps: train.steps,
+            gradient_checkpointing: train.gradient_checkpointing,
+            stage,
+        },
+        &group,
+    )?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(ExitCode::SUCCESS)
 }

@@ -21,7 +21,7 @@ pub mod supervisor;
 use whet_shared::config::LaunchConfig;
 use whet_store::RankEnv;
 
-pub use rank::run_rank;
+pub use rank::{join_group, run_rank};
 pub use supervisor::run_launcher;
 
 /// What one node's launcher starts: `nproc_per_node` ranks of `nproc_per_node × nnodes`, all

@@ -57,6 +57,31 @@ pub fn run_rank(
         );
         return Ok(ExitCode::SUCCESS);
     }
+    let group = join(env, store)?;
+    let console = if group.is_leader() {
+        Console::new(std::io::stderr().is_terminal())
+    } else {
+        Console::quiet()
+    };
+    crate::train::train(&as_launched(config, env), &console, make_sinks, &group)?;
+    // What each rank held at most: ZeRO's savings are per rank, so each says its own.
+    if let Some(mib) = crate::bench::peak_rss_mib() {
+        eprintln!(
+            "rank {} of {}: peak RSS {mib:.0} MiB",
+            env.rank, env.world_size
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// This rank's place in the job's [`Group`]: it meets the others at the store, then connects
+/// gloo's collectives through it.
+pub fn join_group(env: &RankEnv) -> anyhow::Result<Group> {
+    let store = meet(env, RENDEZVOUS_TIMEOUT)?;
+    join(env, store)
+}
+
+fn join(env: &RankEnv, store: RankStore) -> anyhow::Result<Group> {
     let collective =
         GlooCollective::new(store.store(), env.rank, env.world_size, RENDEZVOUS_TIMEOUT)
             .with_context(|| {
@@ -65,14 +90,7 @@ pub fn run_rank(
                     env.rank, env.world_size
                 )
             })?;
-    let group = Group::new(store, collective, RENDEZVOUS_TIMEOUT);
-    let console = if group.is_leader() {
-        Console::new(std::io::stderr().is_terminal())
-    } else {
-        Console::quiet()
-    };
-    crate::train::train(&as_launched(config, env), &console, make_sinks, &group)?;
-    Ok(ExitCode::SUCCESS)
+    Ok(Group::new(store, collective, RENDEZVOUS_TIMEOUT))
 }
 
 /// The job as its launcher started it: the world the ranks form decides the step arithmetic,

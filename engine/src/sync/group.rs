@@ -44,6 +44,15 @@ impl ZeroStage {
         })
     }
 
+    /// DeepSpeed's name for the stage.
+    pub fn name(self) -> &'static str {
+        match self {
+            ZeroStage::Zero0 => "zero0",
+            ZeroStage::Zero1 => "zero1",
+            ZeroStage::Zero2 => "zero2",
+        }
+    }
+
     /// Whether ranks own disjoint shards of the optimizer state.
     pub fn shards_optimizer(self) -> bool {
         self != ZeroStage::Zero0
