@@ -251,7 +251,7 @@ pub fn run_train_bench(opts: &BenchOptions, group: &Group) -> anyhow::Result<Ben
     let model =
         Model::random(config, 0, opts.train_type.model_options()?).context("building the model")?;
     let hidden = model.config().hidden_size;
-    let mut sync = group.grad_sync(opts.stage, model.trainable(), hidden * hidden);
+    let mut sync = group.grad_sync(opts.stage, model.trainable(), hidden * hidden)?;
     let mut optimizer = AdamW::for_range(
         model.trainable(),
         sync.owned(),
@@ -259,7 +259,8 @@ pub fn run_train_bench(opts: &BenchOptions, group: &Group) -> anyhow::Result<Ben
             weight_decay: 0.1,
             ..Default::default()
         },
-    )?;
+    )?
+    .with_flat_master(sync.flat_master())?;
     let step_options = StepOptions {
         router_aux_loss_coef: 0.0,
         gradient_checkpointing: opts.gradient_checkpointing,

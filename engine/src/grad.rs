@@ -269,6 +269,32 @@ pub fn evaluate(model: &Model, batch: &Batch, options: &LossOptions) -> Result<L
     Ok(loss_terms(&out.logits, &out.router_logits, batch, model, options)?.report)
 }
 
+/// What a backward walk tells its caller as it goes, decoder layer by decoder layer.
+pub trait LayerHooks {
+    /// Decoder layer `layer`'s weights are about to be read (its forward, recompute or
+    /// backward): ZeRO-3 gathers them here.
+    fn gather(&mut self, _layer: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Decoder layer `layer`'s weights are not read again before the next `gather`.
+    fn release(&mut self, _layer: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Decoder layer `layer`'s gradients have just been added to `grads`.
+    fn layer_ready(&mut self, layer: usize, grads: &mut Gradients) -> Result<()>;
+}
+
+/// No hooks: one process computing gradients.
+pub struct NoHooks;
+
+impl LayerHooks for NoHooks {
+    fn layer_ready(&mut self, _: usize, _: &mut Gradients) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// The loss of `batch` and its gradient with respect to every trainable parameter of `model`.
 pub fn loss_and_gradients(
     model: &Model,
@@ -276,7 +302,7 @@ pub fn loss_and_gradients(
     options: &LossOptions,
 ) -> Result<(LossReport, Gradients)> {
     let mut grads = Gradients::empty(model.trainable());
-    let report = backward(model, batch, options, &mut grads, &mut |_, _| Ok(()))?;
+    let report = backward(model, batch, options, &mut grads, &mut NoHooks)?;
     Ok((report, grads))
 }
 
@@ -291,7 +317,8 @@ struct LayerRecord {
 }
 
 /// Forward and backward of one batch, layer by layer: adds the batch's gradients to `grads`
-/// and calls `on_layer(i, grads)` as soon as decoder layer i's are in (the last layer first).
+/// and calls `hooks.layer_ready(i, grads)` as soon as decoder layer i's are in (the last layer
+/// first); each layer's weights are read only between a `gather` and a `release`.
 ///
 /// Each layer's input is a leaf, so the loss's backward stops at the last layer; then each layer
 /// is differentiated on its own, from the top, by injecting the upstream gradient `g` through
@@ -303,7 +330,7 @@ pub fn backward(
     batch: &Batch,
     options: &LossOptions,
     grads: &mut Gradients,
-    on_layer: &mut dyn FnMut(usize, &mut Gradients) -> Result<()>,
+    hooks: &mut dyn LayerHooks,
 ) -> Result<LossReport> {
     let params = model.trainable();
     let ctx = model
@@ -313,8 +340,10 @@ pub fn backward(
 
     let mut records = Vec::with_capacity(model.layers().len());
     let mut x = Var::from_tensor(&embedded.detach())?;
-    for layer in model.layers() {
+    for (i, layer) in model.layers().iter().enumerate() {
+        hooks.gather(i)?;
         let (out, logits) = layer.forward(x.as_tensor(), &ctx)?;
+        hooks.release(i)?;
         let router_leaf = logits
             .as_ref()
             .map(|l| Var::from_tensor(&l.detach()))
@@ -355,6 +384,7 @@ pub fn backward(
 
     for (i, layer) in model.layers().iter().enumerate().rev() {
         let record = &mut records[i];
+        hooks.gather(i)?;
         let (out, logits) = match record.kept.take() {
             Some(kept) => kept,
             None => layer.forward(record.input.as_tensor(), &ctx)?,
@@ -370,7 +400,8 @@ pub fn backward(
             .expect("a layer's output depends on its input")
             .detach();
         drop(store);
-        on_layer(i, grads)?;
+        hooks.release(i)?;
+        hooks.layer_ready(i, grads)?;
     }
 
     let embeddings = params.before_layers();

@@ -71,6 +71,9 @@ pub struct AdamW {
     /// Use the single-pass CPU update where it applies (off only to test it against the
     /// tensor form).
     fused: bool,
+    /// The range's master values end to end, when the parameters are not held whole (ZeRO-3):
+    /// updated here instead of in the parameters.
+    flat_master: Option<Tensor>,
 }
 
 /// What went wrong restoring optimizer state.
@@ -136,7 +139,24 @@ impl AdamW {
             exp_avg_sq: Tensor::zeros(range.len(), dtype, &device)?,
             range,
             fused: true,
+            flat_master: None,
         })
+    }
+
+    /// Updates `master` (the range's values end to end, same dtype as the parameters) instead
+    /// of the parameters.
+    pub fn with_flat_master(mut self, master: Option<Tensor>) -> Result<Self> {
+        if let Some(master) = &master {
+            if master.dims1()? != self.range.len() {
+                candle_core::bail!(
+                    "the flat master has {} elements, the optimizer's range {}",
+                    master.elem_count(),
+                    self.range.len()
+                );
+            }
+        }
+        self.flat_master = master;
+        Ok(self)
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -199,7 +219,6 @@ impl AdamW {
         let var = self.params[piece.param].1.clone();
         let len = piece.within.len();
         let whole = len == var.elem_count();
-        let flat_param = var.as_tensor().flatten_all()?;
         let cut = |t: Tensor| {
             if whole {
                 Ok(t)
@@ -207,7 +226,14 @@ impl AdamW {
                 t.narrow(0, piece.within.start, len)
             }
         };
-        let param = cut(flat_param.clone())?;
+        let flat_param = match &self.flat_master {
+            Some(master) => master.clone(),
+            None => var.as_tensor().flatten_all()?,
+        };
+        let param = match &self.flat_master {
+            Some(master) => master.narrow(0, piece.at, len)?,
+            None => cut(flat_param.clone())?,
+        };
         let grad = grad.map(|g| cut(g.flatten_all()?)).transpose()?;
         let m = self.exp_avg.narrow(0, piece.at, len)?;
         let v = self.exp_avg_sq.narrow(0, piece.at, len)?;
@@ -223,7 +249,9 @@ impl AdamW {
         self.exp_avg.slice_set(&new_m, 0, piece.at)?;
         self.exp_avg_sq.slice_set(&new_v, 0, piece.at)?;
         let new_param = new_param.to_dtype(var.dtype())?;
-        if whole {
+        if self.flat_master.is_some() {
+            flat_param.slice_set(&new_param, 0, piece.at)
+        } else if whole {
             var.set(&new_param.reshape(var.shape())?)
         } else {
             flat_param.slice_set(&new_param, 0, piece.within.start)

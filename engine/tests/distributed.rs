@@ -1,5 +1,6 @@
 //! Multi-process training on the CPU, through the real binary and gloo: one process with batch 4
-//! against 2 ranks × batch 2 and 4 ranks × batch 1, for every sharding stage, dense and MoE, with
+//! against 2 ranks × batch 2 and 4 ranks × batch 1, for every sharding stage (zero0–zero3, the
+//! offload variants, a DeepSpeed JSON file), dense and MoE, with
 //! and without gradient checkpointing — the same losses, gradient norms and final weights — and
 //! sharded checkpoints that resume exactly.
 
@@ -250,12 +251,31 @@ fn stages_match_one_process(name: &str, model: &Path, extra: &[&str]) {
     };
     check_ok(&whet(&with(ws.flags(model, "single", 4), &[]), 1));
     let single = ws.run_dir("single");
-    for stage in ["zero0", "zero1", "zero2", "zero2_offload"] {
+    // A DeepSpeed JSON as ms-swift's zero3_offload.json, with buckets small enough that a layer
+    // takes several.
+    let json = ws.root.join("ds_zero3.json");
+    std::fs::write(
+        &json,
+        r#"{"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+            "offload_param": {"device": "cpu"}, "reduce_bucket_size": 1000}}"#,
+    )
+    .unwrap();
+    let json = json.display().to_string();
+    let stages = [
+        "zero0",
+        "zero1",
+        "zero2",
+        "zero2_offload",
+        "zero3",
+        "zero3_offload",
+        &json,
+    ];
+    for (s, stage) in stages.into_iter().enumerate() {
         for (nproc, per_device) in [(2, 2), (4, 1)] {
-            if stage == "zero2_offload" && nproc == 4 {
-                continue; // on the CPU it is zero2; once is enough
+            if stage.ends_with("_offload") && nproc == 4 {
+                continue; // on the CPU the same as without; once is enough
             }
-            let out = format!("{stage}-{nproc}");
+            let out = format!("stage{s}-{nproc}");
             let flags = with(ws.flags(model, &out, per_device), &["--deepspeed", stage]);
             check_ok(&whet(&flags, nproc));
             let run = ws.run_dir(&out);
@@ -295,7 +315,7 @@ fn sharded_checkpoints_resume_exactly_and_only_at_their_world_size() {
     let model = fixtures();
     let flags = |out: &str| {
         let mut flags = ws.flags(&model, out, 2);
-        flags.extend(["--deepspeed", "zero2", "--save_steps", "2"].map(String::from));
+        flags.extend(["--deepspeed", "zero3", "--save_steps", "2"].map(String::from));
         flags
     };
     check_ok(&whet(&flags("full"), 2));
@@ -343,7 +363,7 @@ fn sharded_checkpoints_resume_exactly_and_only_at_their_world_size() {
     four.extend(
         [
             "--deepspeed",
-            "zero2",
+            "zero3",
             "--resume_from_checkpoint",
             &checkpoint,
         ]
@@ -371,20 +391,4 @@ fn sharded_checkpoints_resume_exactly_and_only_at_their_world_size() {
     );
     check_ok(&whet(&one, 1));
     assert_eq!(steps(&ws.run_dir("one")), STEPS - 2);
-}
-
-/// ZeRO-3 is refused before any work when several ranks would need it, naming the way out.
-#[test]
-fn zero3_is_refused_naming_zero2() {
-    let ws = Workspace::new("zero3");
-    let mut flags = ws.flags(&fixtures(), "out", 2);
-    flags.extend(["--deepspeed", "zero3_offload"].map(String::from));
-    let refused = whet(&flags, 2);
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success());
-    assert!(
-        stderr.contains("deepspeed: ZeRO stage 3") && stderr.contains("zero2_offload"),
-        "{stderr}"
-    );
-    assert!(!ws.root.join("out").exists(), "nothing was written");
 }

@@ -13,7 +13,8 @@ use super::{GradSync, Sharded, SingleProcess};
 use crate::model::TrainableParams;
 
 /// What a rank keeps whole and what it keeps a shard of (DeepSpeed's stages). On the CPU the
-/// `_offload` variants are the same: the optimizer state is in host memory already.
+/// `_offload` variants are the same: the optimizer state (and zero3's parameter shards) is in
+/// host memory already.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ZeroStage {
     /// Plain data parallel: gradients all-reduced, every rank steps every parameter.
@@ -22,6 +23,9 @@ pub enum ZeroStage {
     Zero1,
     /// Also the gradients: each rank keeps only its shard's after the reduction.
     Zero2,
+    /// Also the parameters: each rank keeps its shard of the masters, and a layer's weights
+    /// are gathered just in time for its forward and backward, then freed.
+    Zero3,
 }
 
 impl ZeroStage {
@@ -31,16 +35,8 @@ impl ZeroStage {
             0 => ZeroStage::Zero0,
             1 => ZeroStage::Zero1,
             2 => ZeroStage::Zero2,
-            _ => bail!(
-                "deepspeed: ZeRO stage 3 (parameter sharding{}) is not implemented in whet sft yet; \
-                 use --deepspeed zero2 (gradients and optimizer state sharded){}",
-                if zero.offload_param { ", offloaded" } else { "" },
-                if zero.offload_param || zero.offload_optimizer {
-                    " or zero2_offload"
-                } else {
-                    ""
-                }
-            ),
+            3 => ZeroStage::Zero3,
+            stage => bail!("deepspeed: ZeRO stage {stage} does not exist; use zero0 to zero3"),
         })
     }
 
@@ -50,7 +46,13 @@ impl ZeroStage {
             ZeroStage::Zero0 => "zero0",
             ZeroStage::Zero1 => "zero1",
             ZeroStage::Zero2 => "zero2",
+            ZeroStage::Zero3 => "zero3",
         }
+    }
+
+    /// Whether each rank keeps only its shard's gradients.
+    pub fn shards_gradients(self) -> bool {
+        matches!(self, ZeroStage::Zero2 | ZeroStage::Zero3)
     }
 
     /// Whether ranks own disjoint shards of the optimizer state.
@@ -117,16 +119,16 @@ impl Group {
         stage: ZeroStage,
         params: &TrainableParams,
         bucket_elems: usize,
-    ) -> Box<dyn GradSync> {
-        match &self.shared {
+    ) -> candle_core::Result<Box<dyn GradSync>> {
+        Ok(match &self.shared {
             None => Box::new(SingleProcess::new(params.num_elements())),
             Some(shared) => Box::new(Sharded::new(
                 shared.collective.clone(),
                 stage,
                 params,
                 bucket_elems,
-            )),
-        }
+            )?),
+        })
     }
 
     /// The value rank 0 decides (`value` there; ignored elsewhere), on every rank: rank 0 puts it

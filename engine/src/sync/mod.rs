@@ -12,11 +12,12 @@
 //!   together cover the flat space;
 //! * after [`GradSync::params_updated`], every rank holds the same, whole parameters.
 //!
-//! [`Sharded`] is the multi-process implementation (ZeRO stages 0–2 over a [`Collective`]).
+//! [`Sharded`] is the multi-process implementation (ZeRO stages 0–3 over a [`Collective`]).
 //!
 //! [`Collective`]: whet_collective::Collective
 
 mod group;
+mod residency;
 mod sharded;
 
 use std::ops::Range;
@@ -85,6 +86,23 @@ pub trait GradSync {
     /// Returns once every rank has called it (checkpoints are written in turns).
     fn barrier(&mut self) -> Result<()> {
         Ok(())
+    }
+
+    /// The parameters with indices `params` are about to be read: make them whole (ZeRO-3
+    /// gathers them from their owners; every other stage holds them whole already).
+    fn gather(&mut self, _params: &TrainableParams, _indices: Range<usize>) -> Result<()> {
+        Ok(())
+    }
+
+    /// The parameters with indices `params` are not read again before the next `gather`.
+    fn release(&mut self, _params: &TrainableParams, _indices: Range<usize>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Where the optimizer keeps and updates this rank's master values when the parameters
+    /// themselves are not held whole (ZeRO-3): `owned()` of the flat space, end to end.
+    fn flat_master(&self) -> Option<candle_core::Tensor> {
+        None
     }
 }
 

@@ -13,6 +13,13 @@
 //! drops, right after the reduction, every gradient that lies wholly outside the rank's shard.
 //! gloo's reduce-scatter is an all-reduce followed by a copy (as in torch's ProcessGroupGloo), so
 //! zero2 all-reduces the bucket and keeps its part: the same traffic, and the memory of a shard.
+//!
+//! zero3 reduces as zero2 and also shards the parameters: each rank keeps its shard of the
+//! master values (flat, end to end, updated there by the optimizer) and the parameters
+//! themselves are emptied ([`residency`](super::residency)) except while read: a decoder
+//! layer's are gathered from their owners for its forward and again for its backward (or
+//! recompute), the embeddings', final norm's and output projection's for the window, all of
+//! them for evaluation and checkpoints.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -20,7 +27,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor, WithDType};
 use whet_collective::{shard_range, Collective, Element, GlooCollective};
 
-use super::{GradSync, MicroBatch, ZeroStage};
+use super::{residency, GradSync, MicroBatch, ZeroStage};
 use crate::grad::Gradients;
 use crate::model::params::Piece;
 use crate::model::{FlatLayout, TrainableParams};
@@ -37,26 +44,96 @@ pub struct Sharded {
     /// Which parameters the current window has reduced.
     reduced: Vec<bool>,
     bucket_elems: usize,
+    /// zero3: this rank's shard of the master values, and which parameters are held whole.
+    master: Option<Tensor>,
+    resident: Vec<bool>,
 }
 
 impl Sharded {
+    /// Under zero3, takes this rank's shard of `params` (held whole by every rank until now)
+    /// and empties the parameters.
     pub fn new(
         collective: Arc<GlooCollective>,
         stage: ZeroStage,
         params: &TrainableParams,
         bucket_elems: usize,
-    ) -> Self {
+    ) -> Result<Self> {
         let layout = params.layout().clone();
         let shard = shard_range(layout.total(), collective.world_size(), collective.rank());
-        Self {
+        let master = if stage == ZeroStage::Zero3 {
+            let pieces: Vec<Tensor> = layout
+                .pieces(shard.clone())
+                .map(|piece| {
+                    let var = &params.as_slice()[piece.param].1;
+                    var.as_tensor()
+                        .flatten_all()?
+                        .narrow(0, piece.within.start, piece.within.len())?
+                        .copy()
+                })
+                .collect::<Result<_>>()?;
+            let master = if pieces.is_empty() {
+                Tensor::zeros(0, master_dtype_of(params), &Device::Cpu)?
+            } else {
+                Tensor::cat(&pieces, 0)?
+            };
+            for (_, var) in params.as_slice() {
+                residency::release(var)?;
+            }
+            Some(master)
+        } else {
+            None
+        };
+        Ok(Self {
             collective,
             stage,
             shard,
             after_layers: params.after_layers(),
             reduced: vec![false; params.len()],
             bucket_elems: bucket_elems.max(1),
+            resident: vec![master.is_none(); params.len()],
+            master,
             layout,
+        })
+    }
+
+    /// zero3: the whole values of the parameters `indices` (contiguous), each owner
+    /// broadcasting its part, put back into the emptied parameters.
+    fn gather_as<T: Element + WithDType>(
+        &mut self,
+        params: &TrainableParams,
+        indices: Range<usize>,
+        master: &Tensor,
+    ) -> Result<()> {
+        let range = self.layout.range(indices.start).start..self.layout.range(indices.end - 1).end;
+        let (world, me) = (self.collective.world_size(), self.collective.rank());
+        let mut flat: Vec<T> = vec![T::from_f64(0.0); range.len()];
+        for owner in 0..world {
+            let theirs = shard_range(self.layout.total(), world, owner);
+            let part = range.start.max(theirs.start)..range.end.min(theirs.end);
+            if part.start >= part.end {
+                continue;
+            }
+            let at = part.start - range.start..part.end - range.start;
+            if owner == me {
+                let values = master
+                    .narrow(0, part.start - self.shard.start, part.len())?
+                    .to_vec1::<T>()?;
+                flat[at.clone()].copy_from_slice(&values);
+            }
+            self.collective
+                .broadcast(&mut flat[at], owner)
+                .map_err(candle_core::Error::wrap)?;
         }
+        for i in indices {
+            if self.resident[i] {
+                continue;
+            }
+            let own = self.layout.range(i);
+            let values = flat[own.start - range.start..own.end - range.start].to_vec();
+            residency::refill(&params.as_slice()[i].1, T::to_cpu_storage_owned(values))?;
+            self.resident[i] = true;
+        }
+        Ok(())
     }
 
     /// Sums the gradients of `indices` (those not reduced yet) over all ranks, in buckets.
@@ -120,7 +197,7 @@ impl Sharded {
         let mut at = 0;
         for ((&i, &size), shape) in bucket.iter().zip(&sizes).zip(shapes) {
             let keep =
-                self.stage != ZeroStage::Zero2 || overlaps(&self.layout.range(i), &self.shard);
+                !self.stage.shards_gradients() || overlaps(&self.layout.range(i), &self.shard);
             let grad = if keep {
                 let shape = shape.unwrap_or_else(|| vec![size].into());
                 Some(Tensor::from_slice(&flat[at..at + size], shape, &device)?)
@@ -230,7 +307,8 @@ impl GradSync for Sharded {
     }
 
     fn params_updated(&mut self, params: &TrainableParams) -> Result<()> {
-        if !self.stage.shards_optimizer() {
+        // zero3's optimizer updated the master shard itself; layers are gathered from it.
+        if !self.stage.shards_optimizer() || self.master.is_some() {
             return Ok(());
         }
         match params.as_slice().first().map(|(_, v)| v.dtype()) {
@@ -246,6 +324,45 @@ impl GradSync for Sharded {
     fn barrier(&mut self) -> Result<()> {
         self.collective.barrier().map_err(candle_core::Error::wrap)
     }
+
+    fn gather(&mut self, params: &TrainableParams, indices: Range<usize>) -> Result<()> {
+        let Some(master) = self.master.clone() else {
+            return Ok(());
+        };
+        // Every rank holds the same parameters at the same time, so all skip alike.
+        if indices.clone().all(|i| self.resident[i]) {
+            return Ok(());
+        }
+        match master.dtype() {
+            DType::F64 => self.gather_as::<f64>(params, indices, &master),
+            _ => self.gather_as::<f32>(params, indices, &master),
+        }
+    }
+
+    fn release(&mut self, params: &TrainableParams, indices: Range<usize>) -> Result<()> {
+        if self.master.is_none() {
+            return Ok(());
+        }
+        for i in indices {
+            if self.resident[i] {
+                residency::release(&params.as_slice()[i].1)?;
+                self.resident[i] = false;
+            }
+        }
+        Ok(())
+    }
+
+    fn flat_master(&self) -> Option<Tensor> {
+        self.master.clone()
+    }
+}
+
+/// The dtype of the trainable parameters' masters (f32 when there are none).
+fn master_dtype_of(params: &TrainableParams) -> DType {
+    params
+        .as_slice()
+        .first()
+        .map_or(DType::F32, |(_, var)| var.dtype())
 }
 
 fn overlaps(a: &Range<usize>, b: &Range<usize>) -> bool {

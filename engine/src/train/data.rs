@@ -547,7 +547,7 @@ impl Sampler {
                 last.extend(cycle.next());
             }
         }
-        while batches.len() % world != 0 {
+        while !batches.len().is_multiple_of(world) {
             batches.push(cycle.by_ref().take(self.batch_size).collect());
         }
     }

@@ -21,6 +21,12 @@ use crate::sync::{GradSync, Group};
 /// `<run_dir>/runs`, plots under `<run_dir>/images`).
 pub type SinkFactory<'a> = &'a dyn Fn(&Path) -> anyhow::Result<Vec<Box<dyn ScalarSink>>>;
 
+/// Where a run stands after a step, beyond its weights and optimizer: what a resume restores.
+pub struct RunPosition<'a> {
+    pub training: &'a TrainingState,
+    pub scheduler: &'a SchedulerState,
+}
+
 /// Rank 0 writes every file of the run; the other ranks of a job only their optimizer shards
 /// (their `logger` is None and logging is a no-op there).
 pub struct Outputs {
@@ -116,8 +122,7 @@ impl Outputs {
         model: &Model,
         optimizer: &AdamW,
         state: &mut TrainerState,
-        training_state: &TrainingState,
-        scheduler: &SchedulerState,
+        position: RunPosition,
         console: &Console,
         sync: &mut dyn GradSync,
     ) -> anyhow::Result<()> {
@@ -128,8 +133,8 @@ impl Outputs {
             model,
             optimizer,
             trainer_state: state,
-            training_state,
-            scheduler,
+            training_state: position.training,
+            scheduler: position.scheduler,
             args_json: &self.args,
         };
         let dir = self.checkpointer.save(&contents, sync)?;

@@ -29,7 +29,7 @@ use super::data::{self, RankShare, Sampler};
 use super::eval::evaluate;
 use super::loader::Loader;
 use super::metrics::{end_of_train_record, summary_record, LogWindow, RunClock, RunTotals};
-use super::outputs::{Outputs, SinkFactory};
+use super::outputs::{Outputs, RunPosition, SinkFactory};
 use super::progress::Console;
 use super::setup::{adamw_config, Setup};
 use super::step::{forward_backward, StepOptions};
@@ -82,12 +82,13 @@ pub fn train(
     let setup = Setup::new(config, console)?;
     let (plan, model, device) = (&setup.plan, &setup.model, &setup.device);
     let bucket_elems = setup.sharding.bucket_elems(setup.model_config.hidden_size);
-    let mut sync = group.grad_sync(setup.sharding.stage, model.trainable(), bucket_elems);
+    let mut sync = group.grad_sync(setup.sharding.stage, model.trainable(), bucket_elems)?;
     let share = RankShare {
         rank: group.rank(),
         world: group.world_size(),
     };
-    let mut optimizer = AdamW::for_range(model.trainable(), sync.owned(), adamw_config(config))?;
+    let mut optimizer = AdamW::for_range(model.trainable(), sync.owned(), adamw_config(config))?
+        .with_flat_master(sync.flat_master())?;
     let schedule = setup.schedule(config);
     let mut sampler = Sampler::new(
         setup.data.train.len(),
@@ -189,6 +190,12 @@ pub fn train(
             let entry = log_window.take_record(grad_norm, learning_rate, state.epoch, moe);
             outputs.log(entry, &mut state, &clock, console)?;
         }
+        // Evaluation and checkpoints read every weight: ZeRO-3 gathers them all meanwhile.
+        let every_param = 0..model.trainable().len();
+        let reads_all = events.evaluate || events.save;
+        if reads_all {
+            sync.gather(model.trainable(), every_param.clone())?;
+        }
         if events.evaluate {
             let result = evaluate(
                 model,
@@ -218,11 +225,16 @@ pub fn train(
                 model,
                 &optimizer,
                 &mut state,
-                &training_state,
-                &scheduler,
+                RunPosition {
+                    training: &training_state,
+                    scheduler: &scheduler,
+                },
                 console,
                 sync.as_mut(),
             )?;
+        }
+        if reads_all {
+            sync.release(model.trainable(), every_param)?;
         }
     }
     console.finish();

@@ -11,7 +11,7 @@
 
 use candle_core::DType;
 
-use crate::grad::{self, Batch, Gradients, LossOptions};
+use crate::grad::{self, Batch, Gradients, LayerHooks, LossOptions};
 use crate::model::lora::step_dropout_seed;
 use crate::model::Model;
 use crate::sync::{GradSync, MicroBatch};
@@ -51,6 +51,30 @@ impl StepLoss {
             padded_tokens: v[5] as u64,
             samples: v[6] as u64,
         }
+    }
+}
+
+/// The backward walk's hooks, forwarded to the synchroniser with the layer's parameters.
+struct SyncHooks<'a> {
+    sync: &'a mut dyn GradSync,
+    model: &'a Model,
+    micro_batch: MicroBatch,
+}
+
+impl LayerHooks for SyncHooks<'_> {
+    fn gather(&mut self, layer: usize) -> candle_core::Result<()> {
+        self.sync
+            .gather(self.model.trainable(), self.model.layer_parameters(layer))
+    }
+
+    fn release(&mut self, layer: usize) -> candle_core::Result<()> {
+        self.sync
+            .release(self.model.trainable(), self.model.layer_parameters(layer))
+    }
+
+    fn layer_ready(&mut self, layer: usize, grads: &mut Gradients) -> candle_core::Result<()> {
+        self.sync
+            .layer_ready(grads, self.model.layer_parameters(layer), self.micro_batch)
     }
 }
 
@@ -103,13 +127,21 @@ pub fn forward_backward(
 
     let mut step = StepLoss::default();
     let mut grads = Gradients::empty(model.trainable());
+    // The embeddings, final norm and output projection are read throughout the window.
+    let params = model.trainable();
+    let outside = [params.before_layers(), params.after_layers()];
+    for range in &outside {
+        sync.gather(params, range.clone())?;
+    }
     for (index, batch) in micro_batches.iter().enumerate() {
         let micro_batch = MicroBatch {
             index,
             count: micro_batches.len(),
         };
-        let mut on_layer = |layer: usize, grads: &mut Gradients| {
-            sync.layer_ready(grads, model.layer_parameters(layer), micro_batch)
+        let mut hooks = SyncHooks {
+            sync: &mut *sync,
+            model,
+            micro_batch,
         };
         // Each rank's micro-batch has its own masks: numbered as in the window of all ranks.
         let global_index = index * world + rank;
@@ -117,7 +149,7 @@ pub fn forward_backward(
             dropout_seed: dropout.map(|(seed, step)| step_dropout_seed(seed, step, global_index)),
             ..options
         };
-        let report = grad::backward(model, batch, &options, &mut grads, &mut on_layer)?;
+        let report = grad::backward(model, batch, &options, &mut grads, &mut hooks)?;
         step.loss += report.loss;
         step.aux_loss += report.aux_loss.unwrap_or(0.0) / shares;
         step.label_tokens += report.num_label_tokens as u64;
@@ -131,6 +163,9 @@ pub fn forward_backward(
         step.samples += batch.input_ids.dim(0)? as u64;
     }
     sync.finish(&mut grads)?;
+    for range in outside {
+        sync.release(params, range)?;
+    }
     let mut totals = step.to_array();
     sync.sum_scalars(&mut totals)?;
     Ok((StepLoss::from_array(totals), grads))
