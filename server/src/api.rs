@@ -272,27 +272,12 @@ pub fn check_config(roots: &AllowedRoots, config: &JobConfig) -> whet_shared::Ch
     whet_shared::check(config, &context)
 }
 
-/// Whether a job may be queued: no errors from `check`, no path outside the roots, no more
-/// devices than the pool has. 422 with every diagnostic otherwise.
+/// Whether a job may be queued: no errors from `check`, no path outside the roots, nothing
+/// this server cannot run (devices, nodes). 422 with every diagnostic otherwise.
 fn admit(state: &AppState, config: &JobConfig) -> ApiResult<()> {
     let mut diagnostics = check_config(&state.roots, config).diagnostics;
     diagnostics.extend(state.roots.check_job(config));
-    let need = state.executor.devices_needed(config);
-    let have = state.executor.settings().devices.len();
-    if need > have {
-        diagnostics.push(
-            Diagnostic::error(
-                "nproc_per_node",
-                "not_enough_devices",
-                format!("the job needs {need} devices and this server has {have}"),
-                format!("该任务需要 {need} 个设备，而服务器只有 {have} 个"),
-            )
-            .with_fix(
-                format!("use at most {have} processes, or start whet-server with more --devices"),
-                format!("最多使用 {have} 个进程，或用更多 --devices 启动 whet-server"),
-            ),
-        );
-    }
+    diagnostics.extend(state.executor.refusals(config));
     if diagnostics.iter().any(Diagnostic::is_error) {
         return Err(ApiError::invalid(diagnostics));
     }

@@ -5,7 +5,15 @@
 //!   (`nproc_per_node`, default 1; none when the server has no `--devices`, or the job asks for
 //!   CPU with `cuda_visible_devices: ""`). CUDA_VISIBLE_DEVICES is set to the assigned devices
 //!   (a `whet` built without CUDA refuses such a job before any work: its reason is in the log);
-//!   the script's own variables (`launch.env`, minus those `paths` refuses) are passed on.
+//!   the script's own variables (`launch.env`, minus those `paths` refuses) are passed on, and
+//!   an outer launcher's (RANK, MASTER_PORT, NPROC_PER_NODE, ...) never reach the child.
+//! * Ranks: a job with `nproc_per_node` N > 1 is still one child, `whet sft` as the launcher
+//!   of N rank processes (on its N devices, or N CPU ranks when the pool is empty); their lines
+//!   arrive prefixed `[rank k]`. Jobs run on this machine only: `nnodes` > 1 is refused.
+//! * Master port: a multi-rank job whose config keeps torchrun's default 29500 (a config cannot
+//!   say "unset", so the default means "any port" here) gets a port that is free now, one no
+//!   other running job of this server holds, written into its `job.json` as `master_port`;
+//!   another value is the user's choice and is kept. The port is named in the job's log.
 //! * Where runs write: `<data dir>/runs/<id>/` holds `job.json` (the config with `output_dir`
 //!   forced to `<run dir>/output`), `job.log` (stdout and stderr) and the output folder.
 //! * What is recorded: every output line as a `log` event, every logging.jsonl record as a
@@ -13,11 +21,15 @@
 //!   and times on the job row.
 //! * Process control: the child leads its own process group; cancel sends SIGTERM to the group,
 //!   then SIGKILL after the grace period. The child is killed if the server dies (Linux
-//!   PR_SET_PDEATHSIG), and a restarted server marks such jobs `interrupted`.
+//!   PR_SET_PDEATHSIG), and a restarted server marks such jobs `interrupted`. A launcher's ranks
+//!   lead groups of their own: the launcher forwards the SIGTERM to each and waits for them,
+//!   and a SIGKILLed launcher takes them with it (their PR_SET_PDEATHSIG), so cancel ends
+//!   every rank either way.
 //!
 //! Arguments are a vector and nothing from a config reaches a shell.
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::{Ipv4Addr, Ipv6Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -29,11 +41,13 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWri
 use tokio::process::Command;
 use tokio::sync::{watch, Notify};
 use whet_shared::api::{JobStatus, LogEvent, LogStream, StatusEvent};
-use whet_shared::JobConfig;
+use whet_shared::config::LaunchConfig;
+use whet_shared::{Diagnostic, JobConfig};
 
 use crate::db::{status, JobRow, Store};
 use crate::events::{self, EventHub};
 use crate::ids::now_ms;
+use crate::paths::LAUNCHER_ENV;
 
 #[derive(Debug, Clone)]
 pub struct ExecutorSettings {
@@ -77,13 +91,37 @@ struct Inner {
 struct Pool {
     free: BTreeSet<u32>,
     running: HashMap<i64, watch::Sender<bool>>,
+    /// The master ports this server chose for its running jobs.
+    master_ports: HashMap<i64, u16>,
+}
+
+impl Pool {
+    /// A port free on every interface now that no running job of ours was given (bind port 0
+    /// where the launcher will bind its store, read the port, let it go). Racy by nature:
+    /// another program may take it before the job's launcher binds it, which then exits before
+    /// starting any rank, naming the port (the job fails with that in its log).
+    fn take_master_port(&mut self, id: i64) -> std::io::Result<u16> {
+        for _ in 0..16 {
+            let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0))
+                .or_else(|_| TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)))?;
+            let port = listener.local_addr()?.port();
+            if !self.master_ports.values().any(|&taken| taken == port) {
+                self.master_ports.insert(id, port);
+                return Ok(port);
+            }
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "no free TCP port for the job's store after 16 tries",
+        ))
+    }
 }
 
 impl Executor {
     pub fn new(settings: ExecutorSettings, store: Store, events: EventHub) -> Executor {
         let pool = Pool {
             free: settings.devices.iter().copied().collect(),
-            running: HashMap::new(),
+            ..Pool::default()
         };
         Executor {
             inner: Arc::new(Inner {
@@ -109,6 +147,46 @@ impl Executor {
         } else {
             config.launch.nproc_per_node.unwrap_or(1).max(1) as usize
         }
+    }
+
+    /// Why this server cannot run a job (empty when it can): it needs more devices than the
+    /// pool has, or more than one node (every rank of a job runs on this machine).
+    pub fn refusals(&self, config: &JobConfig) -> Vec<Diagnostic> {
+        let mut found = Vec::new();
+        let need = self.devices_needed(config);
+        let have = self.inner.settings.devices.len();
+        if need > have {
+            found.push(
+                Diagnostic::error(
+                    "nproc_per_node",
+                    "not_enough_devices",
+                    format!("the job needs {need} devices and this server has {have}"),
+                    format!("该任务需要 {need} 个设备，而服务器只有 {have} 个"),
+                )
+                .with_fix(
+                    format!(
+                        "use at most {have} processes, or start whet-server with more --devices"
+                    ),
+                    format!("最多使用 {have} 个进程，或用更多 --devices 启动 whet-server"),
+                ),
+            );
+        }
+        let nnodes = config.launch.nnodes;
+        if nnodes > 1 {
+            found.push(
+                Diagnostic::error(
+                    "nnodes",
+                    "multi_node_not_served",
+                    format!("nnodes is {nnodes}: this server runs every rank of a job on its own machine, so a job has one node"),
+                    format!("nnodes 为 {nnodes}：服务器在本机运行任务的全部进程，任务只能有一个节点"),
+                )
+                .with_fix(
+                    "set nnodes to 1 and nproc_per_node to the ranks wanted, or run `whet sft` on each machine yourself",
+                    "将 nnodes 设为 1 并用 nproc_per_node 指定进程数，或在每台机器上自行运行 `whet sft`",
+                ),
+            );
+        }
+        found
     }
 
     /// Marks jobs a dead server left `running` as `interrupted` (call once, before `start`).
@@ -194,15 +272,12 @@ impl Executor {
                     continue;
                 }
             };
-            let need = self.devices_needed(&config);
-            if need > inner.settings.devices.len() {
-                let why = format!(
-                    "it needs {need} device(s) and this server has {} (--devices)",
-                    inner.settings.devices.len()
-                );
-                self.fail_unstartable(&job, &why).await?;
+            // Admitted jobs pass; one stored by an older server might not.
+            if let Some(refusal) = self.refusals(&config).first() {
+                self.fail_unstartable(&job, &refusal.message_en).await?;
                 continue;
             }
+            let need = self.devices_needed(&config);
             let (devices, cancel) = {
                 let mut pool = inner.pool.lock().unwrap_or_else(|e| e.into_inner());
                 if pool.running.len() >= inner.settings.max_concurrent_jobs
@@ -276,6 +351,7 @@ impl Executor {
     fn release(&self, id: i64, devices: &[u32]) {
         let mut pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
         pool.running.remove(&id);
+        pool.master_ports.remove(&id);
         pool.free.extend(devices.iter().copied());
     }
 
@@ -356,6 +432,12 @@ impl Executor {
         let device_list = join_devices(devices);
         config.sft.output_dir = Some(output_dir.to_string_lossy().into_owned());
         config.launch.cuda_visible_devices = Some(device_list.clone());
+        if let Some(line) = self.settle_master_port(id, &mut config.launch)? {
+            self.inner
+                .events
+                .publish(id, events::LOG, &server_line(line))
+                .await?;
+        }
         let job_json = run_dir.join("job.json");
         let text = whet_shared::to_config_text(&config, whet_shared::Format::Json, false);
         tokio::fs::write(&job_json, text)
@@ -379,6 +461,10 @@ impl Executor {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        // The job's config alone says how many ranks run and where they meet.
+        for var in LAUNCHER_ENV {
+            command.env_remove(var);
+        }
         die_with_parent(&mut command);
         let mut child = command
             .spawn()
@@ -458,6 +544,36 @@ impl Executor {
             JobStatus::Failed
         };
         Ok((final_status, exit_code))
+    }
+
+    /// Gives a multi-rank job the port its ranks meet on (see the module's "Master port") and
+    /// says which in a line for its log; `None` for a one-process job.
+    fn settle_master_port(
+        &self,
+        id: i64,
+        launch: &mut LaunchConfig,
+    ) -> anyhow::Result<Option<String>> {
+        let ranks = launch.nproc_per_node.unwrap_or(1);
+        if ranks <= 1 {
+            return Ok(None);
+        }
+        let whose = if server_chooses_master_port(launch) {
+            let port = self
+                .inner
+                .pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take_master_port(id)
+                .context("choosing a free master_port for the job's ranks")?;
+            launch.master_port = i64::from(port);
+            "a free port the server chose; set master_port to choose one"
+        } else {
+            "the config's master_port"
+        };
+        Ok(Some(format!(
+            "whet-server: the job's {ranks} ranks meet on port {} ({whose})",
+            launch.master_port
+        )))
     }
 
     /// Copies one output stream, line by line, into job.log and `log` events.
@@ -580,6 +696,13 @@ fn find_logging_jsonl(output_dir: &Path) -> Option<PathBuf> {
         .find(|file| file.is_file())
 }
 
+/// Whether the server picks the job's master_port: it has several ranks and its config keeps
+/// torchrun's default port (which two jobs at once would both try to bind).
+pub fn server_chooses_master_port(launch: &LaunchConfig) -> bool {
+    launch.nproc_per_node.unwrap_or(1) > 1
+        && launch.master_port == LaunchConfig::default().master_port
+}
+
 /// Resolves when a cancel is asked for (never if the sender is gone).
 async fn cancel_requested(cancel: &mut watch::Receiver<bool>) {
     if cancel.wait_for(|c| *c).await.is_err() {
@@ -656,6 +779,36 @@ mod tests {
             tail.read_new(&file).await,
             vec![json!({"loss": 0.5}), json!({"eval_loss": 2})]
         );
+    }
+
+    #[test]
+    fn the_server_chooses_the_master_port_of_multi_rank_jobs_left_on_the_default() {
+        let launch = |nproc_per_node: Option<i64>, master_port: i64| LaunchConfig {
+            nproc_per_node,
+            master_port,
+            ..LaunchConfig::default()
+        };
+        assert!(server_chooses_master_port(&launch(Some(2), 29500)));
+        assert!(server_chooses_master_port(&launch(Some(8), 29500)));
+        // The user's own port is kept; one process has no store.
+        assert!(!server_chooses_master_port(&launch(Some(2), 29600)));
+        assert!(!server_chooses_master_port(&launch(Some(1), 29500)));
+        assert!(!server_chooses_master_port(&launch(None, 29500)));
+    }
+
+    #[test]
+    fn a_chosen_master_port_is_free_and_never_given_twice_while_held() {
+        let mut pool = Pool::default();
+        let mut ports = BTreeSet::new();
+        for id in 0..20 {
+            let port = pool.take_master_port(id).unwrap();
+            assert!(ports.insert(port), "port {port} given twice");
+            // Free on every interface, as the launcher binds it.
+            let bound = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
+                .or_else(|_| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)));
+            assert!(bound.is_ok(), "port {port}: {bound:?}");
+        }
+        assert_eq!(pool.master_ports.len(), 20);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use whet_shared::dataset_spec::DatasetSpec;
 use whet_shared::{Diagnostic, JobConfig};
 
 /// Environment variables a config may not set for its run: they change what program runs or
-/// how it loads, or would expose the server's secret.
+/// how it loads, or would expose the server's secret (and [`LAUNCHER_ENV`]).
 const FORBIDDEN_ENV_PREFIXES: &[&str] = &["LD_", "DYLD_", "PYTHON", "WHET_TOKEN"];
 const FORBIDDEN_ENV: &[&str] = &[
     "PATH",
@@ -21,6 +21,23 @@ const FORBIDDEN_ENV: &[&str] = &[
     "ENV",
     "IFS",
     "CUDA_VISIBLE_DEVICES",
+];
+
+/// An outer launcher's variables (torchrun's, and NPROC_PER_NODE): the server launches a job
+/// from its config alone, so a config may not set them and the server's own are not passed on
+/// (they would make the job's launcher a rank, or start more ranks than it has devices).
+pub const LAUNCHER_ENV: &[&str] = &[
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_RESTART_COUNT",
+    "NPROC_PER_NODE",
 ];
 
 /// Largest file `/api/check` reads to learn row counts (a bigger one counts as unknown rows).
@@ -123,6 +140,7 @@ impl AllowedRoots {
         for name in config.launch.env.keys() {
             let upper = name.to_ascii_uppercase();
             if FORBIDDEN_ENV.contains(&upper.as_str())
+                || LAUNCHER_ENV.contains(&upper.as_str())
                 || FORBIDDEN_ENV_PREFIXES.iter().any(|p| upper.starts_with(p))
             {
                 found.push(
@@ -246,6 +264,7 @@ mod tests {
             c.sft.resume_from_checkpoint = Some("/etc".into());
             c.sft.deepspeed = Some(format!("{r}/missing.json"));
             c.launch.env.insert("LD_PRELOAD".into(), "/x.so".into());
+            c.launch.env.insert("MASTER_PORT".into(), "29501".into());
         });
         assert_eq!(
             fields(&roots.check_job(&bad)),
@@ -255,6 +274,7 @@ mod tests {
                 ("val_dataset", "path_not_allowed"),
                 ("resume_from_checkpoint", "path_not_allowed"),
                 ("deepspeed", "path_not_found"),
+                ("env", "env_not_allowed"),
                 ("env", "env_not_allowed"),
             ]
         );

@@ -218,7 +218,9 @@ async fn jobs_wait_for_devices_and_get_their_own() {
         "{b_events:?}"
     );
     let mut a_stream = s.events(a, None).await;
-    let a_start = a_stream.read_until(|e| e.event == "log").await;
+    let a_start = a_stream
+        .read_until(|e| e.event == "log" && e.data["stream"] != "server")
+        .await;
     assert!(
         log_lines(&a_start)
             .iter()
@@ -230,6 +232,15 @@ async fn jobs_wait_for_devices_and_get_their_own() {
         "queued",
         "c waits for two free devices"
     );
+    // The launcher's config keeps its ranks, gets the assigned devices and a port of its own.
+    let job_json = s.data_dir().join(format!("runs/{a}/job.json"));
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(job_json).unwrap()).unwrap();
+    assert_eq!(written["launch"]["nproc_per_node"], 2, "{written}");
+    assert_eq!(
+        written["launch"]["cuda_visible_devices"], "4,5",
+        "{written}"
+    );
+    assert_ne!(written["launch"]["master_port"], 29500, "{written}");
 
     s.post(&format!("/api/jobs/{a}/cancel"), &json!({})).await;
     let c_events = s.wait_until_done(c).await;
@@ -300,24 +311,7 @@ async fn one_job_at_a_time_by_default_in_submission_order() {
 async fn a_gpu_job_on_a_whet_without_cuda_fails_with_its_reason() {
     let whet = common::prerequisites::whet_binary().display().to_string();
     let s = TestServer::start(&["--devices", "0", "--whet-bin", &whet]).await;
-    let data = s.data_dir();
-    std::fs::create_dir_all(data.join("model")).unwrap();
-    std::fs::write(
-        data.join("model/config.json"),
-        json!({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-               "head_dim": 16, "vocab_size": 512, "max_position_embeddings": 512,
-               "torch_dtype": "float32"})
-        .to_string(),
-    )
-    .unwrap();
-    std::fs::write(
-        data.join("train.jsonl"),
-        "{\"messages\": [{\"role\": \"user\", \"content\": \"1\"}, {\"role\": \"assistant\", \"content\": \"2\"}]}\n",
-    )
-    .unwrap();
-    let config = json!({"sft": {"model": data.join("model"), "dataset": [data.join("train.jsonl")],
-                                "tuner_type": "full", "max_steps": 1}});
+    let config = common::tiny_real_job(&s.data_dir());
     let id = s.submit(&config).await;
     let events = s.wait_until_done(id).await;
     assert_eq!(statuses(&events), vec!["queued", "running", "failed"]);

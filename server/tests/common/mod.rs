@@ -157,6 +157,28 @@ pub fn fake_job(behaviour: &str) -> Value {
                    "system": format!("fake: {behaviour}")}})
 }
 
+/// A job the real `whet sft` accepts: a tiny Qwen3 config (no weights: nothing here trains)
+/// and a one-row dataset written into `data`, one full-tuning step.
+pub fn tiny_real_job(data: &Path) -> Value {
+    std::fs::create_dir_all(data.join("model")).unwrap();
+    std::fs::write(
+        data.join("model/config.json"),
+        json!({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "head_dim": 16, "vocab_size": 512, "max_position_embeddings": 512,
+               "torch_dtype": "float32"})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        data.join("train.jsonl"),
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"1\"}, {\"role\": \"assistant\", \"content\": \"2\"}]}\n",
+    )
+    .unwrap();
+    json!({"sft": {"model": data.join("model"), "dataset": [data.join("train.jsonl")],
+                   "tuner_type": "full", "max_steps": 1}})
+}
+
 /// A test double for `whet sft --config FILE` (process control, not the product): prints lines
 /// on stdout and stderr, appends records to `<output_dir>/v0-20260101-000000/logging.jsonl`,
 /// pauses, exits with the asked code.
