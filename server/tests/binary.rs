@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use common::{fake_job, log_lines, statuses, SseReader, TOKEN};
+use common::{fake_job, log_lines, statuses, SseEvent, SseReader, TOKEN};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -271,6 +271,40 @@ async fn sigterm_stops_the_server_even_with_an_open_event_stream() {
 /// The real `whet sft` runs the demo job (2 steps) to success, its metrics streamed.
 #[tokio::test]
 async fn real_whet_sft_runs_a_job_end_to_end() {
+    let events = run_the_demo(None).await;
+    assert!(
+        events.iter().any(|e| e.event == "metrics"),
+        "logging.jsonl records streamed"
+    );
+}
+
+/// The demo as two CPU ranks: both train (each reports its peak memory), rank 0's records
+/// stream, once per step.
+#[tokio::test]
+async fn real_whet_sft_trains_a_two_rank_job() {
+    let events = run_the_demo(Some(2)).await;
+    let lines = log_lines(&events);
+    for rank in 0..2 {
+        let peak = format!("[rank {rank}] rank {rank} of 2: peak RSS ");
+        assert!(
+            lines.iter().any(|l| l.starts_with(&peak)),
+            "{peak} in {lines:?}"
+        );
+    }
+    let steps = events
+        .iter()
+        .filter(|e| e.event == "metrics" && e.data.to_string().contains("\"loss\""))
+        .count();
+    assert!(steps >= 2, "a record per step from rank 0 only: {lines:?}");
+    assert!(
+        !lines.iter().any(|l| l.starts_with("[rank 1] {")),
+        "rank 1 logs nothing: {lines:?}"
+    );
+}
+
+/// Runs the demo for 2 steps (as `nproc_per_node` ranks when given) through the real server
+/// and `whet sft`; returns the job's events once it succeeded.
+async fn run_the_demo(nproc_per_node: Option<u32>) -> Vec<SseEvent> {
     let whet = common::prerequisites::whet_binary();
     let repo = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
     let demo = repo.join("examples/demo.yaml");
@@ -291,6 +325,10 @@ async fn real_whet_sft_runs_a_job_end_to_end() {
     let config = whet_shared::parse_config_text(&text, whet_shared::Format::Yaml).unwrap();
     let mut config = serde_json::to_value(config).unwrap();
     config["sft"]["max_steps"] = json!(2);
+    config["sft"]["logging_steps"] = json!(1);
+    if let Some(n) = nproc_per_node {
+        config["launch"]["nproc_per_node"] = json!(n);
+    }
     let id = server.submit(&config).await;
     let events = server.events(id).await.read_to_end().await;
     assert_eq!(
@@ -299,8 +337,5 @@ async fn real_whet_sft_runs_a_job_end_to_end() {
         "{:?}",
         log_lines(&events)
     );
-    assert!(
-        events.iter().any(|e| e.event == "metrics"),
-        "logging.jsonl records streamed"
-    );
+    events
 }
