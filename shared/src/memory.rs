@@ -19,18 +19,40 @@
 //!   expert's gate/up/down) as bitsandbytes 4-bit, NF4 and FP4 alike: 0.5 byte per weight plus
 //!   an fp32 absmax per block of 64 weights, or with double quantisation an 8-bit absmax per
 //!   block and an fp32 per 256 blocks (blocks counted per tensor); embeddings, norms, router and
-//!   lm_head stay in b bytes, b being `bnb_4bit_compute_dtype`'s (else torch_dtype's); a buffer
-//!   the size of the largest projection in b bytes holds one dequantised weight at a time.
-//! * Activations for B samples of L tokens (L = max_length, 2048 when unset), per token and
-//!   decoder layer, elements kept for backward: attention 2h + (n_q + 2 n_kv)·d +
-//!   2 (n_q + n_kv)·d + n_q·d (norm in/out, q/k/v, q/k-norm and RoPE outputs, attention output), plus 2 n_q·L for
-//!   eager attention's scores and probabilities; MLP 2h + 4i (dense) or 2h + E + k (h + 4 i_moe)
-//!   (MoE: router logits and the k experts' inputs and intermediates). Without gradient
-//!   checkpointing every layer keeps these; with it, each layer keeps only its input (h per
-//!   token) and one layer at a time is recomputed. LoRA adds, per adapted linear and token, the
-//!   r elements of `A x` and, with lora_dropout, the dropped-out input and its mask (2 × in);
-//!   experts' linears count for the share top-k / experts of the tokens. The logits add B·L·V·(b + 4 + 4) bytes
-//!   (logits, their fp32 copy and the log-softmax for the loss).
+//!   lm_head stay in b bytes, b being `bnb_4bit_compute_dtype`'s (else torch_dtype's). The
+//!   engine dequantises a layer's projections to b bytes for its forward and the graph keeps
+//!   them for backward: every layer's without gradient checkpointing, one layer's with it.
+//! * Activations are what whet-engine's step holds beyond the model states, for B samples of
+//!   L tokens (L = max_length, 2048 when unset). The engine differentiates candle graphs, which
+//!   keep every intermediate tensor of a forward alive until its backward, so per token and
+//!   decoder layer the count is every tensor the layer's forward makes
+//!   ([`activation_bytes_per_token_layer`]): the RMSNorms' x², normalised x and output (with the
+//!   fp32 copies when computing in 16 bits), q/k/v, the q/k norms, the heads made contiguous,
+//!   RoPE's five tensors, the attention output and its merged heads, o, the residuals, and the
+//!   MLP's gate, up, SiLU and product (MoE: router logits and softmax, each routed token's
+//!   input, expert MLP and weighted output, and the block's running sum, rebuilt once per
+//!   expert). Attention is eager unless `attn_impl` names sdpa or flash attention (whet-engine
+//!   has only eager, so unset is eager): six (B, heads, L, L) score tensors — scores, scaled,
+//!   masked, shifted, exponentiated, normalised — in fp32 but the first two; a fused kernel
+//!   keeps one fp32 log-sum-exp per head and token instead. LoRA adds, per adapted linear and token,
+//!   `A x` (r), `B A x`, its scaled copy and the sum (3 × out), and with lora_dropout the mask
+//!   and the dropped-out input (2 × in); experts' linears count for the share top-k / experts of
+//!   the tokens. Every layer's input and the embeddings stay too ((layers + 2) × hidden).
+//!   Without gradient checkpointing every layer keeps its tensors; with it, one layer at a time
+//!   is recomputed. The backward of a layer needs a working set on top: seven (B, heads, L, L)
+//!   fp32 gradients in the softmax (candle's quotient rule holds the incoming gradient, both
+//!   partial quotients and the squared sum at full size, and the gradients of the mask and
+//!   max broadcasts stay in the layer's store; four MLP widths in b bytes with a fused kernel),
+//!   plus, for adapters, a b-byte gradient for every frozen projection of the layer, which
+//!   candle computes whether or not the weight trains. The head keeps the final norm and
+//!   B·L·V logits in b bytes (plus their fp32 copy for the loss when computing in 16 bits); the
+//!   loss's backward adds two fp32 B·L·V gradients (the fused loss's, then candle's
+//!   accumulated copy), or one in b bytes plus lm_head's weight gradient twice (V·h·b each)
+//!   when that is larger. These phases peak at different moments, but memory one of them frees
+//!   stays with the allocator in pieces the other cannot reuse (glibc's heap on the CPU), so
+//!   they add up; the gradients, though, are made after the loss's buffers (and without
+//!   checkpointing each layer's kept tensors) are freed and take that room, so the activations
+//!   count only what the gradients do not reuse.
 //! * Overhead: 0.75 GiB for the CUDA context and kernels' workspaces, 0.5 GiB of NCCL buffers
 //!   with more than one rank, DeepSpeed's all-gather and reduce buckets (2 × 2e8 elements) when
 //!   `--deepspeed` is set, and 5 % of everything else for allocator fragmentation.
@@ -51,6 +73,7 @@ pub struct MemoryEstimate {
     pub weights_gib: f64,
     pub gradients_gib: f64,
     pub optimizer_gib: f64,
+    /// What forward keeps and backward needs, less the room the gradients reuse.
     pub activations_gib: f64,
     pub overhead_gib: f64,
     /// Optimizer states and weights held in CPU memory by `_offload`, per rank.
@@ -108,28 +131,96 @@ pub fn quantized_bytes(counts: &AdapterCounts, double_quant: bool) -> f64 {
     packed + constants
 }
 
-/// Activation elements one token keeps in one decoder layer (see the module comment).
-pub fn activation_elements_per_token_layer(
+/// Whether the estimate counts eager attention's (B, heads, L, L) tensors: whet-engine has no
+/// fused kernel, so anything but sdpa or flash attention (unset included) is eager.
+pub fn eager_attention(config: &SftConfig) -> bool {
+    !matches!(
+        config.attn_impl.as_deref(),
+        Some("sdpa" | "flash_attn" | "flash_attention_2" | "flash_attention_3")
+    )
+}
+
+/// 1 when computing in 16 bits, where the engine makes fp32 copies for norms, softmax and loss.
+fn casts(b: f64) -> f64 {
+    if b < 4.0 {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// Bytes one token keeps through an RMSNorm over `n` elements: x² and the normalised x in
+/// fp32 (after an fp32 copy of x and before the cast back, in 16 bits) and the weighted output.
+fn rms_norm_bytes(n: f64, b: f64) -> f64 {
+    4.0 * n * (2.0 + casts(b)) + b * n * (1.0 + casts(b))
+}
+
+/// Bytes one token keeps for backward in one decoder layer of whet-engine's forward, adapters
+/// aside (see the module comment), computing in `b` bytes per element.
+pub fn activation_bytes_per_token_layer(
     facts: &ModelFacts,
     layer: u64,
     seq_len: u64,
+    b: f64,
     eager: bool,
 ) -> f64 {
     let h = facts.hidden_size as f64;
+    let heads = facts.num_heads as f64;
     let q = (facts.num_heads * facts.head_dim) as f64;
     let kv = (facts.num_kv_heads * facts.head_dim) as f64;
-    let mut attention = 2.0 * h + (q + 2.0 * kv) + 2.0 * (q + kv) + q;
-    if eager {
-        attention += 2.0 * (facts.num_heads * seq_len) as f64;
+    // Norm; q/k/v and the heads made contiguous; RoPE's negated half, concatenation, two
+    // products and sum on q and k; the attention output and its merged heads; o; residual.
+    let mut attention =
+        rms_norm_bytes(h, b) + b * (2.0 * (q + 2.0 * kv) + 4.5 * (q + kv) + 2.0 * q + 2.0 * h);
+    if facts.qkv_bias() {
+        attention += b * (q + 2.0 * kv);
     }
-    let mlp = if facts.is_moe_layer(layer) {
-        2.0 * h
-            + facts.num_experts as f64
-            + facts.num_experts_per_tok as f64 * (h + 4.0 * facts.moe_intermediate_size as f64)
+    if facts.o_proj_bias() {
+        attention += b * h;
+    }
+    if facts.qk_norm() {
+        attention += rms_norm_bytes(q, b) + rms_norm_bytes(kv, b);
+    }
+    attention += if eager {
+        // Scores and scaled scores in b, then (after an fp32 copy in 16 bits) masked, shifted,
+        // exponentiated and normalised in fp32, and the probabilities cast back.
+        heads * seq_len as f64 * (2.0 * b + 16.0 + casts(b) * (4.0 + b))
     } else {
-        2.0 * h + 4.0 * facts.intermediate_size as f64
+        heads * 4.0
     };
-    attention + mlp
+    let mlp = if facts.is_moe_layer(layer) {
+        let experts = facts.num_experts as f64;
+        let k = facts.num_experts_per_tok as f64;
+        // Router logits and their fp32 softmax; per routed token its input, the expert's gate,
+        // up, SiLU, product and down, and the weighted output; the running sum the block
+        // rebuilds for every expert; the residual.
+        b * experts
+            + 4.0 * experts * (3.0 + casts(b))
+            + b * (k * (3.0 * h + 4.0 * facts.moe_intermediate_size as f64) + experts * h + h)
+    } else {
+        // Gate, up, SiLU, product, down, residual.
+        b * (4.0 * facts.intermediate_size as f64 + 2.0 * h)
+    };
+    attention + rms_norm_bytes(h, b) + mlp
+}
+
+/// Bytes per token of one layer's backward working set beyond what its forward keeps: the
+/// softmax's gradients under eager attention (seven (B, heads, L, L) fp32 tensors at its
+/// peak), else about four MLP-wide gradients.
+pub fn backward_bytes_per_token_layer(
+    facts: &ModelFacts,
+    layer: u64,
+    seq_len: u64,
+    b: f64,
+    eager: bool,
+) -> f64 {
+    if eager {
+        7.0 * 4.0 * (facts.num_heads * seq_len) as f64
+    } else if facts.is_moe_layer(layer) {
+        4.0 * b * (facts.num_experts_per_tok * facts.moe_intermediate_size) as f64
+    } else {
+        4.0 * b * facts.intermediate_size as f64
+    }
 }
 
 pub fn estimate(config: &SftConfig, facts: &ModelFacts, sharding: Sharding) -> MemoryEstimate {
@@ -146,17 +237,24 @@ pub fn estimate(config: &SftConfig, facts: &ModelFacts, sharding: Sharding) -> M
     if let Some(a) = &adapters {
         let t = a.trainable() as f64;
         let (frozen, dequant_buffer) = if config.is_qlora() {
+            // The dequantised projections the graph keeps: all layers', or the recomputed one's.
+            let layers = a.frozen_projections_per_layer.iter().copied();
+            let dequantised = if config.gradient_checkpointing {
+                layers.max().unwrap_or(0)
+            } else {
+                layers.sum()
+            };
             (
                 quantized_bytes(a, config.bnb_4bit_use_double_quant) + a.frozen_other as f64 * b,
-                a.largest_frozen_projection as f64 * b,
+                dequantised as f64 * b,
             )
         } else {
             ((a.frozen_projections + a.frozen_other) as f64 * b, 0.0)
         };
         // Trainable masters are cast to the compute dtype on use; backward keeps the copies.
-        let casts = if b < 4.0 { t * b } else { 0.0 };
+        let master_casts = if b < 4.0 { t * b } else { 0.0 };
         let base_on_gpu = if zero.stage >= 3 { frozen / n } else { frozen };
-        weights = base_on_gpu + 4.0 * t + casts + dequant_buffer;
+        weights = base_on_gpu + 4.0 * t + master_casts + dequant_buffer;
         gradients = if zero.stage >= 2 {
             4.0 * t / n
         } else {
@@ -202,31 +300,50 @@ pub fn estimate(config: &SftConfig, facts: &ModelFacts, sharding: Sharding) -> M
         .map_or(DEFAULT_SEQ_LEN, |l| l as u64);
     let batch = config.per_device_train_batch_size.max(1) as f64;
     let tokens = batch * seq_len as f64;
-    let eager = config.attn_impl.as_deref() == Some("eager");
+    let eager = eager_attention(config);
     let lora_dropout = config.lora_dropout > 0.0;
-    let per_layer: Vec<f64> = (0..facts.num_layers)
+    let (h, v) = (facts.hidden_size as f64, facts.vocab_size as f64);
+    // Per layer: bytes kept per token, and bytes its backward needs on top.
+    let (kept, working): (Vec<f64>, Vec<f64>) = (0..facts.num_layers)
         .map(|layer| {
-            let base = activation_elements_per_token_layer(facts, layer, seq_len, eager);
-            let lora = adapters.as_ref().map_or(0.0, |a| {
-                let i = layer as usize;
-                let inputs = if lora_dropout {
+            let i = layer as usize;
+            let mut kept = activation_bytes_per_token_layer(facts, layer, seq_len, b, eager);
+            let mut working =
+                tokens * backward_bytes_per_token_layer(facts, layer, seq_len, b, eager);
+            if let Some(a) = &adapters {
+                let dropout = if lora_dropout {
                     2.0 * a.lora_inputs_per_token[i]
                 } else {
                     0.0
                 };
-                a.lora_outputs_per_token[i] + inputs
-            });
-            base + lora
+                kept +=
+                    b * (a.lora_outputs_per_token[i] + 3.0 * a.lora_widths_per_token[i] + dropout);
+                // candle computes a gradient for every frozen weight the layer multiplies by.
+                working += b * a.frozen_projections_per_layer[i] as f64;
+            }
+            (tokens * kept, working)
         })
-        .collect();
-    let layers_elements = if config.gradient_checkpointing {
-        let largest = per_layer.iter().cloned().fold(0.0, f64::max);
-        facts.num_layers as f64 * facts.hidden_size as f64 + largest
+        .unzip();
+    let layers_kept = if config.gradient_checkpointing {
+        kept.iter().cloned().fold(0.0, f64::max)
     } else {
-        per_layer.iter().sum()
+        kept.iter().sum()
     };
-    let logits = tokens * facts.vocab_size as f64 * (b + 4.0 + 4.0);
-    let activations = tokens * layers_elements * b + logits;
+    let layer_backward = working.iter().cloned().fold(0.0, f64::max);
+    // Embeddings and every layer's input; the final norm; the logits (and their fp32 copy).
+    let boundaries = tokens * (facts.num_layers as f64 + 2.0) * h * b;
+    let head = tokens * rms_norm_bytes(h, b) + tokens * v * (b + 4.0 * casts(b));
+    let loss_backward = f64::max(8.0 * tokens * v, b * tokens * v + 2.0 * b * v * h);
+    // Gradients are made after the loss's buffers (and, unless recomputed, each layer's kept
+    // tensors) are freed, and take that room.
+    let freed = loss_backward
+        + if config.gradient_checkpointing {
+            0.0
+        } else {
+            layers_kept
+        };
+    let reused = gradients.min(freed);
+    let activations = boundaries + layers_kept + layer_backward + head + loss_backward - reused;
 
     // --- overhead
     let mut overhead = 0.75 * GIB;

@@ -160,8 +160,9 @@ pub struct AdapterCounts {
     pub quant_blocks: u64,
     /// Groups of [`QUANT_BLOCK_GROUP`] blocks (double quantisation's fp32 constants).
     pub quant_block_groups: u64,
-    /// The largest frozen projection: QLoRA's dequantisation buffer.
-    pub largest_frozen_projection: u64,
+    /// Frozen projection weights per decoder layer: what QLoRA dequantises for the layer's
+    /// forward, and the weight gradients candle's backward computes for them anyway.
+    pub frozen_projections_per_layer: Vec<u64>,
     /// Every other frozen parameter: embeddings, norms, router, lm_head, frozen biases.
     pub frozen_other: u64,
     /// Per decoder layer and token, the rank-wide `A x` of every adapted linear (experts
@@ -170,6 +171,9 @@ pub struct AdapterCounts {
     /// Per decoder layer and token, the input width of every adapted linear (same weighting):
     /// what LoRA dropout copies.
     pub lora_inputs_per_token: Vec<f64>,
+    /// Per decoder layer and token, the output width of every adapted linear (same weighting):
+    /// `B A x`, its scaled copy and the sum with the base output each take that much.
+    pub lora_widths_per_token: Vec<f64>,
 }
 
 impl AdapterCounts {
@@ -388,7 +392,9 @@ impl ModelFacts {
         let per_layer = vec![0.0; self.num_layers as usize];
         let mut counts = AdapterCounts {
             lora_outputs_per_token: per_layer.clone(),
-            lora_inputs_per_token: per_layer,
+            lora_inputs_per_token: per_layer.clone(),
+            lora_widths_per_token: per_layer,
+            frozen_projections_per_layer: vec![0; self.num_layers as usize],
             ..AdapterCounts::default()
         };
         // Each token passes through top-k of the experts.
@@ -414,6 +420,7 @@ impl ModelFacts {
                     let share = if tensor.expert { expert_share } else { 1.0 };
                     counts.lora_outputs_per_token[layer as usize] += share * rank as f64;
                     counts.lora_inputs_per_token[layer as usize] += share * input as f64;
+                    counts.lora_widths_per_token[layer as usize] += share * out as f64;
                 }
             }
             if tensor.kind == TensorKind::Projection {
@@ -421,7 +428,9 @@ impl ModelFacts {
                 let blocks = n.div_ceil(QUANT_BLOCK);
                 counts.quant_blocks += blocks;
                 counts.quant_block_groups += blocks.div_ceil(QUANT_BLOCK_GROUP);
-                counts.largest_frozen_projection = counts.largest_frozen_projection.max(n);
+                if let Some(layer) = tensor.layer {
+                    counts.frozen_projections_per_layer[layer as usize] += n;
+                }
             } else {
                 counts.frozen_other += n;
             }

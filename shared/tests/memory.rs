@@ -104,11 +104,26 @@ fn qwen3_0_6b_full_fp32_on_one_device() {
     assert_close("weights", m.weights_gib, 4.0 * P_06B);
     assert_close("gradients", m.gradients_gib, 4.0 * P_06B);
     assert_close("optimizer", m.optimizer_gib, 8.0 * P_06B);
-    // Checkpointed: each of 28 layers keeps its input (h = 1024 per token), plus one layer
-    // recomputed: attention 2·1024 + (2048 + 2·1024) + 2·(2048 + 1024) + 2048 = 14336 and
-    // MLP 2·1024 + 4·3072 = 14336 elements per token; logits 151936 × (4 + 4 + 4) bytes.
+    // One recomputed layer keeps per token, in fp32 bytes: two RMSNorms of 1024 (x², normalised
+    // x, output: 12 · 1024 each); q/k/v (4096) and their contiguous heads (4096), RoPE on q and
+    // k (4.5 · 3072), the attention output and its merged heads (2 · 2048), o and the residual
+    // (2 · 1024): 4 · 28160; q/k norms 12 · (2048 + 1024); eager attention's six score tensors,
+    // 16 heads × 2048 keys each: 24 · 32768; MLP gate, up, SiLU, product and down, residual:
+    // 4 · (4 · 3072 + 2 · 1024).
+    let layer = 2.0 * 12288.0 + 4.0 * 28160.0 + 12.0 * 3072.0 + 24.0 * 32768.0 + 4.0 * 14336.0;
+    assert_eq!(layer, 1_017_856.0);
+    // Its backward: seven fp32 score-sized gradients. The embeddings and the 29 layer inputs
+    // stay (30 · 1024); the head keeps the final norm and the logits.
+    let backward = 7.0 * 4.0 * 32768.0;
+    let boundaries = 30.0 * 1024.0 * 4.0;
+    let head = 12.0 * 1024.0 + 151936.0 * 4.0;
+    // The loss's backward: two fp32 logits gradients (as large here as one plus lm_head's
+    // weight gradient twice: 2048 · 151936 · 4 + 2 · 151936 · 1024 · 4). The gradients, made
+    // after it is freed, fit in its room (4P < 8 · 2048 · 151936).
     let tokens = 2048.0;
-    let activations = tokens * (28.0 * 1024.0 + 14336.0 + 14336.0) * 4.0 + tokens * 151936.0 * 12.0;
+    let loss = 8.0 * tokens * 151936.0;
+    assert!(4.0 * P_06B < loss);
+    let activations = tokens * (layer + backward + boundaries + head) + loss - 4.0 * P_06B;
     assert_close("activations", m.activations_gib, activations);
     assert_close(
         "overhead",
@@ -149,12 +164,12 @@ fn qwen3_8b_lora_and_qlora_in_bf16() {
     let qlora = estimate(&qlora_config, &facts, one_gpu);
     // NF4 with double quantisation: 0.5 byte + an 8-bit absmax per 64 weights + an fp32 per
     // 256 blocks (every 8B projection is a multiple of 64 · 256 weights); embeddings, lm_head
-    // and norms stay bf16; one bf16 buffer of the largest projection (4096 × 12288) dequantises.
+    // and norms stay bf16; checkpointed, one layer's projections are dequantised to bf16 at a time.
     let nf4 = 0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0);
     assert_close(
         "qlora weights",
         qlora.weights_gib,
-        LINEAR_8B * nf4 + (P_8B - LINEAR_8B) * 2.0 + 4096.0 * 12288.0 * 2.0 + (4.0 + 2.0) * LORA_8B,
+        LINEAR_8B * nf4 + (P_8B - LINEAR_8B) * 2.0 + LINEAR_8B / 36.0 * 2.0 + (4.0 + 2.0) * LORA_8B,
     );
     assert_close("qlora gradients", qlora.gradients_gib, 4.0 * LORA_8B);
     assert_eq!(qlora.activations_gib, lora.activations_gib);
@@ -194,15 +209,39 @@ fn qwen3_30b_a3b_full_bf16_over_five_gpus_by_zero_stage() {
             assert_close(&format!("{preset} weights"), m.weights_gib, weights);
             assert_close(&format!("{preset} gradients"), m.gradients_gib, gradients);
             assert_close(&format!("{preset} optimizer"), m.optimizer_gib, optimizer);
-            // Per token per layer: attention 2·2048 + (4096 + 2·512) + 2·(4096 + 512) + 4096 =
-            // 22528; MoE 2·2048 + 128 + 8·(2048 + 4·768) = 45184 elements, in bf16.
-            let tokens = 4096.0;
-            let layers = if checkpointing {
-                48.0 * 2048.0 + 22528.0 + 45184.0
+            // Per token and layer, bytes in bf16: an RMSNorm of n keeps an fp32 copy, x² and the
+            // normalised x (12n), its bf16 cast and the output (4n). Attention: norm 16 · 2048;
+            // q/k/v (4096 + 2 · 512) and their contiguous heads, RoPE 4.5 · 4608, output and
+            // merged heads 2 · 4096, o and residual 2 · 2048: 2 · 43264; q/k norms
+            // 16 · (4096 + 512); 32 heads × 4096 keys of scores and scaled scores (2 + 2),
+            // an fp32 copy, masked, shifted, exponentiated, normalised (5 · 4) and the bf16
+            // probabilities (2): 26 · 131072. MoE: norm 16 · 2048; router logits 2 · 128 and
+            // their fp32 copy and softmax 16 · 128; 8 routed copies of the input, gate, up,
+            // SiLU, product, down and weighted output 2 · 8 · (3 · 2048 + 4 · 768); the block's
+            // running sum, one per expert, 2 · 128 · 2048; residual 2 · 2048.
+            let attention = 16.0 * 2048.0 + 2.0 * 43264.0 + 16.0 * 4608.0 + 26.0 * 131072.0;
+            let moe = 16.0 * 2048.0
+                + 2.0 * 128.0
+                + 16.0 * 128.0
+                + 2.0 * (8.0 * 9216.0 + 128.0 * 2048.0 + 2048.0);
+            let layer = attention + moe;
+            assert_eq!(layer, 4_311_808.0);
+            // A layer's backward adds seven fp32 score gradients; the embeddings and layer
+            // inputs stay (50 · 2048 bf16); the head keeps the final norm and the logits in
+            // bf16 and fp32.
+            let backward = 7.0 * 4.0 * 131072.0;
+            let boundaries = 50.0 * 2048.0 * 2.0;
+            let head = 16.0 * 2048.0 + 151936.0 * 6.0;
+            let tokens: f64 = 4096.0;
+            let loss = 8.0 * tokens * 151936.0;
+            // The gradients take what backward freed before them: the loss's buffers when
+            // checkpointing (they are larger), else all of them fit where the layers' were.
+            let (layers, reused) = if checkpointing {
+                (layer, loss.min(gradients))
             } else {
-                48.0 * (22528.0 + 45184.0)
+                (48.0 * layer, gradients)
             };
-            let activations = tokens * layers * 2.0 + tokens * 151936.0 * 10.0;
+            let activations = tokens * (layers + backward + boundaries + head) + loss - reused;
             assert_close(
                 &format!("{preset} activations"),
                 m.activations_gib,
@@ -325,14 +364,26 @@ fn tiny_counts_equal_the_hand_counts() {
 fn tiny_dense_full_lora_and_qlora_in_bf16() {
     let facts = tiny(TINY_DENSE);
     let tokens = 128.0;
-    let logits = tokens * 512.0 * (2.0 + 4.0 + 4.0);
-    // Per token and layer: attention 2·64 + (64 + 2·32) + 2·(64 + 32) + 64 = 512, MLP
-    // 2·64 + 4·128 = 640. Checkpointed: each layer's input (64) plus one layer recomputed.
-    let base_layer = 512.0 + 640.0;
-    // LoRA keeps A x (8) for each of the 7 linears and, with dropout 0.05, each linear's
-    // dropped-out input and mask: 2 · (q, k, v, gate, up 64 each + o 64 + down 128) = 1024.
-    let lora_layer = base_layer + 7.0 * 8.0 + 2.0 * 512.0;
-    let activations = |layer: f64| tokens * (2.0 * 64.0 + layer) * 2.0 + logits;
+    // Per token and layer, bytes in bf16 (an RMSNorm of n: 16n, see the 30B test): norms
+    // 2 · 16 · 64; q/k/v 128 and their contiguous heads, RoPE 4.5 · 96, output and merged heads
+    // 2 · 64, o and residual 2 · 64: 2 · 944; q/k norms 16 · 96; 4 heads × 128 keys of score
+    // tensors 26 · 512; MLP gate, up, SiLU, product 4 · 128, down and residual 2 · 64, in bf16.
+    let base_layer = 2.0 * 1024.0 + 2.0 * 944.0 + 1536.0 + 26.0 * 512.0 + 2.0 * 640.0;
+    assert_eq!(base_layer, 20064.0);
+    // Checkpointed, one layer is recomputed; its backward adds seven fp32 score gradients; the
+    // embeddings and the layer inputs stay (4 · 64); the head keeps the final norm and the
+    // logits in bf16 and fp32; the loss's backward two fp32 logits gradients.
+    let rest = 7.0 * 4.0 * 512.0 + 4.0 * 64.0 * 2.0 + 16.0 * 64.0 + 512.0 * 6.0;
+    let loss = 8.0 * tokens * 512.0;
+    // The gradients fit in the loss's freed buffers; adapter runs add a bf16 gradient of each
+    // frozen projection of the layer (36864), which candle computes anyway.
+    let activations = |layer: f64, gradients: f64, frozen: f64| {
+        tokens * (layer + rest) + frozen * 2.0 + loss - gradients
+    };
+    // LoRA keeps A x (8), B A x, its scaled copy and the sum (3 · out) for each of the 7
+    // linears (out: 64 + 32 + 32 + 64 + 128 + 128 + 64 = 512) and, with dropout 0.05, each
+    // linear's mask and dropped-out input: 2 · (q, k, v, gate, up 64 each + o 64 + down 128).
+    let lora_layer = base_layer + 2.0 * (7.0 * 8.0 + 3.0 * 512.0 + 2.0 * 512.0);
 
     let full = estimate(&tiny_config(TunerType::Full, |_| {}), &facts, ONE_GPU);
     assert_close("full weights", full.weights_gib, 2.0 * P_TINY_DENSE);
@@ -341,7 +392,7 @@ fn tiny_dense_full_lora_and_qlora_in_bf16() {
     assert_close(
         "full activations",
         full.activations_gib,
-        activations(base_layer),
+        activations(base_layer, 2.0 * P_TINY_DENSE, 0.0),
     );
     assert_eq!(full.trainable_params as f64, P_TINY_DENSE);
 
@@ -359,7 +410,7 @@ fn tiny_dense_full_lora_and_qlora_in_bf16() {
     assert_close(
         "lora activations",
         lora.activations_gib,
-        activations(lora_layer),
+        activations(lora_layer, 4.0 * t, 36864.0),
     );
     assert_eq!(lora.trainable_params as f64, t);
     let no_dropout = estimate(
@@ -370,7 +421,7 @@ fn tiny_dense_full_lora_and_qlora_in_bf16() {
     assert_close(
         "lora activations without dropout",
         no_dropout.activations_gib,
-        activations(base_layer + 56.0),
+        activations(lora_layer - 2.0 * 2.0 * 512.0, 4.0 * t, 36864.0),
     );
 
     // QLoRA: 4-bit projections, 0.5 byte each = 36864 bytes; blocks of 64 per tensor: q and o
@@ -378,7 +429,7 @@ fn tiny_dense_full_lora_and_qlora_in_bf16() {
     // quantisation adds one fp32 per 256 blocks of each tensor: 14 tensors, 14 · 4 bytes.
     let packed = PROJ_TINY * 0.5;
     let rest = (P_TINY_DENSE - PROJ_TINY) * 2.0;
-    let dequant_buffer = 64.0 * 128.0 * 2.0; // gate/up/down, the largest projections
+    let dequant_buffer = 36864.0 * 2.0; // one layer's projections, checkpointed
     let qlora = estimate(&tiny_config(TunerType::Qlora, |_| {}), &facts, ONE_GPU);
     let double_quant = packed + 1152.0 + 14.0 * 4.0;
     assert_close(
@@ -386,7 +437,7 @@ fn tiny_dense_full_lora_and_qlora_in_bf16() {
         qlora.weights_gib,
         double_quant + rest + dequant_buffer + 6.0 * t,
     );
-    assert_close("qlora weights in bytes", qlora.weights_gib, 284_600.0);
+    assert_close("qlora weights in bytes", qlora.weights_gib, 341_944.0);
     assert_close("qlora gradients", qlora.gradients_gib, 4.0 * t);
     assert_close("qlora optimizer", qlora.optimizer_gib, 8.0 * t);
     assert_eq!(qlora.activations_gib, lora.activations_gib);
@@ -400,7 +451,7 @@ fn tiny_dense_full_lora_and_qlora_in_bf16() {
         single_quant.weights_gib,
         packed + 1152.0 * 4.0 + rest + dequant_buffer + 6.0 * t,
     );
-    assert_close("single quant in bytes", single_quant.weights_gib, 288_000.0);
+    assert_close("single quant in bytes", single_quant.weights_gib, 345_344.0);
     let fp4 = estimate(
         &tiny_config(TunerType::Qlora, |c| c.bnb_4bit_quant_type = "fp4".into()),
         &facts,
@@ -438,7 +489,7 @@ fn tiny_dense_full_lora_and_qlora_in_bf16() {
     assert_close(
         "qlora + lm_head in bytes",
         qlora_head.weights_gib,
-        415_672.0,
+        473_016.0,
     );
 
     for m in [&full, &lora, &qlora, &single_quant, &lora_head, &qlora_head] {
@@ -452,12 +503,20 @@ fn tiny_moe_lora_and_qlora_count_every_expert() {
     let facts = tiny(TINY_MOE);
     let t = LORA_TINY_MOE;
     let tokens = 128.0;
-    let logits = tokens * 512.0 * 10.0;
-    // Per token and layer: attention 512; MoE 2·64 + 4 + 2·(64 + 4·32) = 516. LoRA: A x (8)
-    // for the 4 attention linears and, for a token's share 2/4 of each of the 4 experts, its
-    // 3 linears: 32 + 2 · 24 = 80; dropout copies the inputs and masks: 2 · (4 · 64 + 2 ·
-    // (64 + 64 + 32)) = 1152.
-    let layer = 512.0 + 516.0 + 80.0 + 1152.0;
+    // Per token and layer, bf16 bytes: attention as in the dense test, 17760; MoE: norm
+    // 16 · 64, router logits 2 · 4 and their fp32 copy and softmax 16 · 4, 2 routed copies of
+    // the input, gate, up, SiLU, product, down and weighted output 2 · 2 · (3 · 64 + 4 · 32),
+    // the block's running sum per expert 2 · 4 · 64, residual 2 · 64. LoRA: A x (8) for the 4
+    // attention linears and, for a token's share 2/4 of each of the 4 experts, its 3 linears:
+    // 32 + 2 · 24 = 80; three copies of the outputs, 3 · (192 + 2 · 128); dropout's masks and
+    // inputs 2 · (4 · 64 + 2 · (64 + 64 + 32)); all in bf16.
+    let moe = 1024.0 + 8.0 + 64.0 + 2.0 * (2.0 * 320.0 + 256.0 + 64.0);
+    let layer = 17760.0 + moe + 2.0 * (80.0 + 3.0 * 448.0 + 2.0 * 576.0);
+    assert_eq!(layer, 20776.0 + 5152.0);
+    // Backward, boundaries and head as in the dense test; the frozen projections' gradients
+    // (12288 + 24576 a layer); the gradients fit in the loss's freed buffers.
+    let rest = 7.0 * 4.0 * 512.0 + 4.0 * 64.0 * 2.0 + 16.0 * 64.0 + 512.0 * 6.0;
+    let activations = tokens * (layer + rest) + 36864.0 * 2.0 + 8.0 * tokens * 512.0 - 4.0 * t;
     let lora = estimate(&tiny_config(TunerType::Lora, |_| {}), &facts, ONE_GPU);
     assert_close(
         "moe lora weights",
@@ -466,26 +525,23 @@ fn tiny_moe_lora_and_qlora_count_every_expert() {
     );
     assert_close("moe lora gradients", lora.gradients_gib, 4.0 * t);
     assert_close("moe lora optimizer", lora.optimizer_gib, 8.0 * t);
-    assert_close(
-        "moe lora activations",
-        lora.activations_gib,
-        tokens * (2.0 * 64.0 + layer) * 2.0 + logits,
-    );
+    assert_close("moe lora activations", lora.activations_gib, activations);
     assert_eq!(lora.trainable_params as f64, t);
 
     // QLoRA quantises every expert's projections too; the router stays bf16. Blocks: attention
     // 64 + 32 + 32 + 64, experts 12 tensors of 32 = 576 a layer; 16 tensors a layer, each
-    // with one fp32 for its (fewer than 256) blocks. The largest projection is q or o (4096).
+    // with one fp32 for its (fewer than 256) blocks. Checkpointed, one layer's projections
+    // (36864) are dequantised at a time.
     let packed = PROJ_TINY * 0.5;
     let rest = (P_TINY_MOE - PROJ_TINY) * 2.0;
-    let dequant_buffer = 4096.0 * 2.0;
+    let dequant_buffer = 36864.0 * 2.0;
     let qlora = estimate(&tiny_config(TunerType::Qlora, |_| {}), &facts, ONE_GPU);
     assert_close(
         "moe qlora weights",
         qlora.weights_gib,
         packed + 1152.0 + 32.0 * 4.0 + rest + dequant_buffer + 6.0 * t,
     );
-    assert_close("moe qlora in bytes", qlora.weights_gib, 332_800.0);
+    assert_close("moe qlora in bytes", qlora.weights_gib, 398_336.0);
     let single_quant = estimate(
         &tiny_config(TunerType::Qlora, |c| c.bnb_4bit_use_double_quant = false),
         &facts,
@@ -518,7 +574,7 @@ fn qlora_computes_in_bnb_4bit_compute_dtype() {
             + 1152.0
             + 14.0 * 4.0
             + (P_TINY_DENSE - PROJ_TINY) * 4.0
-            + 64.0 * 128.0 * 4.0
+            + 36864.0 * 4.0
             + 4.0 * LORA_TINY_DENSE,
     );
     // Without quantisation the field changes nothing (validation warns about it).
@@ -545,4 +601,29 @@ fn parameter_counts_read_like_model_cards() {
     );
     // 21,823,488 of 8,190,735,360.
     assert_eq!(trainable_percent(&lora), "0.27%");
+}
+
+#[test]
+fn fused_attention_keeps_no_score_tensors() {
+    let facts = tiny(TINY_DENSE);
+    let eager = estimate(&tiny_config(TunerType::Full, |_| {}), &facts, ONE_GPU);
+    for kernel in ["sdpa", "flash_attn", "flash_attention_2"] {
+        let fused = estimate(
+            &tiny_config(TunerType::Full, |c| c.attn_impl = Some(kernel.into())),
+            &facts,
+            ONE_GPU,
+        );
+        // Per token: the six score tensors (26 · 4 · 128 bf16 bytes) become one fp32
+        // log-sum-exp per head (4 · 4); the backward's seven fp32 score gradients
+        // (28 · 4 · 128) become four bf16 MLP widths (4 · 2 · 128).
+        let saved = 128.0 * (26.0 * 512.0 - 16.0 + 28.0 * 512.0 - 1024.0);
+        assert_close(kernel, eager.activations_gib - fused.activations_gib, saved);
+        assert_adds_up(&fused);
+    }
+    let explicit = estimate(
+        &tiny_config(TunerType::Full, |c| c.attn_impl = Some("eager".into())),
+        &facts,
+        ONE_GPU,
+    );
+    assert_eq!(explicit, eager, "unset is eager, what whet-engine runs");
 }
