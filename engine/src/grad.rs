@@ -271,14 +271,14 @@ pub fn evaluate(model: &Model, batch: &Batch, options: &LossOptions) -> Result<L
 
 /// What a backward walk tells its caller as it goes, decoder layer by decoder layer.
 pub trait LayerHooks {
-    /// Decoder layer `layer`'s weights are about to be read (its forward, recompute or
-    /// backward): ZeRO-3 gathers them here.
-    fn gather(&mut self, _layer: usize) -> Result<()> {
+    /// The trainable parameters with indices `params` are about to be read (a decoder layer
+    /// for its forward, recompute or backward; the embeddings; the head): ZeRO-3 gathers them.
+    fn gather(&mut self, _params: Range<usize>) -> Result<()> {
         Ok(())
     }
 
-    /// Decoder layer `layer`'s weights are not read again before the next `gather`.
-    fn release(&mut self, _layer: usize) -> Result<()> {
+    /// The parameters `params` are not read again before the next `gather`.
+    fn release(&mut self, _params: Range<usize>) -> Result<()> {
         Ok(())
     }
 
@@ -318,7 +318,9 @@ struct LayerRecord {
 
 /// Forward and backward of one batch, layer by layer: adds the batch's gradients to `grads`
 /// and calls `hooks.layer_ready(i, grads)` as soon as decoder layer i's are in (the last layer
-/// first); each layer's weights are read only between a `gather` and a `release`.
+/// first). Every trainable weight is read only between a `gather` and a `release` of it: a
+/// layer's around its forward and again around its backward, the embeddings' around the lookup
+/// and its backward, the head's (with the embeddings when tied) around the loss and its backward.
 ///
 /// Each layer's input is a leaf, so the loss's backward stops at the last layer; then each layer
 /// is differentiated on its own, from the top, by injecting the upstream gradient `g` through
@@ -336,14 +338,17 @@ pub fn backward(
     let ctx = model
         .context(&batch.attention_mask)?
         .with_lora_dropout(options.dropout_seed);
+    let embeddings = params.before_layers();
+    hooks.gather(embeddings.clone())?;
     let embedded = model.embed(&batch.input_ids)?;
+    hooks.release(embeddings.clone())?;
 
     let mut records = Vec::with_capacity(model.layers().len());
     let mut x = Var::from_tensor(&embedded.detach())?;
     for (i, layer) in model.layers().iter().enumerate() {
-        hooks.gather(i)?;
+        hooks.gather(params.layer(i))?;
         let (out, logits) = layer.forward(x.as_tensor(), &ctx)?;
-        hooks.release(i)?;
+        hooks.release(params.layer(i))?;
         let router_leaf = logits
             .as_ref()
             .map(|l| Var::from_tensor(&l.detach()))
@@ -358,6 +363,14 @@ pub fn backward(
         x = next;
     }
 
+    // A tied output projection is the embedding table.
+    let mut head = vec![params.after_layers()];
+    if model.config().tie_word_embeddings {
+        head.push(embeddings.clone());
+    }
+    for range in &head {
+        hooks.gather(range.clone())?;
+    }
     let logits = model.head(x.as_tensor())?;
     let router_leaves: Vec<Tensor> = records
         .iter()
@@ -366,6 +379,9 @@ pub fn backward(
     let terms = loss_terms(&logits, &router_leaves, batch, model, options)?;
     drop(logits);
     let store = terms.total.backward()?;
+    for range in head {
+        hooks.release(range)?;
+    }
     grads.add_from_store(params, params.outside_layers(), &store)?;
     let mut upstream = store
         .get(x.as_tensor())
@@ -384,7 +400,7 @@ pub fn backward(
 
     for (i, layer) in model.layers().iter().enumerate().rev() {
         let record = &mut records[i];
-        hooks.gather(i)?;
+        hooks.gather(params.layer(i))?;
         let (out, logits) = match record.kept.take() {
             Some(kept) => kept,
             None => layer.forward(record.input.as_tensor(), &ctx)?,
@@ -400,13 +416,14 @@ pub fn backward(
             .expect("a layer's output depends on its input")
             .detach();
         drop(store);
-        hooks.release(i)?;
+        hooks.release(params.layer(i))?;
         hooks.layer_ready(i, grads)?;
     }
 
-    let embeddings = params.before_layers();
     if !embeddings.is_empty() {
+        hooks.gather(embeddings.clone())?;
         let store = (embedded * &upstream)?.sum_all()?.backward()?;
+        hooks.release(embeddings.clone())?;
         grads.add_from_store(params, embeddings, &store)?;
     }
     Ok(terms.report)

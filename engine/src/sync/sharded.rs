@@ -18,8 +18,8 @@
 //! master values (flat, end to end, updated there by the optimizer) and the parameters
 //! themselves are emptied ([`residency`](super::residency)) except while read: a decoder
 //! layer's are gathered from their owners for its forward and again for its backward (or
-//! recompute), the embeddings', final norm's and output projection's for the window, all of
-//! them for evaluation and checkpoints.
+//! recompute), the embeddings' for the lookup and its backward, the final norm's and output
+//! projection's for the loss and its backward, all of them for evaluation and checkpoints.
 
 use std::ops::Range;
 use std::sync::Arc;

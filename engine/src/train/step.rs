@@ -9,6 +9,8 @@
 //! transformers' loss, and the coefficient means the same whatever the accumulation (transformers
 //! adds the full `coef * aux` of every micro-batch, scaling it by the accumulation count).
 
+use std::ops::Range;
+
 use candle_core::DType;
 
 use crate::grad::{self, Batch, Gradients, LayerHooks, LossOptions};
@@ -62,14 +64,12 @@ struct SyncHooks<'a> {
 }
 
 impl LayerHooks for SyncHooks<'_> {
-    fn gather(&mut self, layer: usize) -> candle_core::Result<()> {
-        self.sync
-            .gather(self.model.trainable(), self.model.layer_parameters(layer))
+    fn gather(&mut self, params: Range<usize>) -> candle_core::Result<()> {
+        self.sync.gather(self.model.trainable(), params)
     }
 
-    fn release(&mut self, layer: usize) -> candle_core::Result<()> {
-        self.sync
-            .release(self.model.trainable(), self.model.layer_parameters(layer))
+    fn release(&mut self, params: Range<usize>) -> candle_core::Result<()> {
+        self.sync.release(self.model.trainable(), params)
     }
 
     fn layer_ready(&mut self, layer: usize, grads: &mut Gradients) -> candle_core::Result<()> {
@@ -127,12 +127,6 @@ pub fn forward_backward(
 
     let mut step = StepLoss::default();
     let mut grads = Gradients::empty(model.trainable());
-    // The embeddings, final norm and output projection are read throughout the window.
-    let params = model.trainable();
-    let outside = [params.before_layers(), params.after_layers()];
-    for range in &outside {
-        sync.gather(params, range.clone())?;
-    }
     for (index, batch) in micro_batches.iter().enumerate() {
         let micro_batch = MicroBatch {
             index,
@@ -163,9 +157,6 @@ pub fn forward_backward(
         step.samples += batch.input_ids.dim(0)? as u64;
     }
     sync.finish(&mut grads)?;
-    for range in outside {
-        sync.release(params, range)?;
-    }
     let mut totals = step.to_array();
     sync.sum_scalars(&mut totals)?;
     Ok((StepLoss::from_array(totals), grads))
