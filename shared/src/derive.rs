@@ -322,7 +322,6 @@ pub fn derive(
             Sharding {
                 world_size: world,
                 zero,
-                deepspeed: sft.deepspeed.is_some(),
             },
         )
     });

@@ -8,8 +8,9 @@
 //!   and in fp32 the optimizer holds Adam's m and v plus, when computing in 16 bits, an fp32
 //!   master copy: K = 12 bytes per parameter (8 when the model is fp32, which needs no master).
 //!   ZeRO shards these over N ranks (Rajbhandari et al. 2020): stage 1 shards the optimizer
-//!   (K·P/N), stage 2 also the gradients (b·P/N), stage 3 also the weights (b·P/N, plus the two
-//!   largest layers gathered at a time). `_offload` moves the optimizer (and for zero3 the
+//!   (K·P/N), stage 2 also the gradients (b·P/N), stage 3 also the weights (b·P/N, plus what is
+//!   gathered at a time: the largest of a decoder layer and an embedding table, twice, since
+//!   whet gathers into a flat buffer before it fills the parameters). `_offload` moves the optimizer (and for zero3 the
 //!   weights) to CPU memory: 0 on the GPU.
 //! * LoRA (as whet-engine runs it) keeps the frozen base once in b bytes and trains T parameters
 //!   — A (r × in) and B (out × r) on every linear `lora::AdapterPlan` adapts, plus whatever it
@@ -54,8 +55,10 @@
 //!   checkpointing each layer's kept tensors) are freed and take that room, so the activations
 //!   count only what the gradients do not reuse.
 //! * Overhead: 0.75 GiB for the CUDA context and kernels' workspaces, 0.5 GiB of NCCL buffers
-//!   with more than one rank, DeepSpeed's all-gather and reduce buckets (2 × 2e8 elements) when
-//!   `--deepspeed` is set, and 5 % of everything else for allocator fragmentation.
+//!   with more than one rank, whet's reduction buckets then (a bucket of DeepSpeed's `auto`
+//!   reduce_bucket_size, h² elements, and the gradients made from it, in fp32: whet shards
+//!   natively, it allocates no DeepSpeed buffers), and 5 % of everything else for allocator
+//!   fragmentation.
 
 use serde::Serialize;
 
@@ -89,8 +92,6 @@ pub struct MemoryEstimate {
 pub struct Sharding {
     pub world_size: u64,
     pub zero: ZeroSettings,
-    /// Whether `--deepspeed` is set (its buckets cost memory even at stage 0).
-    pub deepspeed: bool,
 }
 
 /// The compute dtype: `--torch_dtype`, else the model's own, else bfloat16; QLoRA computes in
@@ -274,7 +275,8 @@ pub fn estimate(config: &SftConfig, facts: &ModelFacts, sharding: Sharding) -> M
         } else {
             12.0
         };
-        let working_set = 2.0 * counts.largest_layer as f64 * b;
+        let table = facts.vocab_size as f64 * facts.hidden_size as f64;
+        let working_set = 2.0 * (counts.largest_layer as f64).max(table) * b;
         weights = match zero.stage {
             3 if zero.offload_param => working_set,
             3 => p * b / n + working_set,
@@ -348,10 +350,7 @@ pub fn estimate(config: &SftConfig, facts: &ModelFacts, sharding: Sharding) -> M
     // --- overhead
     let mut overhead = 0.75 * GIB;
     if sharding.world_size > 1 {
-        overhead += 0.5 * GIB;
-    }
-    if sharding.deepspeed {
-        overhead += 2.0 * 2e8 * b;
+        overhead += 0.5 * GIB + 2.0 * h * h * 4.0;
     }
     overhead += 0.05 * (weights + gradients + optimizer + activations);
 

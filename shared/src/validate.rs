@@ -1240,7 +1240,6 @@ pub fn oom_remedies(config: &JobConfig, facts: &ModelFacts) -> Vec<Remedy> {
             Sharding {
                 world_size: world,
                 zero: c.sft.zero().unwrap_or_else(ZeroSettings::none),
-                deepspeed: c.sft.deepspeed.is_some(),
             },
         )
         .per_gpu_gib

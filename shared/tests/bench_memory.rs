@@ -43,7 +43,6 @@ fn estimate_mib(size: &str, tuner: TunerType, checkpointing: bool) -> f64 {
         Sharding {
             world_size: 1,
             zero: ZeroSettings::none(),
-            deepspeed: false,
         },
     );
     (m.per_gpu_gib - 0.75) * GIB / (1024.0 * 1024.0)
