@@ -392,3 +392,38 @@ fn sharded_checkpoints_resume_exactly_and_only_at_their_world_size() {
     check_ok(&whet(&one, 1));
     assert_eq!(steps(&ws.run_dir("one")), STEPS - 2);
 }
+
+/// Each rank takes every world-th batch of the one sampler, the epoch's last ones completed
+/// from its start (accelerate's even_batches): 20 samples over 3 ranks × batch 3 is 3 steps an
+/// epoch, what `whet check` derives for that world size.
+#[test]
+fn steps_per_epoch_are_what_check_derives_for_the_world_size() {
+    let ws = Workspace::new("epoch");
+    let mut flags = ws.flags(&fixtures(), "out", 3);
+    let at = flags.iter().position(|f| f == "--max_steps").unwrap();
+    flags.drain(at..at + 2);
+    flags.extend(["--num_train_epochs", "2", "--save_strategy", "no"].map(String::from));
+    let mut check = Command::new(env!("CARGO_BIN_EXE_whet"));
+    check
+        .arg("check")
+        .args(&flags)
+        .args(["--nproc_per_node", "3", "--json"]);
+    let checked = check.output().unwrap();
+    let derived: Value = serde_json::from_slice(&checked.stdout).unwrap();
+    let total = derived["derived"]["total_steps"].as_u64().unwrap() as usize;
+    assert_eq!(derived["derived"]["steps_per_epoch"], 3, "{derived}");
+    check_ok(&whet(&flags, 3));
+    let run = ws.run_dir("out");
+    assert_eq!(train_records(&run).len(), total);
+    let logged: Vec<Value> = std::fs::read_to_string(run.join("logging.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last_step = logged
+        .iter()
+        .filter_map(|r| r["global_step/max_steps"].as_str())
+        .last()
+        .unwrap();
+    assert_eq!(last_step, format!("{total}/{total}"));
+}
