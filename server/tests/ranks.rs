@@ -3,10 +3,11 @@
 //! (two such jobs at once), an explicit master_port kept, cancel ending every rank, and what the
 //! server refuses (more than one node, an outer launcher's variables).
 //!
-//! Multi-process training is not wired yet, so the ranks stop after meeting through the store
-//! (`WHET_RENDEZVOUS_ONLY=1` in the job's `launch.env`, a test-only switch of the engine). A job
-//! that must stay up names a `master_addr` nothing answers at (TEST-NET-1): its launcher hosts
-//! the store on every interface while its ranks keep trying to reach it there, until signalled.
+//! Most jobs here stop their ranks after meeting through the store (`WHET_RENDEZVOUS_ONLY=1` in
+//! the job's `launch.env`, a test-only switch of the engine), and one that must stay up names a
+//! `master_addr` nothing answers at (TEST-NET-1): its launcher hosts the store on every interface
+//! while its ranks keep trying to reach it there, until signalled. One job really trains, and
+//! is cancelled mid-run (binary.rs runs a two-rank job to success).
 
 mod common;
 
@@ -38,6 +39,32 @@ fn stalled_job(s: &TestServer, ranks: i64) -> Value {
     let mut config = common::tiny_real_job(&s.data_dir());
     config["launch"] = json!({"nproc_per_node": ranks, "master_addr": UNREACHABLE_ADDR});
     config
+}
+
+/// A job of `ranks` CPU ranks training the tiny demo model far longer than any test waits.
+fn training_job(s: &TestServer, ranks: i64) -> Value {
+    let data = s.data_dir();
+    let model = data.join("tiny-qwen3");
+    std::fs::create_dir_all(&model).unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for entry in std::fs::read_dir(examples.join("tiny-qwen3")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    let rows: Vec<String> = std::fs::read_to_string(examples.join("demo/train.jsonl"))
+        .unwrap()
+        .lines()
+        .take(64)
+        .map(str::to_string)
+        .collect();
+    std::fs::write(data.join("demo.jsonl"), rows.join("\n") + "\n").unwrap();
+    json!({
+        "launch": {"nproc_per_node": ranks, "env": {"CANDLE_NUM_THREADS": "1"}},
+        "sft": {"model": model, "dataset": [data.join("demo.jsonl")], "tuner_type": "full",
+                "template": "qwen3_thinking", "max_length": 64, "max_steps": 100000,
+                "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                "logging_steps": 1, "save_strategy": "no", "report_to": ["none"]}
+    })
 }
 
 /// The port the server's log line says the job's ranks meet on.
@@ -232,6 +259,28 @@ async fn cancelling_a_multi_rank_job_ends_every_rank() {
     for &pid in &pids {
         assert!(!runs_job(pid, &job_json), "rank pid {pid} outlived the job");
     }
+}
+
+/// A job whose ranks are training (rank 0's records streaming) ends on cancel, every rank
+/// with it.
+#[tokio::test]
+async fn cancelling_a_training_job_ends_every_rank() {
+    let s = real_server(&["--cancel-grace", "20"]).await;
+    let id = s.submit(&training_job(&s, 2)).await;
+    let (mut stream, _, pids) = until_ranks_started(&s, id, 2).await;
+    let job_json = s.data_dir().join(format!("runs/{id}/job.json"));
+    let mut seen = Vec::new();
+    while !seen.iter().any(|e: &SseEvent| e.event == "metrics") {
+        let Some(event) = stream.next().await else {
+            panic!("the job ended before training: {:?}", log_lines(&seen));
+        };
+        seen.push(event);
+    }
+    s.post(&format!("/api/jobs/{id}/cancel"), &json!({})).await;
+    let rest = stream.read_to_end().await;
+    assert_eq!(statuses(&rest), vec!["cancelled"], "{:?}", log_lines(&rest));
+    assert_eq!(rest.last().unwrap().data["exit_code"], 128 + 15);
+    assert_ranks_end(&pids, &job_json).await;
 }
 
 /// With no grace the server SIGKILLs the launcher at once; its ranks die with it.
