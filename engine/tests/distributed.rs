@@ -307,6 +307,48 @@ fn moe_ranks_match_one_process_at_every_stage() {
     stages_match_one_process("moe", &fixtures().join("moe"), &[]);
 }
 
+/// A rank that dies while checkpoint-4 is half written (rank 0's files in, its own shard not)
+/// ends the job; checkpoint-2 stays whole and resumes.
+#[test]
+fn a_rank_dying_mid_save_leaves_the_last_complete_checkpoint() {
+    let ws = Workspace::new("midsave");
+    let mut flags = ws.flags(&fixtures(), "out", 2);
+    flags.extend(["--deepspeed", "zero2", "--save_steps", "2"].map(String::from));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_whet"));
+    command
+        .arg("sft")
+        .args(&flags)
+        .args(["--nproc_per_node", "2", "--master_port"])
+        .arg(free_port().to_string())
+        .env("WHET_TEST_KILL_RANK_IN_SAVE", "1:4")
+        .env_remove("NPROC_PER_NODE")
+        .env_remove("WORLD_SIZE");
+    let died = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&died.stderr);
+    assert!(!died.status.success());
+    assert!(stderr.contains("rank 1 exited with status 3"), "{stderr}");
+    let run = ws.run_dir("out");
+    assert!(run
+        .join("checkpoint-2/optimizer/optimizer_rank1_of_2.safetensors")
+        .is_file());
+    assert!(
+        !run.join("checkpoint-4").exists(),
+        "no half checkpoint under the real name"
+    );
+    let mut resumed = ws.flags(&fixtures(), "resumed", 2);
+    resumed.extend(
+        [
+            "--deepspeed",
+            "zero2",
+            "--resume_from_checkpoint",
+            &run.join("checkpoint-2").display().to_string(),
+        ]
+        .map(String::from),
+    );
+    check_ok(&whet(&resumed, 2));
+    assert_eq!(train_records(&ws.run_dir("resumed")).len(), STEPS - 2);
+}
+
 /// Optimizer state is sharded from zero1 on: each rank's file holds its part of the moments;
 /// the parts cover the trainable elements once.
 #[test]

@@ -41,7 +41,7 @@ pub fn run_rank(
     config: &JobConfig,
     make_sinks: SinkFactory,
 ) -> anyhow::Result<ExitCode> {
-    if switch(TEST_FAIL_RANK).and_then(|rank| rank.parse::<usize>().ok()) == Some(env.rank) {
+    if test_switch_names(TEST_FAIL_RANK, env.rank) {
         eprintln!(
             "error: rank {} fails on purpose ({TEST_FAIL_RANK}={}, a test-only switch)",
             env.rank, env.rank
@@ -105,6 +105,11 @@ fn as_launched(config: &JobConfig, env: &RankEnv) -> JobConfig {
 
 fn switch(var: &str) -> Option<String> {
     std::env::var(var).ok().filter(|value| !value.is_empty())
+}
+
+/// Whether the test-only switch `var` names `rank`.
+fn test_switch_names(var: &str, rank: usize) -> bool {
+    switch(var).and_then(|value| value.parse::<usize>().ok()) == Some(rank)
 }
 
 /// Connects to the job's store and waits until every rank has arrived: each rank claims the key

@@ -332,6 +332,9 @@ pub struct Checkpointer {
     pub world_size: usize,
 }
 
+/// Test-only: `R:S` makes rank R exit while checkpoint S is half written (ARCHITECTURE.md).
+pub const KILL_RANK_IN_SAVE: &str = "WHET_TEST_KILL_RANK_IN_SAVE";
+
 /// The subfolder of a checkpoint with the optimizer state (and f32 masters when needed).
 pub const OPTIMIZER_DIR: &str = "optimizer";
 
@@ -372,6 +375,12 @@ impl Checkpointer {
                 .with_context(|| format!("cannot write checkpoint {}", tmp.display()))?;
         }
         sync.barrier()?;
+        let here = format!("{}:{}", self.rank, contents.step);
+        if std::env::var(KILL_RANK_IN_SAVE).is_ok_and(|at| at == here) {
+            // Test-only: this rank dies mid-save, after rank 0 wrote its part.
+            eprintln!("error: rank {} dies in the middle of a checkpoint ({KILL_RANK_IN_SAVE}, a test-only switch)", self.rank);
+            std::process::exit(3);
+        }
         if !leader && !self.save_only_model {
             self.write_optimizer(&tmp, contents.optimizer)
                 .with_context(|| {
