@@ -464,8 +464,8 @@ fn steps_per_epoch_are_what_check_derives_for_the_world_size() {
         .collect();
     let last_step = logged
         .iter()
-        .filter_map(|r| r["global_step/max_steps"].as_str())
-        .last()
+        .rev()
+        .find_map(|r| r["global_step/max_steps"].as_str())
         .unwrap();
     assert_eq!(last_step, format!("{total}/{total}"));
 }
