@@ -13,19 +13,12 @@ use serde_json::Value;
 
 #[path = "common/checkpoints.rs"]
 mod checkpoints;
+#[path = "common/fixtures.rs"]
+mod common_fixtures;
 use checkpoints::{assert_same_final_state, safetensors_parts};
+use common_fixtures::fixtures;
 
 const STEPS: usize = 5;
-
-fn fixtures() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/hf-reference");
-    assert!(
-        dir.join("config.json").exists(),
-        "HF reference fixtures not found at {} (expected the shared/ folder beside the repository root)",
-        dir.display()
-    );
-    dir
-}
 
 /// A temporary folder with 20 chats of different lengths (so ranks pad differently).
 struct Workspace {
@@ -137,17 +130,10 @@ fn whet(flags: &[String], nproc: usize) -> Output {
             .arg("--master_port")
             .arg(free_port().to_string());
     }
-    for var in [
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "NPROC_PER_NODE",
-        "CUDA_VISIBLE_DEVICES",
-        "TORCHELASTIC_USE_AGENT_STORE",
-    ] {
+    for var in whet_store::LAUNCHER_VARS
+        .into_iter()
+        .chain(["NPROC_PER_NODE", "CUDA_VISIBLE_DEVICES"])
+    {
         command.env_remove(var);
     }
     command.output().unwrap()

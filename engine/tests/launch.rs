@@ -20,20 +20,11 @@ mod prerequisites;
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The variables of an outer launcher, which would make the launcher under test a rank.
-const OUTER_VARS: [&str; 12] = [
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "NODE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_USE_AGENT_STORE",
-    "TORCHELASTIC_RESTART_COUNT",
-    "NPROC_PER_NODE",
-    "CUDA_VISIBLE_DEVICES",
-];
+fn outer_vars() -> impl Iterator<Item = &'static str> {
+    whet_store::LAUNCHER_VARS
+        .into_iter()
+        .chain(["NPROC_PER_NODE", "CUDA_VISIBLE_DEVICES"])
+}
 
 fn fixture_model() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/hf-reference");
@@ -117,7 +108,7 @@ impl Launcher {
     }
 
     fn start(mut command: Command, env: &[(&str, &str)]) -> Launcher {
-        for var in OUTER_VARS {
+        for var in outer_vars() {
             command.env_remove(var);
         }
         command

@@ -33,6 +33,21 @@ const RENDEZVOUS_VARS: [&str; 6] = [
     "MASTER_PORT",
 ];
 
+/// Every variable of a rank's launcher that [`RankEnv::from_env`] reads: a process that must
+/// not be taken for a rank (a launcher under test, a job's own launcher) clears them.
+pub const LAUNCHER_VARS: [&str; 10] = [
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "NODE_RANK",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_RESTART_COUNT",
+];
+
 /// One rank's place in the job, read from its launcher's variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RankEnv {

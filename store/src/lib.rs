@@ -77,7 +77,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use client::TcpStore;
-pub use env::{RankEnv, RankStore};
+pub use env::{RankEnv, RankStore, LAUNCHER_VARS};
 pub use error::{EnvError, Result, StoreError};
 pub use prefix::PrefixStore;
 pub use server::TcpStoreServer;

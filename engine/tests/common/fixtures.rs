@@ -29,6 +29,7 @@ pub fn model_dir(kind: &str) -> PathBuf {
 }
 
 /// The fixture's 3-sample padded training batch (batch.json).
+#[allow(dead_code)] // not every test binary that includes this uses it
 pub fn load_batch() -> Batch {
     let text = std::fs::read_to_string(fixtures().join("batch.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
