@@ -85,6 +85,17 @@ pub fn refill(var: &Var, values: CpuStorage) -> Result<()> {
         .inplace_op1(&Refill(Mutex::new(Some(values))))
 }
 
+/// Hands the heap's free pages back to the system: the whole model a rank built before ZeRO-3
+/// sharded it would otherwise stay resident in glibc's heap (large frees below its dynamic
+/// mmap threshold go back to the heap, not to the system).
+pub fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns unused heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,6 +79,7 @@ impl Sharded {
             for (_, var) in params.as_slice() {
                 residency::release(var)?;
             }
+            residency::return_freed_memory();
             Some(master)
         } else {
             None
