@@ -85,9 +85,10 @@ pub fn refill(var: &Var, values: CpuStorage) -> Result<()> {
         .inplace_op1(&Refill(Mutex::new(Some(values))))
 }
 
-/// Hands the heap's free pages back to the system: the whole model a rank built before ZeRO-3
-/// sharded it would otherwise stay resident in glibc's heap (large frees below its dynamic
-/// mmap threshold go back to the heap, not to the system).
+/// Hands the heap's free pages back to the system. Without it the whole model a rank built
+/// before ZeRO-3 sharded it, and every layer it released since, stay resident in glibc's heap
+/// (frees below its dynamic mmap threshold go back to the heap, not to the system), and zero3's
+/// peak RSS is no lower than zero2's (BENCHMARKS.md, per-rank memory).
 pub fn return_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns unused heap pages to the kernel.

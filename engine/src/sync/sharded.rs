@@ -344,11 +344,16 @@ impl GradSync for Sharded {
         if self.master.is_none() {
             return Ok(());
         }
+        let mut released = false;
         for i in indices {
             if self.resident[i] {
                 residency::release(&params.as_slice()[i].1)?;
                 self.resident[i] = false;
+                released = true;
             }
+        }
+        if released {
+            residency::return_freed_memory();
         }
         Ok(())
     }
