@@ -19,7 +19,7 @@ use crate::model::params::is_quantized_linear;
 use crate::model::{Model, ModelConfig, ModelOptions, Trainable};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::sync::{Group, ZeroStage};
-use crate::train::setup::{lora_options, quant_options};
+use crate::train::setup::{lora_options, quant_options, Sharding};
 use crate::train::step::{forward_backward, StepOptions};
 
 /// Steps at the start that are run but not timed (allocator and thread-pool warm-up).
@@ -250,8 +250,13 @@ pub fn run_train_bench(opts: &BenchOptions, group: &Group) -> anyhow::Result<Ben
     let vocab = config.vocab_size;
     let model =
         Model::random(config, 0, opts.train_type.model_options()?).context("building the model")?;
-    let hidden = model.config().hidden_size;
-    let mut sync = group.grad_sync(opts.stage, model.trainable(), hidden * hidden)?;
+    // Buckets as `whet sft` sizes them by default (DeepSpeed's `auto`).
+    let sharding = Sharding {
+        stage: opts.stage,
+        reduce_bucket_size: None,
+    };
+    let bucket_elems = sharding.bucket_elems(model.config().hidden_size);
+    let mut sync = group.grad_sync(opts.stage, model.trainable(), bucket_elems)?;
     let mut optimizer = AdamW::for_range(
         model.trainable(),
         sync.owned(),

@@ -13,8 +13,11 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+#[path = "common/fixtures.rs"]
+mod common_fixtures;
 #[path = "../../tests/src/prerequisites.rs"]
 mod prerequisites;
+use common_fixtures::fixtures;
 
 /// Far more than any test here needs; a hang fails instead of blocking the run.
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -24,16 +27,6 @@ fn outer_vars() -> impl Iterator<Item = &'static str> {
     whet_store::LAUNCHER_VARS
         .into_iter()
         .chain(["NPROC_PER_NODE", "CUDA_VISIBLE_DEVICES"])
-}
-
-fn fixture_model() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/hf-reference");
-    assert!(
-        dir.join("config.json").exists(),
-        "HF reference fixtures not found at {} (expected the shared/ folder beside the repository root)",
-        dir.display()
-    );
-    dir
 }
 
 /// A temporary folder with a small dataset; the job's flags point at it and the fixture model.
@@ -55,7 +48,7 @@ impl Job {
     fn flags(&self, more: &[&str]) -> Vec<String> {
         let mut flags: Vec<String> = vec![
             "--model".into(),
-            fixture_model().display().to_string(),
+            fixtures().display().to_string(),
             "--dataset".into(),
             self.root.join("data.jsonl").display().to_string(),
             "--output_dir".into(),
