@@ -1,6 +1,5 @@
 //! `whet bench train`: the training-step benchmark; prints one JSON line.
 
-use std::ffi::OsString;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -81,9 +80,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let plan = LaunchPlan::from_config(&launch)
                 .map_err(anyhow::Error::msg)?
                 .context("more than one process makes a launch plan")?;
-            let program = std::env::current_exe().context("finding the whet executable")?;
-            let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-            return launch::run_launcher(&plan, &program, &args);
+            return launch::launch_this_command(&plan);
         }
         None => Group::single(),
     };

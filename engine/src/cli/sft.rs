@@ -1,12 +1,10 @@
 //! `whet sft`: validate the job (errors stop it before any work), then train it with the
 //! recipe in `crate::train`.
 
-use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Args;
 use whet_shared::{validate_with, JobConfig};
 use whet_store::RankEnv;
@@ -95,9 +93,7 @@ fn launch_ranks(plan: &LaunchPlan, input: &JobInput) -> anyhow::Result<ExitCode>
         );
         return Ok(ExitCode::from(1));
     }
-    let program = std::env::current_exe().context("finding the whet executable to launch")?;
-    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    launch::run_launcher(plan, &program, &args)
+    launch::launch_this_command(plan)
 }
 
 /// Whether the job names `-` (standard input) as its script or a config file.

@@ -22,6 +22,15 @@ use whet_shared::config::LaunchConfig;
 use whet_store::RankEnv;
 
 pub use rank::{join_group, run_rank};
+
+/// Starts this node's ranks as torchrun would: this executable again, with the arguments this
+/// process was given (`whet sft ...`, `whet bench train ...`).
+pub fn launch_this_command(plan: &LaunchPlan) -> anyhow::Result<std::process::ExitCode> {
+    use anyhow::Context;
+    let program = std::env::current_exe().context("finding the whet executable to launch")?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    run_launcher(plan, &program, &args)
+}
 pub use supervisor::run_launcher;
 
 /// What one node's launcher starts: `nproc_per_node` ranks of `nproc_per_node × nnodes`, all
