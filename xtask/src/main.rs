@@ -7,7 +7,10 @@
 //! * `cargo xtask studio` — builds and starts the studio with its backend on the embedded
 //!   defaults (SQLite, the demo preset).
 //! * `cargo xtask demo-data` — regenerates the demo's synthetic task in examples/demo/.
+//! * `cargo xtask cuda-toolchain` — installs CUDA 13.0's build tools from PyPI outside the
+//!   repository and prints the environment `--features cuda` builds with.
 
+mod cuda;
 mod demo_data;
 
 use std::process::{Command, ExitCode};
@@ -23,8 +26,9 @@ fn main() -> ExitCode {
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo"),
         ),
         "app" => app(),
+        "cuda-toolchain" => cuda::print_toolchain(),
         _ => {
-            eprintln!("usage: cargo xtask <test|app|studio|demo-data>");
+            eprintln!("usage: cargo xtask <test|app|studio|demo-data|cuda-toolchain>");
             return ExitCode::from(2);
         }
     };
