@@ -1,38 +1,253 @@
 //! The one place a job's device is chosen, from its `cuda_visible_devices` (the config's, or
 //! CUDA_VISIBLE_DEVICES from the environment, which `whet sft` copies in where the config is
-//! silent). A job this build cannot run where the config says is refused before any work —
-//! never trained on the CPU instead.
+//! silent). A job this build or this machine cannot run where the config says is refused
+//! before any work — never trained on the CPU instead.
 //!
-//! CUDA plugs in here: a build with the `cuda` feature returns the first listed GPU (torch
-//! renumbers the visible devices from 0) and refuses a list when no GPU is visible.
+//! As torch sees devices: unset or empty CUDA_VISIBLE_DEVICES is the CPU; a list makes the
+//! driver show those GPUs renumbered from 0 (the process's CUDA_VISIBLE_DEVICES is set to the
+//! config's before the driver starts), and rank k of a job trains on visible device LOCAL_RANK
+//! (0 for one process). A build without the `cuda` feature refuses any list.
 
 use candle_core::Device;
 use whet_shared::validate::parse_devices;
 use whet_shared::{Diagnostic, JobConfig};
 
-/// The device `whet sft` trains the job on. Unset or empty CUDA_VISIBLE_DEVICES is the CPU;
-/// a list of GPUs is an error naming `cuda_visible_devices`, as this build has no CUDA.
-// The refusal is a user-facing Diagnostic by design, as in whet-shared.
+/// The GPUs a config lists, or None for the CPU.
+// The refusals are user-facing Diagnostics by design, as in whet-shared.
+#[allow(clippy::result_large_err)]
+fn listed_gpus(config: &JobConfig) -> Result<Option<(String, usize)>, Diagnostic> {
+    let Some(listed) = config.launch.cuda_visible_devices.as_deref() else {
+        return Ok(None);
+    };
+    let count = parse_devices(listed)?.len();
+    Ok((count > 0).then(|| (listed.trim().to_string(), count)))
+}
+
+/// Checks, without starting a context, that the devices the config names can be used: the
+/// CPU always; GPUs when this build has CUDA, the driver starts and shows at least as many
+/// devices as the node's ranks need. `whet sft` asks this before it launches any rank.
+#[allow(clippy::result_large_err)]
+pub fn check_devices(config: &JobConfig) -> Result<(), Diagnostic> {
+    let Some((listed, _)) = listed_gpus(config)? else {
+        return Ok(());
+    };
+    let ranks = config.launch.nproc_per_node.unwrap_or(1).max(1) as usize;
+    gpu::probe(&listed, ranks.saturating_sub(1)).map(|_| ())
+}
+
+/// The device `whet sft` trains the job on: the CPU, or (with CUDA) visible device LOCAL_RANK,
+/// with its memory pool set up. Refuses, naming the field and the fix, when the config lists
+/// GPUs that cannot be used.
 #[allow(clippy::result_large_err)]
 pub fn select_device(config: &JobConfig) -> Result<Device, Diagnostic> {
-    let Some(listed) = config.launch.cuda_visible_devices.as_deref() else {
+    let Some((listed, _)) = listed_gpus(config)? else {
         return Ok(Device::Cpu);
     };
-    if parse_devices(listed)?.is_empty() {
-        return Ok(Device::Cpu);
+    gpu::open(&listed, local_rank())
+}
+
+/// This process's LOCAL_RANK (torchrun's, or whet's launcher's), 0 when alone.
+pub fn local_rank() -> usize {
+    std::env::var("LOCAL_RANK")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// What `whet check` says about the GPUs the config lists: the driver and each visible device,
+/// or why none can be used.
+pub fn describe_gpus(config: &JobConfig) -> String {
+    match listed_gpus(config) {
+        Ok(Some((listed, _))) => gpu::describe(&listed),
+        Ok(None) => "devices: the CPU (CUDA_VISIBLE_DEVICES is unset or empty)".into(),
+        Err(d) => format!("devices: {}", d.message_en),
     }
-    Err(Diagnostic::error(
-        "cuda_visible_devices",
-        "cuda_unavailable",
+}
+
+#[cfg(not(feature = "cuda"))]
+mod gpu {
+    use super::*;
+
+    fn without_cuda(listed: &str) -> Diagnostic {
+        Diagnostic::error(
+            "cuda_visible_devices",
+            "cuda_unavailable",
+            format!(
+                "CUDA_VISIBLE_DEVICES is `{listed}`, but this whet was built without CUDA: it can train only on the CPU"
+            ),
+            format!("CUDA_VISIBLE_DEVICES 为 `{listed}`，但此 whet 构建时未启用 CUDA：只能在 CPU 上训练"),
+        )
+        .with_fix(
+            "to train on the CPU, unset CUDA_VISIBLE_DEVICES or set it to \"\" (`CUDA_VISIBLE_DEVICES= whet sft ...`, or `cuda_visible_devices: \"\"` in the config file); to train on GPUs, build whet with `--features cuda` (README: GPU build)",
+            "要在 CPU 上训练，请取消设置 CUDA_VISIBLE_DEVICES 或将其设为 \"\"（`CUDA_VISIBLE_DEVICES= whet sft ...`，或在配置文件中写 `cuda_visible_devices: \"\"`）；要在 GPU 上训练，请用 `--features cuda` 构建 whet（见 README 的 GPU 构建一节）",
+        )
+    }
+
+    #[allow(clippy::result_large_err)]
+    pub fn probe(listed: &str, _ordinal: usize) -> Result<usize, Diagnostic> {
+        Err(without_cuda(listed))
+    }
+
+    #[allow(clippy::result_large_err)]
+    pub fn open(listed: &str, _ordinal: usize) -> Result<Device, Diagnostic> {
+        Err(without_cuda(listed))
+    }
+
+    pub fn describe(listed: &str) -> String {
+        format!("devices: CUDA_VISIBLE_DEVICES={listed}, but this whet was built without CUDA (build with `--features cuda`)")
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+
+    /// The driver's CUDA version, e.g. "13.0", or why it cannot say.
+    fn driver_version() -> String {
+        let mut version = 0;
+        // SAFETY: cuDriverGetVersion writes one int and needs no cuInit.
+        match unsafe { sys::cuDriverGetVersion(&mut version) }.result() {
+            Ok(()) => format!("{}.{}", version / 1000, (version % 1000) / 10),
+            Err(e) => format!("unknown ({e:?})"),
+        }
+    }
+
+    /// The number of devices the driver shows under CUDA_VISIBLE_DEVICES = `listed`.
+    fn visible_devices(listed: &str) -> Result<usize, String> {
+        // The driver reads CUDA_VISIBLE_DEVICES once, when it starts: the config's list must
+        // be in the environment before then (a config file may name other GPUs than the shell).
+        if std::env::var("CUDA_VISIBLE_DEVICES")
+            .ok()
+            .as_deref()
+            .map(str::trim)
+            != Some(listed)
+        {
+            std::env::set_var("CUDA_VISIBLE_DEVICES", listed);
+        }
+        result::init().map_err(|e| format!("cuInit failed: {e:?}"))?;
+        let count =
+            result::device::get_count().map_err(|e| format!("cuDeviceGetCount failed: {e:?}"))?;
+        Ok(count.max(0) as usize)
+    }
+
+    fn unusable(listed: &str, found: &str) -> Diagnostic {
+        Diagnostic::error(
+            "cuda_visible_devices",
+            "cuda_unusable",
+            format!(
+                "CUDA_VISIBLE_DEVICES is `{listed}`, but no GPU can be used: {found} (CUDA driver version {})",
+                driver_version()
+            ),
+            format!(
+                "CUDA_VISIBLE_DEVICES 为 `{listed}`，但没有可用的 GPU：{found}（CUDA 驱动版本 {}）",
+                driver_version()
+            ),
+        )
+        .with_fix(
+            "check the GPUs with `nvidia-smi` (the NVIDIA driver must support CUDA 13: version 580 or later) and that CUDA_VISIBLE_DEVICES names GPUs this machine has; to train on the CPU instead, unset CUDA_VISIBLE_DEVICES or set it to \"\"",
+            "用 `nvidia-smi` 检查 GPU（NVIDIA 驱动须支持 CUDA 13：580 或更高版本），并确认 CUDA_VISIBLE_DEVICES 所列 GPU 本机确有；若改用 CPU 训练，请取消设置 CUDA_VISIBLE_DEVICES 或将其设为 \"\"",
+        )
+    }
+
+    /// Starts the driver and checks that visible device `ordinal` exists; the device count.
+    #[allow(clippy::result_large_err)]
+    pub fn probe(listed: &str, ordinal: usize) -> Result<usize, Diagnostic> {
+        let count = visible_devices(listed).map_err(|found| unusable(listed, &found))?;
+        if count == 0 {
+            return Err(unusable(listed, "the driver shows no device"));
+        }
+        if ordinal >= count {
+            return Err(Diagnostic::error(
+                "nproc_per_node",
+                "too_few_gpus",
+                format!(
+                    "this rank trains on visible GPU {ordinal} (its LOCAL_RANK), but CUDA_VISIBLE_DEVICES `{listed}` shows {count} GPU(s) on this machine"
+                ),
+                format!(
+                    "此进程应使用第 {ordinal} 块可见 GPU（其 LOCAL_RANK），但 CUDA_VISIBLE_DEVICES `{listed}` 在本机只显示 {count} 块 GPU"
+                ),
+            )
+            .with_fix(
+                "run at most as many ranks per node as CUDA_VISIBLE_DEVICES lists GPUs that exist (`nvidia-smi -L` lists them)",
+                "每个节点的进程数不能超过 CUDA_VISIBLE_DEVICES 中实际存在的 GPU 数（`nvidia-smi -L` 可列出）",
+            ));
+        }
+        Ok(count)
+    }
+
+    #[allow(clippy::result_large_err)]
+    pub fn open(listed: &str, ordinal: usize) -> Result<Device, Diagnostic> {
+        probe(listed, ordinal)?;
+        let device = Device::new_cuda(ordinal)
+            .map_err(|e| unusable(listed, &format!("opening GPU {ordinal} failed: {e}")))?;
+        keep_freed_memory(ordinal).map_err(|e| {
+            unusable(
+                listed,
+                &format!("setting up GPU {ordinal}'s memory pool failed: {e:?}"),
+            )
+        })?;
+        Ok(device)
+    }
+
+    /// Freed device memory stays in the device's pool for the next step's tensors instead of
+    /// going back to the driver at every synchronisation (the pool's default release threshold
+    /// is 0); torch's caching allocator keeps it likewise.
+    fn keep_freed_memory(ordinal: usize) -> Result<(), result::DriverError> {
+        let device = result::device::get(ordinal as i32)?;
+        // SAFETY: the default pool of a valid device; the attribute takes a u64.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(device)?;
+            let mut threshold = u64::MAX;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+        }
+    }
+
+    pub fn describe(listed: &str) -> String {
+        let count = match visible_devices(listed) {
+            Ok(count) => count,
+            Err(found) => {
+                return format!(
+                    "devices: no GPU usable under CUDA_VISIBLE_DEVICES={listed}: {found} (CUDA driver version {})",
+                    driver_version()
+                )
+            }
+        };
+        let mut lines = vec![format!(
+            "devices: {count} GPU(s) visible under CUDA_VISIBLE_DEVICES={listed} (CUDA driver version {})",
+            driver_version()
+        )];
+        for ordinal in 0..count {
+            lines.push(format!("  cuda:{ordinal}  {}", describe_device(ordinal)));
+        }
+        lines.join("\n")
+    }
+
+    fn describe_device(ordinal: usize) -> String {
+        let Ok(device) = result::device::get(ordinal as i32) else {
+            return "unreadable".into();
+        };
+        let name = result::device::get_name(device).unwrap_or_else(|_| "unknown".into());
+        // SAFETY: queries of a valid device handle.
+        let (memory, major, minor) = unsafe {
+            use sys::CUdevice_attribute::*;
+            (
+                result::device::total_mem(device).unwrap_or(0),
+                result::device::get_attribute(device, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+                    .unwrap_or(0),
+                result::device::get_attribute(device, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+                    .unwrap_or(0),
+            )
+        };
         format!(
-            "CUDA_VISIBLE_DEVICES is `{listed}`, but this whet was built without CUDA: it can train only on the CPU"
-        ),
-        format!("CUDA_VISIBLE_DEVICES 为 `{listed}`，但此 whet 构建时未启用 CUDA：只能在 CPU 上训练"),
-    )
-    .with_fix(
-        "to train on the CPU, unset CUDA_VISIBLE_DEVICES or set it to \"\" (`CUDA_VISIBLE_DEVICES= whet sft ...`, or `cuda_visible_devices: \"\"` in the config file); GPU training needs a whet built with CUDA support, which this version does not have yet",
-        "要在 CPU 上训练，请取消设置 CUDA_VISIBLE_DEVICES 或将其设为 \"\"（`CUDA_VISIBLE_DEVICES= whet sft ...`，或在配置文件中写 `cuda_visible_devices: \"\"`）；GPU 训练需要启用 CUDA 构建的 whet，此版本尚不支持",
-    ))
+            "{name}, {:.1} GiB, compute capability {major}.{minor}",
+            memory as f64 / (1u64 << 30) as f64
+        )
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod cuda;
 pub mod dataset;
 pub mod device;
 pub mod dtype;

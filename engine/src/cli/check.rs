@@ -176,6 +176,7 @@ fn print_report(report: &CheckReport) {
             size_text(disk)
         );
     }
+    println!("  {}", crate::device::describe_gpus(&report.config));
     println!("  output {}", d.output_dir);
     for diagnostic in &report.diagnostics {
         println!("{diagnostic}");

@@ -142,7 +142,7 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     // Where the config says to train, before any work (the recipe asks the same function).
-    if let Err(refusal) = device::select_device(&config) {
+    if let Err(refusal) = device::check_devices(&config) {
         eprintln!("{refusal}\nnothing was trained");
         return Ok(ExitCode::from(1));
     }
