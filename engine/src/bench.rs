@@ -254,6 +254,7 @@ pub fn run_train_bench(opts: &BenchOptions, group: &Group) -> anyhow::Result<Ben
     let sharding = Sharding {
         stage: opts.stage,
         reduce_bucket_size: None,
+        offload_optimizer: false,
     };
     let bucket_elems = sharding.bucket_elems(model.config().hidden_size);
     let mut sync = group.grad_sync(opts.stage, model.trainable(), bucket_elems)?;

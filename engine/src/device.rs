@@ -57,11 +57,68 @@ pub fn local_rank() -> usize {
 /// What `whet check` says about the GPUs the config lists: the driver and each visible device,
 /// or why none can be used.
 pub fn describe_gpus(config: &JobConfig) -> String {
-    match listed_gpus(config) {
+    // `whet check` judges a script: the config's list, else the shell's (as `whet sft` reads it).
+    let mut config = config.clone();
+    if config.launch.cuda_visible_devices.is_none() {
+        config.launch.cuda_visible_devices = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    }
+    match listed_gpus(&config) {
         Ok(Some((listed, _))) => gpu::describe(&listed),
         Ok(None) => "devices: the CPU (CUDA_VISIBLE_DEVICES is unset or empty)".into(),
         Err(d) => format!("devices: {}", d.message_en),
     }
+}
+
+/// The most memory `device`'s pool has held since it was opened, in GiB (torch's
+/// `max_memory_reserved`); None for the CPU.
+pub fn peak_reserved_gib(device: &Device) -> Option<f64> {
+    gpu::peak_reserved_bytes(device).map(|bytes| bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Whether `error` is the GPU running out of memory (the driver's or cuBLAS's).
+pub fn is_out_of_memory(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        let text = cause.to_string();
+        text.contains("CUDA_ERROR_OUT_OF_MEMORY") || text.contains("CUBLAS_STATUS_ALLOC_FAILED")
+    })
+}
+
+/// What to tell a user whose job ran out of GPU memory: the config's largest remedies, as
+/// `whet check` ranks them (whet-shared's memory estimate), and the estimate itself.
+pub fn out_of_memory_help(config: &JobConfig) -> String {
+    let context = whet_shared::derive::CheckContext::gather(config, &|path| {
+        std::fs::read_to_string(path).ok()
+    });
+    let Some(facts) = context.facts_for(config) else {
+        return "the GPU ran out of memory; `whet check` on this config lists what saves memory (gradient checkpointing, a smaller batch, LoRA, ZeRO-3)".into();
+    };
+    let remedies = whet_shared::validate::oom_remedies(config, &facts);
+    let estimate =
+        whet_shared::derive::derive(config, Some(&facts), context.dataset_rows, context.gpu)
+            .memory
+            .map(|m| format!(" (whet check estimates {:.1} GiB per GPU)", m.per_gpu_gib))
+            .unwrap_or_default();
+    if remedies.is_empty() {
+        return format!("the GPU ran out of memory{estimate}: use more GPUs or a smaller model");
+    }
+    let list: Vec<String> = remedies
+        .iter()
+        .take(4)
+        .enumerate()
+        .map(|(i, r)| {
+            format!(
+                "{}) {} (-{:.1} GiB -> {:.1} GiB)",
+                i + 1,
+                r.change,
+                r.saves_gib,
+                r.per_gpu_gib
+            )
+        })
+        .collect();
+    format!(
+        "the GPU ran out of memory{estimate}; largest savings first: {}",
+        list.join("; ")
+    )
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -96,6 +153,10 @@ mod gpu {
     pub fn describe(listed: &str) -> String {
         format!("devices: CUDA_VISIBLE_DEVICES={listed}, but this whet was built without CUDA (build with `--features cuda`)")
     }
+
+    pub fn peak_reserved_bytes(_: &Device) -> Option<u64> {
+        None
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -109,7 +170,7 @@ mod gpu {
         // SAFETY: cuDriverGetVersion writes one int and needs no cuInit.
         match unsafe { sys::cuDriverGetVersion(&mut version) }.result() {
             Ok(()) => format!("{}.{}", version / 1000, (version % 1000) / 10),
-            Err(e) => format!("unknown ({e:?})"),
+            Err(e) => format!("unknown: cuDriverGetVersion returned {:?}", e.0),
         }
     }
 
@@ -125,9 +186,9 @@ mod gpu {
         {
             std::env::set_var("CUDA_VISIBLE_DEVICES", listed);
         }
-        result::init().map_err(|e| format!("cuInit failed: {e:?}"))?;
-        let count =
-            result::device::get_count().map_err(|e| format!("cuDeviceGetCount failed: {e:?}"))?;
+        result::init().map_err(|e| format!("cuInit failed with {:?}", e.0))?;
+        let count = result::device::get_count()
+            .map_err(|e| format!("cuDeviceGetCount failed with {:?}", e.0))?;
         Ok(count.max(0) as usize)
     }
 
@@ -184,7 +245,10 @@ mod gpu {
         keep_freed_memory(ordinal).map_err(|e| {
             unusable(
                 listed,
-                &format!("setting up GPU {ordinal}'s memory pool failed: {e:?}"),
+                &format!(
+                    "setting up GPU {ordinal}'s memory pool failed with {:?}",
+                    e.0
+                ),
             )
         })?;
         Ok(device)
@@ -205,6 +269,27 @@ mod gpu {
                 (&mut threshold as *mut u64).cast(),
             )
         }
+    }
+
+    pub fn peak_reserved_bytes(device: &Device) -> Option<u64> {
+        let Device::Cuda(cuda) = device else {
+            return None;
+        };
+        let ordinal = cuda.cuda_stream().context().ordinal();
+        let mut bytes = 0u64;
+        // SAFETY: the default pool of an open device; the attribute is a u64.
+        unsafe {
+            let pool =
+                result::device::get_default_mem_pool(result::device::get(ordinal as i32).ok()?)
+                    .ok()?;
+            result::mem_pool::get_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+                (&mut bytes as *mut u64).cast(),
+            )
+            .ok()?;
+        }
+        Some(bytes)
     }
 
     pub fn describe(listed: &str) -> String {
@@ -268,6 +353,12 @@ mod tests {
                 "{cpu:?}"
             );
         }
+        let unreadable = select_device(&with_devices(Some("0,x"))).unwrap_err();
+        assert_eq!(unreadable.code, "devices_invalid");
+        // A CUDA build asks the driver instead (engine/tests/cuda_build.rs).
+        if cfg!(feature = "cuda") {
+            return;
+        }
         let refused = select_device(&with_devices(Some("0,1"))).unwrap_err();
         assert_eq!(
             (refused.field.as_str(), refused.code.as_str()),
@@ -278,7 +369,18 @@ mod tests {
             "{}",
             refused.fix
         );
-        let unreadable = select_device(&with_devices(Some("0,x"))).unwrap_err();
-        assert_eq!(unreadable.code, "devices_invalid");
+    }
+
+    #[test]
+    fn a_gpu_out_of_memory_error_gets_the_configs_remedies() {
+        let oom = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")")
+            .context("layer 3 forward");
+        assert!(is_out_of_memory(&oom));
+        assert!(!is_out_of_memory(&anyhow::anyhow!("no such file")));
+        let mut config = JobConfig::default();
+        config.sft.model = Some("Qwen/Qwen3-30B-A3B-Thinking-2507".into());
+        let help = out_of_memory_help(&config);
+        assert!(help.contains("largest savings first: 1) "), "{help}");
+        assert!(help.contains("GiB per GPU"), "{help}");
     }
 }

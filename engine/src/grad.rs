@@ -140,6 +140,8 @@ impl Gradients {
     /// gradients count as zero), summed parameter by parameter in order.
     pub fn sum_of_squares(&self, range: Range<usize>) -> Result<f64> {
         let mut sum = 0f64;
+        // On a GPU the per-parameter sums stay there and are read back once, at the end.
+        let mut on_device: Option<Tensor> = None;
         for piece in self.layout.pieces(range) {
             let Some(grad) = &self.grads[piece.param] else {
                 continue;
@@ -150,7 +152,18 @@ impl Gradients {
             } else {
                 flat.narrow(0, piece.within.start, piece.within.len())?
             };
-            sum += sum_of_squares(&part)?;
+            match crate::cuda::sum_of_squares(&part)? {
+                Some(part) => {
+                    on_device = Some(match on_device {
+                        Some(acc) => (acc + part)?,
+                        None => part,
+                    })
+                }
+                None => sum += sum_of_squares(&part)?,
+            }
+        }
+        if let Some(device_sum) = on_device {
+            sum += device_sum.to_scalar::<f64>()?;
         }
         Ok(sum)
     }

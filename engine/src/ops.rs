@@ -153,6 +153,9 @@ pub struct CrossEntropySum {
 /// vocabulary-wide temporaries, and each costs candle's backward two more passes.
 pub fn causal_lm_cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<CrossEntropySum> {
     let (batch, seq, vocab) = logits.dims3()?;
+    if logits.device().is_cuda() {
+        return cuda_cross_entropy_sum(logits, labels);
+    }
     let logits = logits.to_dtype(at_least_f32(logits.dtype()))?;
     if !logits.device().is_cpu() || !matches!(logits.dtype(), DType::F32 | DType::F64) {
         return causal_lm_cross_entropy_sum_composed(&logits, labels);
@@ -176,6 +179,31 @@ pub fn causal_lm_cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<C
     let rows = logits.reshape((batch * seq, vocab))?.contiguous()?;
     let sum = rows.apply_op1(op)?;
     Ok(CrossEntropySum { sum, num_tokens })
+}
+
+/// [`causal_lm_cross_entropy_sum`] on a GPU: whet's kernel per row (bf16/f16 logits read as
+/// they are, the sums in f32 — f64 for f64 logits), the shifted targets built on the device.
+fn cuda_cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<CrossEntropySum> {
+    let (batch, seq, vocab) = logits.dims3()?;
+    let labels = labels.to_dtype(DType::I64)?;
+    // Row (b, t) predicts labels[b, t + 1]; the last position of each sequence predicts nothing.
+    let ignored = Tensor::full(IGNORE_INDEX, (batch, 1), labels.device())?;
+    let targets =
+        Tensor::cat(&[&labels.narrow(1, 1, seq.saturating_sub(1))?, &ignored], 1)?.flatten_all()?;
+    // One read back: the label count (the loss's denominator) and the largest label.
+    let labelled = targets.ge(0i64)?.to_dtype(DType::I64)?.sum_all()?;
+    let stats = Tensor::stack(&[labelled, targets.max(0)?], 0)?.to_vec1::<i64>()?;
+    let (num_tokens, largest) = (stats[0] as usize, stats[1]);
+    if largest >= vocab as i64 {
+        candle_core::bail!("label {largest} is outside the vocabulary of {vocab} tokens");
+    }
+    let rows = logits.reshape((batch * seq, vocab))?;
+    let per_row = crate::cuda::cross_entropy_rows(&rows, &targets)?
+        .expect("a CUDA tensor runs the CUDA kernel");
+    Ok(CrossEntropySum {
+        sum: per_row.sum_all()?,
+        num_tokens,
+    })
 }
 
 /// The composed form of [`causal_lm_cross_entropy_sum`], from differentiable candle ops; it

@@ -159,6 +159,16 @@ impl AdamW {
         Ok(self)
     }
 
+    /// Keeps the moments on `device` and runs each update there — DeepSpeed's optimizer
+    /// offload: for a GPU job the f32 moments live in host memory and every piece's update
+    /// runs on the CPU (the fused CPU pass), its gradient and values brought over and the
+    /// updated values sent back. On the CPU this changes nothing.
+    pub fn with_state_on(mut self, device: &Device) -> Result<Self> {
+        self.exp_avg = self.exp_avg.to_device(device)?;
+        self.exp_avg_sq = self.exp_avg_sq.to_device(device)?;
+        Ok(self)
+    }
+
     pub fn config(&self) -> &AdamWConfig {
         &self.config
     }
@@ -234,13 +244,18 @@ impl AdamW {
             Some(master) => master.narrow(0, piece.at, len)?,
             None => cut(flat_param.clone())?,
         };
-        let grad = grad.map(|g| cut(g.flatten_all()?)).transpose()?;
+        // The update runs where the moments are (the host, when offloaded).
+        let state_device = self.exp_avg.device().clone();
+        let param = param.to_device(&state_device)?;
+        let grad = grad
+            .map(|g| cut(g.flatten_all()?)?.to_device(&state_device))
+            .transpose()?;
         let m = self.exp_avg.narrow(0, piece.at, len)?;
         let v = self.exp_avg_sq.narrow(0, piece.at, len)?;
-        let fused = if self.fused {
-            fused_cpu_update(&param, grad.as_ref(), &m, &v, c)?
-        } else {
-            None
+        let fused = match (self.fused, param.device().is_cuda()) {
+            (false, _) => None,
+            (true, true) => crate::cuda::adamw(&param, grad.as_ref(), &m, &v, &c.rounded())?,
+            (true, false) => fused_cpu_update(&param, grad.as_ref(), &m, &v, c)?,
         };
         let (new_param, new_m, new_v) = match fused {
             Some(updated) => updated,
@@ -248,7 +263,9 @@ impl AdamW {
         };
         self.exp_avg.slice_set(&new_m, 0, piece.at)?;
         self.exp_avg_sq.slice_set(&new_v, 0, piece.at)?;
-        let new_param = new_param.to_dtype(var.dtype())?;
+        let new_param = new_param
+            .to_dtype(var.dtype())?
+            .to_device(flat_param.device())?;
         if self.flat_master.is_some() {
             flat_param.slice_set(&new_param, 0, piece.at)
         } else if whole {
@@ -363,6 +380,22 @@ struct StepConstants {
     step_size: f64,
 }
 
+impl StepConstants {
+    /// The scalars in f32, as the tensor form rounds them (the fused CPU and CUDA updates).
+    fn rounded(&self) -> crate::cuda::AdamWScalars {
+        let f = |x: f64| x as f32;
+        crate::cuda::AdamWScalars {
+            decay: self.decay.map(f),
+            one_minus_beta1: f(1.0 - self.beta1),
+            beta2: f(self.beta2),
+            one_minus_beta2: f(1.0 - self.beta2),
+            bias_correction2_sqrt: f(self.bias_correction2_sqrt),
+            eps: f(self.eps),
+            neg_step_size: f(-self.step_size),
+        }
+    }
+}
+
 /// New (param, exp_avg, exp_avg_sq) of one flat piece, as whole-tensor operations (any device).
 fn tensor_update(
     param: &Tensor,
@@ -435,11 +468,15 @@ fn fused_cpu_update(
             slices[2].expect("exp_avg_sq"),
             slices[3],
         );
-        // The scalars as the tensor form rounds them.
-        let f = |x: f64| x as f32;
-        let (one_minus_b1, b2, one_minus_b2) = (f(1.0 - c.beta1), f(c.beta2), f(1.0 - c.beta2));
-        let (bc2, eps, neg_step) = (f(c.bias_correction2_sqrt), f(c.eps), f(-c.step_size));
-        let decay = c.decay.map(f);
+        let crate::cuda::AdamWScalars {
+            decay,
+            one_minus_beta1: one_minus_b1,
+            beta2: b2,
+            one_minus_beta2: one_minus_b2,
+            bias_correction2_sqrt: bc2,
+            eps,
+            neg_step_size: neg_step,
+        } = c.rounded();
         let update = |out_p: &mut [f32], out_m: &mut [f32], out_v: &mut [f32], start: usize| {
             for j in 0..out_p.len() {
                 let i = start + j;

@@ -386,6 +386,8 @@ pub struct Quantizer {
     options: QuantOptions,
     /// (256, 2) f32: byte -> (code of its high nibble, code of its low nibble).
     pairs: Tensor,
+    /// (16,) f32: the code book (what the CUDA kernel looks nibbles up in).
+    code: Tensor,
     /// (256,) f32: the dynamic map, for double quantization.
     dynamic_map: Tensor,
 }
@@ -399,6 +401,7 @@ impl Quantizer {
         Ok(Self {
             options,
             pairs: Tensor::from_vec(pairs, (256, 2), device)?,
+            code: Tensor::from_slice(code.as_slice(), 16, device)?,
             dynamic_map: Tensor::from_slice(dynamic_map(), 256, device)?,
         })
     }
@@ -446,6 +449,7 @@ impl Quantizer {
             absmax,
             resident_bytes: host.resident_bytes(),
             pairs: self.pairs.clone(),
+            code: self.code.clone(),
         })
     }
 }
@@ -472,8 +476,10 @@ pub struct QuantizedTensor {
     packed: Tensor,
     absmax: StoredAbsmax,
     resident_bytes: usize,
-    /// The quantizer's (256, 2) byte -> codes table (shared, not counted as resident).
+    /// The quantizer's (256, 2) byte -> codes table and (16,) code book (shared, not counted
+    /// as resident).
     pairs: Tensor,
+    code: Tensor,
 }
 
 /// `values` (n,) padded with zeros to a multiple of `block`, as (n / block, block).
@@ -529,6 +535,9 @@ impl QuantizedTensor {
 
     /// The weight in `dtype`: `code[index] * absmax` in f32, then cast (as bnb's kernels do).
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        if let Some(values) = self.dequantize_on_gpu(dtype)? {
+            return values.reshape(self.shape.as_slice());
+        }
         // (bytes,) u8 -> (bytes, 2) codes -> (blocks, 64) * (blocks, 1) absmax. The ids are
         // widened first: candle's index_select reads an id of its type's maximum (0xff in u8)
         // as "no row" and writes zeros.
@@ -540,6 +549,35 @@ impl QuantizedTensor {
             .narrow(0, 0, self.elem_count())?
             .reshape(self.shape.as_slice())?
             .to_dtype(dtype)
+    }
+}
+
+impl QuantizedTensor {
+    /// [`dequantize`](Self::dequantize) by whet's CUDA kernel, without the composed form's
+    /// (n,) u32 ids and f32 temporaries; None off the GPU.
+    fn dequantize_on_gpu(&self, dtype: DType) -> Result<Option<Tensor>> {
+        use crate::cuda::{Absmax4Bit, Packed4Bit};
+        let absmax = match &self.absmax {
+            StoredAbsmax::F32(absmax) => Absmax4Bit::F32(absmax),
+            StoredAbsmax::Double {
+                codes,
+                scales,
+                offset,
+                dynamic_map,
+            } => Absmax4Bit::Double {
+                codes,
+                dynamic_map,
+                scales,
+                offset: *offset,
+            },
+        };
+        let packed = Packed4Bit {
+            packed: &self.packed,
+            code: &self.code,
+            absmax,
+            elem_count: self.elem_count(),
+        };
+        crate::cuda::dequantize_4bit(&packed, dtype)
     }
 }
 

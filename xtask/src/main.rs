@@ -2,7 +2,7 @@
 //!
 //! * `cargo xtask test`   — everything CI checks: `cargo fmt --check`, clippy with warnings
 //!   denied, whet-shared for wasm32, the studio's release build (the browser tests drive it),
-//!   then the whole test suite.
+//!   then the whole test suite, then the CUDA build (toolchain from PyPI) and its GPU-free tests.
 //! * `cargo xtask app`    — builds the studio (app/ → app/dist) with Trunk, offline.
 //! * `cargo xtask studio` — builds and starts the studio with its backend on the embedded
 //!   defaults (SQLite, the demo preset).
@@ -126,6 +126,37 @@ fn test() -> Result<()> {
     // whet-app only runs in the browser: Trunk has just built it for wasm32 and the browser
     // tests in tests/ drive that build, so a native build of it would test nothing.
     cargo(&["test", "--workspace", "--exclude", "whet-app"])?;
+    cuda_tests()
+}
+
+/// The CUDA build and the tests that need no GPU, against it: the toolchain from PyPI
+/// (installed once, outside the repository), the engine built with `--features cuda`, its unit
+/// tests and engine/tests/cuda_build.rs run here with the stub driver (so every CUDA call
+/// fails as on a machine without a usable driver). Same target folder as the CPU build: cargo
+/// puts the CPU `whet` back in target/debug on the next plain build.
+fn cuda_tests() -> Result<()> {
+    let toolchain = cuda::ensure_toolchain()?;
+    let args = [
+        "test",
+        "-p",
+        "whet-engine",
+        "--features",
+        "cuda",
+        "--lib",
+        "--test",
+        "cuda_build",
+    ];
+    eprintln!("+ cargo {} (CUDA toolchain, stub driver)", args.join(" "));
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .envs(toolchain.build_env())
+        .env("LD_LIBRARY_PATH", toolchain.stub_run_library_path())
+        .env("WHET_CUDA_STUB_DRIVER", "1")
+        .status()
+        .context("running cargo test --features cuda")?;
+    if !status.success() {
+        bail!("the CUDA build's tests failed ({status})");
+    }
     Ok(())
 }
 

@@ -460,6 +460,51 @@ pub fn top_k_routing(probs: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     Ok((indices, weights))
 }
 
+/// Each expert's picks among the (rows, k) choices: the token rows that chose it and their
+/// slots (row * k + pick), ascending by row, as u32 tensors on the choices' device; None for an
+/// expert no token chose. On a GPU the grouping runs there and only the counts come back.
+fn picks_by_expert(chosen: &Tensor, num_experts: usize) -> Result<Vec<Option<(Tensor, Tensor)>>> {
+    if let Some(groups) = crate::cuda::group_by_expert(chosen, num_experts)? {
+        let mut at = 0;
+        let mut picks = Vec::with_capacity(num_experts);
+        for &count in &groups.counts {
+            picks.push(if count == 0 {
+                None
+            } else {
+                Some((
+                    groups.rows.narrow(0, at, count)?,
+                    groups.slots.narrow(0, at, count)?,
+                ))
+            });
+            at += count;
+        }
+        return Ok(picks);
+    }
+    let k = chosen.dim(1)?;
+    let mut rows_of = vec![Vec::<u32>::new(); num_experts];
+    let mut slots_of = vec![Vec::<u32>::new(); num_experts];
+    for (row, picks) in chosen.to_vec2::<u32>()?.iter().enumerate() {
+        for (slot, &expert) in picks.iter().enumerate() {
+            rows_of[expert as usize].push(row as u32);
+            slots_of[expert as usize].push((row * k + slot) as u32);
+        }
+    }
+    rows_of
+        .iter()
+        .zip(&slots_of)
+        .map(|(rows, slots)| {
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            let device = chosen.device();
+            Ok(Some((
+                Tensor::new(rows.as_slice(), device)?,
+                Tensor::new(slots.as_slice(), device)?,
+            )))
+        })
+        .collect()
+}
+
 impl SparseMoeBlock {
     fn new(
         cfg: &ModelConfig,
@@ -511,32 +556,21 @@ impl SparseMoeBlock {
         // (rows, k) -> (rows * k): entry row * k + slot is the weight of that token's slot-th pick.
         let weights = weights.to_dtype(x.dtype())?.flatten_all()?;
 
-        let k = self.num_experts_per_tok;
-        let mut rows_of = vec![Vec::<u32>::new(); self.experts.len()];
-        let mut slots_of = vec![Vec::<u32>::new(); self.experts.len()];
-        for (row, picks) in chosen.to_vec2::<u32>()?.iter().enumerate() {
-            for (slot, &expert) in picks.iter().enumerate() {
-                rows_of[expert as usize].push(row as u32);
-                slots_of[expert as usize].push((row * k + slot) as u32);
-            }
-        }
-
         let device = x.device();
+        let picks = picks_by_expert(&chosen, self.experts.len())?;
         let mut out = Tensor::zeros((rows, hidden), x.dtype(), device)?;
-        for (e, expert) in self.experts.iter().enumerate() {
-            if rows_of[e].is_empty() {
+        for (expert, picks) in self.experts.iter().zip(&picks) {
+            let Some((token_rows, slots)) = picks else {
                 if let Some(zero) = expert.zero_touching_weights()? {
                     out = out.broadcast_add(&zero.to_dtype(x.dtype())?)?;
                 }
                 continue;
-            }
-            let token_rows = Tensor::new(rows_of[e].as_slice(), device)?;
-            let slots = Tensor::new(slots_of[e].as_slice(), device)?;
-            let expert_out = expert.forward(&x.index_select(&token_rows, 0)?, dropout_seed)?;
+            };
+            let expert_out = expert.forward(&x.index_select(token_rows, 0)?, dropout_seed)?;
             let expert_out =
-                expert_out.broadcast_mul(&weights.index_select(&slots, 0)?.unsqueeze(1)?)?;
+                expert_out.broadcast_mul(&weights.index_select(slots, 0)?.unsqueeze(1)?)?;
             // index_add, not scatter_add: candle's scatter_add backward breaks for partial indices.
-            out = out.index_add(&token_rows, &expert_out, 0)?;
+            out = out.index_add(token_rows, &expert_out, 0)?;
         }
         Ok((out.reshape((b, t, hidden))?, router_logits))
     }
@@ -944,6 +978,9 @@ pub fn router_aux_loss(
         .to_dtype(DType::F32)?
         .flatten_all()?
         .ne(0f32)?;
+    if first.device().is_cuda() {
+        return router_aux_loss_on_device(router_logits, &real, top_k);
+    }
     let real_host: Vec<u8> = real.to_vec1()?;
     let real = real.to_dtype(DType::F32)?.unsqueeze(1)?;
 
@@ -968,6 +1005,39 @@ pub fn router_aux_loss(
     let f: Vec<f32> = picks.iter().map(|&c| (c / real_rows) as f32).collect();
     let f = Tensor::from_vec(f, num_experts, first.device())?;
     let p = (prob_sum / real_rows)?;
+    (f * p)?.sum_all()? * num_experts as f64
+}
+
+/// [`router_aux_loss`] without reading the picks back: each layer's top-k choices counted as
+/// one-hot sums on the device (counts in f32, exact below 2^24 picks). `real` is the
+/// (rows,) u8 mask of real tokens.
+fn router_aux_loss_on_device(
+    router_logits: &[Tensor],
+    real: &Tensor,
+    top_k: usize,
+) -> Result<Tensor> {
+    let (_, num_experts) = router_logits[0].dims2()?;
+    let device = real.device();
+    let real = real.to_dtype(DType::F32)?.unsqueeze(1)?;
+    let experts = Tensor::arange(0u32, num_experts as u32, device)?.unsqueeze(0)?;
+    let mut picks = Tensor::zeros(num_experts, DType::F32, device)?;
+    let mut prob_sum = Tensor::zeros(num_experts, DType::F32, device)?;
+    for logits in router_logits {
+        let probs = ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+        let (chosen, _) = top_k_routing(&probs.detach(), top_k)?;
+        for slot in 0..top_k {
+            let hits = chosen
+                .narrow(1, slot, 1)?
+                .broadcast_eq(&experts)?
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&real)?;
+            picks = (picks + hits.sum(0)?)?;
+        }
+        prob_sum = (prob_sum + probs.broadcast_mul(&real)?.sum(0)?)?;
+    }
+    let real_rows = (real.sum_all()? * router_logits.len() as f64)?.maximum(1f32)?;
+    let f = picks.broadcast_div(&real_rows)?;
+    let p = prob_sum.broadcast_div(&real_rows)?;
     (f * p)?.sum_all()? * num_experts as f64
 }
 
@@ -1053,5 +1123,35 @@ mod tests {
         let err =
             Model::from_tensors(tiny_moe_config(), tensors, ModelOptions::default()).unwrap_err();
         assert!(matches!(err, ModelError::ShapeMismatch { .. }), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod device_routing_tests {
+    use super::*;
+
+    /// The GPU's formulation of the aux loss (one-hot counts on the device) is the host's count.
+    #[test]
+    fn the_device_aux_loss_counts_as_the_host_does() {
+        let device = Device::Cpu;
+        let values: Vec<f32> = (0..6 * 5 * 3)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let layers: Vec<Tensor> = values
+            .chunks(6 * 5)
+            .map(|v| Tensor::from_slice(v, (6, 5), &device).unwrap())
+            .collect();
+        let mask = Tensor::new(&[[1u32, 1, 1], [1, 0, 0]], &device).unwrap();
+        let host = router_aux_loss(&layers, &mask, 2).unwrap();
+        let real = mask.flatten_all().unwrap().ne(0u32).unwrap();
+        let on_device = router_aux_loss_on_device(&layers, &real, 2).unwrap();
+        let (host, on_device) = (
+            host.to_scalar::<f32>().unwrap(),
+            on_device.to_scalar::<f32>().unwrap(),
+        );
+        assert!(
+            (host - on_device).abs() <= 1e-6 * host.abs(),
+            "{host} vs {on_device}"
+        );
     }
 }

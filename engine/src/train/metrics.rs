@@ -274,13 +274,16 @@ impl LogWindow {
 pub struct RunClock {
     started: Instant,
     start_step: u64,
+    /// The device whose peak reserved memory `memory(GiB)` reports (a GPU), if any.
+    device: candle_core::Device,
 }
 
 impl RunClock {
-    pub fn start(start_step: u64) -> Self {
+    pub fn start(start_step: u64, device: &candle_core::Device) -> Self {
         Self {
             started: Instant::now(),
             start_step,
+            device: device.clone(),
         }
     }
 
@@ -293,12 +296,12 @@ impl RunClock {
     }
 
     /// The time and progress fields ms-swift appends to every logging.jsonl line (they stay out
-    /// of trainer_state.json's log_history). `memory(GiB)` is left out on the CPU, as ms-swift
-    /// omits a zero device memory.
+    /// of trainer_state.json's log_history). `memory(GiB)` is the GPU's peak reserved memory
+    /// (torch's max_memory_reserved), left out on the CPU, as ms-swift omits a zero one.
     pub fn progress_fields(&self, step: u64, total: u64) -> Record {
         let elapsed = self.elapsed();
         let speed = elapsed / self.steps_done(step).max(1) as f64;
-        vec![
+        let mut fields: Record = vec![
             (
                 "global_step/max_steps".into(),
                 Value::from(format!("{step}/{total}")),
@@ -308,8 +311,12 @@ impl RunClock {
                 "remaining_time".into(),
                 Value::from(format_time(speed * total.saturating_sub(step) as f64)),
             ),
-            ("train_speed(s/it)".into(), float(round_to(speed, 6))),
-        ]
+        ];
+        if let Some(gib) = crate::device::peak_reserved_gib(&self.device).filter(|&g| g > 0.0) {
+            fields.push(("memory(GiB)".into(), float(round_to(gib, 2))));
+        }
+        fields.push(("train_speed(s/it)".into(), float(round_to(speed, 6))));
+        fields
     }
 }
 

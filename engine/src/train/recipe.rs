@@ -78,6 +78,22 @@ pub fn train(
     make_sinks: SinkFactory,
     group: &Group,
 ) -> anyhow::Result<RunSummary> {
+    run(config, console, make_sinks, group).map_err(|error| {
+        if crate::device::is_out_of_memory(&error) {
+            let help = crate::device::out_of_memory_help(config);
+            error.context(help)
+        } else {
+            error
+        }
+    })
+}
+
+fn run(
+    config: &JobConfig,
+    console: &Console,
+    make_sinks: SinkFactory,
+    group: &Group,
+) -> anyhow::Result<RunSummary> {
     let sft = &config.sft;
     let setup = Setup::new(config, console)?;
     let (plan, model, device) = (&setup.plan, &setup.model, &setup.device);
@@ -87,8 +103,14 @@ pub fn train(
         rank: group.rank(),
         world: group.world_size(),
     };
+    let optimizer_device = if setup.sharding.offload_optimizer {
+        candle_core::Device::Cpu
+    } else {
+        device.clone()
+    };
     let mut optimizer = AdamW::for_range(model.trainable(), sync.owned(), adamw_config(config))?
-        .with_flat_master(sync.flat_master())?;
+        .with_flat_master(sync.flat_master())?
+        .with_state_on(&optimizer_device)?;
     let schedule = setup.schedule(config);
     let mut sampler = Sampler::new(
         setup.data.train.len(),
@@ -135,7 +157,7 @@ pub fn train(
     } else {
         f64::INFINITY
     };
-    let clock = RunClock::start(state.global_step);
+    let clock = RunClock::start(state.global_step, device);
     let mut totals = RunTotals::default();
     let mut loader = Loader::new(
         Arc::new(setup.data.train.clone()),

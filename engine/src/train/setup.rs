@@ -128,6 +128,9 @@ pub struct Sharding {
     pub stage: ZeroStage,
     /// Elements per gradient bucket (DeepSpeed's `reduce_bucket_size`); None for its `auto`.
     pub reduce_bucket_size: Option<usize>,
+    /// `offload_optimizer`: the optimizer's moments and update in host memory (a GPU job's;
+    /// the CPU's are there already).
+    pub offload_optimizer: bool,
 }
 
 impl Sharding {
@@ -170,6 +173,7 @@ pub fn sharding(config: &JobConfig) -> anyhow::Result<Sharding> {
     Ok(Sharding {
         stage,
         reduce_bucket_size,
+        offload_optimizer: zero.offload_optimizer,
     })
 }
 
