@@ -258,3 +258,34 @@ extern "C" __global__ void moe_group_by_expert(const uint32_t* chosen, size_t pi
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// LoRA dropout masks (lora.rs's dropout_mask): element i is the (i + 1)-th splitmix64 output of
+// `seed` — 0 when its top 53 bits fall below `threshold`, else `keep` — so the GPU draws the
+// very mask the CPU streams, element by element.
+
+__device__ __forceinline__ uint64_t splitmix64_at(uint64_t seed, uint64_t i) {
+    uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+template <typename T>
+__device__ void dropout_mask(uint64_t seed, size_t n, uint64_t threshold, float keep, T* out) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const bool drop = (splitmix64_at(seed, i) >> 11) < threshold;
+        out[i] = from_acc<T>(drop ? 0.0f : keep);
+    }
+}
+
+#define DROPOUT(NAME, T)                                                                         \
+    extern "C" __global__ void dropout_mask_##NAME(uint64_t seed, size_t n, uint64_t threshold,  \
+                                                   float keep, T* out) {                         \
+        dropout_mask<T>(seed, n, threshold, keep, out);                                          \
+    }
+DROPOUT(f32, float)
+DROPOUT(f64, double)
+DROPOUT(bf16, __nv_bfloat16)
+DROPOUT(f16, __half)

@@ -9,7 +9,8 @@
 //! * [`adamw`]: one fused AdamW pass, operation for operation `optim::fused_cpu_update`;
 //! * [`sum_of_squares`]: the f64 sum of squares of a gradient, left on the device;
 //! * [`dequantize_4bit`]: NF4/FP4 codes times their (double-quantized) block scales;
-//! * [`group_by_expert`]: MoE picks grouped by expert on the device, only the counts read back.
+//! * [`group_by_expert`]: MoE picks grouped by expert on the device, only the counts read back;
+//! * [`dropout_mask`]: LoRA's dropout masks drawn on the device, element for element the CPU's.
 
 use candle_core::{Result, Tensor};
 
@@ -79,6 +80,9 @@ mod imp {
         Ok(None)
     }
     pub fn group_by_expert(_: &Tensor, _: usize) -> Result<Option<ExpertGroups>> {
+        Ok(None)
+    }
+    pub fn dropout_mask(_: u64, _: u64, _: f32, _: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }
@@ -607,6 +611,45 @@ mod imp {
             _ => out!(f16),
         };
         Ok(Some(out))
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // LoRA dropout.
+
+    pub fn dropout_mask(
+        seed: u64,
+        threshold: u64,
+        keep: f32,
+        like: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let Some(dev) = on_gpu(like) else {
+            return Ok(None);
+        };
+        let n = like.elem_count();
+        let name = format!("dropout_mask_{}", dtype_name(like.dtype())?);
+        let kernel = train(&dev, &name)?;
+        let n64 = n as u64;
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&kernel);
+        launch.arg(&seed).arg(&n64).arg(&threshold).arg(&keep);
+        macro_rules! run {
+            ($t:ty) => {{
+                // SAFETY: the kernel writes all n elements.
+                let out = unsafe { dev.alloc::<$t>(n) }?;
+                launch.arg(&out);
+                if n > 0 {
+                    // SAFETY: the arguments match the kernel's signature.
+                    unsafe { launch.launch(elementwise(n)) }.map_err(wrap)?;
+                }
+                wrap_tensor(out, &dev, like.shape().clone())
+            }};
+        }
+        Ok(Some(match like.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            DType::BF16 => run!(bf16),
+            _ => run!(f16),
+        }))
     }
 
     // ---------------------------------------------------------------------------------------

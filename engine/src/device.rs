@@ -240,8 +240,15 @@ mod gpu {
     #[allow(clippy::result_large_err)]
     pub fn open(listed: &str, ordinal: usize) -> Result<Device, Diagnostic> {
         probe(listed, ordinal)?;
-        let device = Device::new_cuda(ordinal)
+        // One stream for the whole process (not CUDA's per-thread default streams): every
+        // thread's work, and NCCL's, is ordered on it, so cudarc's per-allocation events are
+        // not needed and are switched off (two events per tensor otherwise).
+        let device = Device::new_cuda_with_stream(ordinal)
             .map_err(|e| unusable(listed, &format!("opening GPU {ordinal} failed: {e}")))?;
+        if let Device::Cuda(cuda) = &device {
+            // SAFETY: one stream only (above); tensors are freed in stream order after use.
+            unsafe { cuda.disable_event_tracking() };
+        }
         keep_freed_memory(ordinal).map_err(|e| {
             unusable(
                 listed,

@@ -31,8 +31,18 @@ impl LoraPair {
         let x = match dropout_seed {
             Some(seed) if self.dropout > 0.0 => {
                 let (rows, cols) = x.dims2()?;
-                let mask = dropout_mask(seed ^ self.module_key, rows * cols, self.dropout);
-                let mask = Tensor::from_vec(mask, (rows, cols), x.device())?.to_dtype(x.dtype())?;
+                let seed = seed ^ self.module_key;
+                let (threshold, keep) = dropout_constants(self.dropout);
+                // A GPU draws the same mask on the device (no host copy).
+                let mask = match crate::cuda::dropout_mask(seed, threshold, keep, x)? {
+                    Some(mask) => mask,
+                    None => Tensor::from_vec(
+                        dropout_mask(seed, rows * cols, self.dropout),
+                        (rows, cols),
+                        x.device(),
+                    )?
+                    .to_dtype(x.dtype())?,
+                };
                 (x * mask)?
             }
             _ => x.clone(),
@@ -47,9 +57,7 @@ pub fn dropout_mask(seed: u64, len: usize, p: f64) -> Vec<f32> {
     if p >= 1.0 {
         return vec![0.0; len];
     }
-    let keep = (1.0 / (1.0 - p)) as f32;
-    // Drop when a uniform 53-bit draw falls below p.
-    let threshold = (p * (1u64 << 53) as f64) as u64;
+    let (threshold, keep) = dropout_constants(p);
     let mut rng = SplitMix64::new(seed);
     (0..len)
         .map(|_| {
@@ -60,6 +68,30 @@ pub fn dropout_mask(seed: u64, len: usize, p: f64) -> Vec<f32> {
             }
         })
         .collect()
+}
+
+/// Dropout's `(threshold, keep)`: drop when a uniform 53-bit draw falls below `threshold`
+/// (every draw, for p >= 1), else multiply by `keep = 1 / (1 - p)`.
+pub fn dropout_constants(p: f64) -> (u64, f32) {
+    if p >= 1.0 {
+        return (u64::MAX, 0.0);
+    }
+    ((p * (1u64 << 53) as f64) as u64, (1.0 / (1.0 - p)) as f32)
+}
+
+/// The `i`-th element of [`dropout_mask`]'s stream without the ones before it (splitmix64 is a
+/// counter: its (i + 1)-th output mixes `seed + (i + 1) * golden`) — what the CUDA kernel
+/// computes per element.
+pub fn dropout_mask_at(seed: u64, i: u64, threshold: u64, keep: f32) -> f32 {
+    let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    if z >> 11 < threshold {
+        0.0
+    } else {
+        keep
+    }
 }
 
 /// A stable 64-bit key for a module name (FNV-1a, then mixed), the same in every process.
@@ -82,6 +114,19 @@ pub fn step_dropout_seed(seed: u64, global_step: u64, micro_batch: usize) -> u64
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_device_formula_draws_the_streamed_mask() {
+        for p in [0.05, 0.1, 0.5] {
+            let (threshold, keep) = dropout_constants(p);
+            let streamed = dropout_mask(0xfeed_beef, 1000, p);
+            let at: Vec<f32> = (0..1000)
+                .map(|i| dropout_mask_at(0xfeed_beef, i, threshold, keep))
+                .collect();
+            assert_eq!(streamed, at, "p = {p}");
+        }
+    }
+
     use super::*;
 
     #[test]
