@@ -16,7 +16,8 @@ use candle_core::{
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor, Var};
 
 /// Empties the storage of a contiguous f32/f64 variable: on the CPU its vector is dropped, on a
-/// GPU its device slice is replaced by a zero-length one (the memory goes back to the pool).
+/// GPU its device slice is replaced by a one-element placeholder (the memory goes back to the
+/// device's pool).
 struct Release;
 
 impl InplaceOp1 for Release {
@@ -38,8 +39,9 @@ impl InplaceOp1 for Release {
         fn empty<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
             storage: &mut CudaStorage,
         ) -> Result<()> {
-            let nothing = storage.device.alloc_zeros::<T>(0)?;
-            *storage.as_cuda_slice_mut::<T>()? = nothing;
+            // One element, not none: CUDA's allocators refuse zero bytes.
+            let placeholder = storage.device.alloc_zeros::<T>(1)?;
+            *storage.as_cuda_slice_mut::<T>()? = placeholder;
             Ok(())
         }
         match storage.dtype() {
