@@ -15,7 +15,6 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use std::io::IsTerminal;
-
 use std::sync::Arc;
 
 use anyhow::Context;

@@ -14,7 +14,8 @@ use crate::model::TrainableParams;
 
 /// What a rank keeps whole and what it keeps a shard of (DeepSpeed's stages). On the CPU the
 /// `_offload` variants are the same: the optimizer state (and zero3's parameter shards) is in
-/// host memory already.
+/// host memory already. On GPUs they are the same too for now: the state stays on the device
+/// (moving it to host memory is not written yet).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ZeroStage {
     /// Plain data parallel: gradients all-reduced, every rank steps every parameter.
