@@ -34,21 +34,21 @@
 //! free of scratch buffers), and are generic over the sealed [`Element`]: f32, f64,
 //! `half::bf16`, all three native to NCCL.
 //!
-//! Completion: an operation has finished for the next user of the rank's stream when it
-//! returns. gloo has no streams — it has finished, full stop. An NCCL implementation enqueues
-//! on its one stream per rank (the stream candle's device uses), so later kernels on that
-//! stream see the result and a host read synchronises first, as with any candle op.
+//! Completion: an operation has finished when it returns. gloo has no streams — it has
+//! finished, full stop. NCCL enqueues on its one stream per rank (the stream candle's device
+//! uses) and then waits for it under its watchdog (below), so a lost rank cannot leave a kernel
+//! spinning on the stream that a later host read would block behind.
 //!
 //! # NCCL
 //!
-//! `NcclCollective`, behind the `cuda` feature, is cudarc 0.19's `cudarc::nccl::safe`. It
+//! `NcclCollective`, behind the `cuda` feature, is NCCL through cudarc 0.19's bindings. It
 //! compiles here (no GPU, no CUDA: `CUDARC_CUDA_VERSION=13000 cargo check -p whet-collective
 //! --features cuda`; cudarc loads libcuda and libnccl when first used) but has not run on a
 //! GPU yet. How it fits the trait:
 //! - Set-up: each rank binds its LOCAL_RANK device first and passes that device's stream
-//!   (candle's `CudaDevice::cuda_stream()`); rank 0 makes `Id::new()` and sets its 128 bytes in
-//!   the store under `nccl/<group>/id`; the others wait for them and rebuild the id with
-//!   `Id::uninit`; then `Comm::from_rank(stream, rank, world, id)`.
+//!   (candle's `CudaDevice::cuda_stream()`); rank 0 makes `ncclGetUniqueId` and sets its 128 bytes in
+//!   the store under `nccl/<group>/id`; the others wait for them and rebuild the id; then
+//!   `ncclCommInitRank` on that stream's device.
 //! - `type Buffer<T> = CudaSlice<T>`; with the feature, [`Element`] also requires cudarc's
 //!   `NcclType`, `DeviceRepr` and `ValidAsZeroBits` (all three types have them).
 //! - `all_reduce[_in_place]` and `broadcast` are NCCL's own; `barrier` is a one-element
@@ -59,9 +59,10 @@
 //!   [`padded_len`], as DeepSpeed does); other lengths go through a padded copy.
 //!   `reduce_scatter_in_place` is an in-place all-reduce, because NCCL's in-place form aliases
 //!   its send and receive buffers, which cudarc's safe API cannot express.
-//! - Not yet: a watchdog that polls `ncclCommGetAsyncError` and aborts the communicator past
-//!   the timeout (torch's), so a rank that never joins an operation yields
-//!   [`CollectiveError::Timeout`] instead of blocking the stream.
+//! - A watchdog, as torch's: while an operation is outstanding the host polls
+//!   `ncclCommGetAsyncError`, and an error there or the timeout passing aborts the communicator
+//!   (`ncclCommAbort`), so a rank that never joins yields [`CollectiveError::Timeout`] instead
+//!   of blocking the stream; `ncclCommInitRank` is bounded by the same timeout.
 //!
 //! # The shard rule (reduce-scatter, all-gather, ZeRO)
 //!
@@ -85,8 +86,7 @@
 //!   not necessarily bit-equal to a sequential sum or to another library. bf16 is added as
 //!   torch adds it: both operands widened to f32, the sum rounded to nearest even.
 //! - Timeouts: every wait — for the other ranks at the rendezvous, for a peer's data in an
-//!   operation — gives up after the communicator's timeout with an error; nothing hangs (for
-//!   NCCL, once its watchdog is written; see above).
+//!   operation — gives up after the communicator's timeout with an error; nothing hangs.
 //!   After any failed operation the communicator returns [`CollectiveError::Broken`]: the ranks
 //!   are out of step and must all make new communicators (or the job restarts).
 //!

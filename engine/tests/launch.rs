@@ -356,6 +356,66 @@ fn without_the_test_switch_ranks_train_the_job_and_rank_0_speaks_for_it() {
     launcher.assert_ranks_gone(2);
 }
 
+/// Every file of the run's `checkpoint-<step>` folder, relative to it, sorted.
+fn checkpoint_files(job: &Job, out: &str, step: usize) -> Vec<String> {
+    fn walk(dir: &std::path::Path, root: &std::path::Path, into: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, root, into);
+            } else {
+                into.push(path.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    let run = std::fs::read_dir(job.root.join(out))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let checkpoint = run.join(format!("checkpoint-{step}"));
+    let mut files = Vec::new();
+    walk(&checkpoint, &checkpoint, &mut files);
+    files.sort();
+    files
+}
+
+#[test]
+fn one_launched_rank_is_a_group_of_one_training_as_one_process() {
+    let job = Job::new("one");
+    let save = ["--save_strategy", "steps", "--save_steps", "2"].map(String::from);
+    let mut flags = training(&job, "plain");
+    flags.extend(save.clone());
+    let mut plain = Launcher::whet(&flags, &[]);
+    let status = plain.finish();
+    assert!(status.success(), "{status}; {}", plain.output());
+
+    let port = free_port().to_string();
+    let mut flags = training(&job, "launched");
+    flags.extend(save);
+    flags.extend(["--nproc_per_node", "1", "--master_port", &port].map(String::from));
+    let mut launched = Launcher::whet(&flags, &[]);
+    let status = launched.finish();
+    assert!(status.success(), "{status}; {}", launched.output());
+    // It ran as rank 0 of a launched world of one (its lines come through the launcher).
+    assert_eq!(
+        count(&launched.stdout, "[rank 0] {\"loss\""),
+        2,
+        "{}",
+        launched.output()
+    );
+    launched.assert_ranks_gone(1);
+
+    assert_eq!(losses(&job, "launched"), losses(&job, "plain"));
+    let files = checkpoint_files(&job, "launched", 2);
+    assert_eq!(files, checkpoint_files(&job, "plain", 2));
+    assert!(
+        files.iter().any(|f| f.ends_with("optimizer.safetensors")),
+        "{files:?}"
+    );
+}
+
 #[test]
 fn a_taken_master_port_is_refused_naming_a_free_one() {
     let job = Job::new("taken");

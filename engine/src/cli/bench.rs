@@ -69,8 +69,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     })?;
     // As `whet sft`: a rank of a job benches; a job of several processes launches them.
     let group = match RankEnv::from_env()? {
-        Some(rank) if rank.world_size > 1 => launch::join_group(&rank)?,
-        Some(_) => Group::single(),
+        // The bench runs on the CPU: its ranks reduce over gloo.
+        Some(rank) => launch::join_group(&rank, &candle_core::Device::Cpu)?,
         None if train.nproc_per_node > 1 => {
             let launch = LaunchConfig {
                 nproc_per_node: Some(train.nproc_per_node as i64),

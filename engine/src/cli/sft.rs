@@ -24,7 +24,7 @@ wherever they stand (later flags win among themselves). CUDA_VISIBLE_DEVICES and
 NPROC_PER_NODE from the environment apply where the config does not set them.\n\
 Outputs go to <output_dir>/v<N>-<YYYYMMDD-HHMMSS>/ (args.json, logging.jsonl, \
 trainer_state.json, checkpoint-<step>/).\n\
-With --nproc_per_node N > 1 (or NPROC_PER_NODE=N, or --nnodes > 1) whet is the launcher, as \
+With --nproc_per_node N (or NPROC_PER_NODE=N, or --nnodes > 1; N = 1 too) whet is the launcher, as \
 torchrun is: it starts N ranks (this command again, with torchrun's RANK, LOCAL_RANK, WORLD_SIZE, \
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), node 0 hosting their TCPStore on --master_port; \
 their lines come prefixed `[rank k]`. Under torchrun (or any launcher that sets those \
@@ -146,12 +146,11 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{refusal}\nnothing was trained");
         return Ok(ExitCode::from(1));
     }
-    // A rank of a job never launches; a one-process job under a launcher trains as one process.
+    // A rank of a job never launches; a launched world of one is a group of one.
     match rank {
-        Some(rank) if rank.world_size > 1 => {
+        Some(rank) => {
             return launch::run_rank(&rank, &config, &|run_dir| scalar_sinks(&config, run_dir))
         }
-        Some(_) => {}
         None => match LaunchPlan::from_config(&config.launch) {
             Err(refusal) => {
                 eprintln!("{refusal}\nnothing was trained");

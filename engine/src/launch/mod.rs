@@ -1,7 +1,7 @@
 //! Multi-process jobs: the launcher and the rank's first steps.
 //!
-//! `whet sft --nproc_per_node N` (or NPROC_PER_NODE=N, or `--nnodes` > 1) is a launcher, as
-//! torchrun is: node 0's launcher hosts the job's TCPStore at `master_port` (the ranks are its
+//! `whet sft --nproc_per_node N` (or NPROC_PER_NODE=N, or `--nnodes` > 1; N = 1 too: as with
+//! ms-swift, naming a process count is what makes a launch) is a launcher, as torchrun is: node 0's launcher hosts the job's TCPStore at `master_port` (the ranks are its
 //! clients, like torchrun's agent store), and every node's launcher starts its N ranks — copies
 //! of this executable with the same arguments and torchrun's rank variables
 //! ([`LaunchPlan::rank_env`]) — forwards their output line by line as `[rank k] ...`, forwards
@@ -12,7 +12,8 @@
 //! A process whose environment names a rank (whet's launcher, torchrun, or anything that sets
 //! RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) is one rank of a
 //! job and never launches: it reaches the store through `RankEnv::connect_store`, meets the
-//! other ranks there ([`rank`]), and then — until distributed training lands — refuses.
+//! other ranks there and trains as its rank ([`rank`]) — a world of one included, which joins
+//! a group of one exactly as a larger world's ranks join theirs (DeepSpeed on one GPU).
 
 mod peers;
 pub mod rank;
@@ -46,10 +47,12 @@ pub struct LaunchPlan {
 }
 
 impl LaunchPlan {
-    /// The plan the config's launch fields ask for: `Ok(None)` when the job is one process
-    /// (nproc_per_node unset or 1, nnodes 1); an error naming the field, its value and the fix
-    /// when they cannot be launched.
+    /// The plan the config's launch fields ask for: `Ok(None)` when the job is one plain
+    /// process (nproc_per_node unset, nnodes 1; ms-swift's launcher switches on its presence
+    /// alone, so `--nproc_per_node 1` launches one rank); an error naming the field, its value
+    /// and the fix when they cannot be launched.
     pub fn from_config(launch: &LaunchConfig) -> Result<Option<LaunchPlan>, String> {
+        let asked = launch.nproc_per_node.is_some();
         let nproc_per_node = launch.nproc_per_node.unwrap_or(1);
         let nproc_per_node = usize::try_from(nproc_per_node)
             .ok()
@@ -85,7 +88,7 @@ impl LaunchPlan {
                     launch.master_port
                 )
             })?;
-        if nproc_per_node == 1 && nnodes == 1 {
+        if !asked && nnodes == 1 {
             return Ok(None);
         }
         Ok(Some(LaunchPlan {
@@ -142,10 +145,11 @@ mod tests {
     #[test]
     fn one_process_is_no_launch() {
         assert_eq!(LaunchPlan::from_config(&LaunchConfig::default()), Ok(None));
-        assert_eq!(
-            LaunchPlan::from_config(&launch(Some(1), 1, 0, 29500)),
-            Ok(None)
-        );
+        // Naming one process launches one rank (a group of one), as ms-swift's torchrun does.
+        let one = LaunchPlan::from_config(&launch(Some(1), 1, 0, 29500))
+            .unwrap()
+            .unwrap();
+        assert_eq!(one.world_size(), 1);
     }
 
     #[test]

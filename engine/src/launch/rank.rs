@@ -1,7 +1,8 @@
-//! One rank of a multi-process job (WORLD_SIZE > 1), however it was launched: reach the job's
-//! store through [`RankEnv::connect_store`] — the one path every rank takes — meet the other
-//! ranks there, connect gloo's collectives through the same store, and run the one training
-//! recipe as this rank of the [`Group`].
+//! One rank of a launched job (any WORLD_SIZE, 1 included: a launched process joins a group of
+//! one as DeepSpeed does on one GPU), however it was launched: bind the rank's device, reach the
+//! job's store through [`RankEnv::connect_store`] — the one path every rank takes — meet the
+//! other ranks there, connect the collectives through the same store (NCCL when the rank trains
+//! on a GPU, gloo on the CPU), and run the one training recipe as this rank of the [`Group`].
 //!
 //! Two test-only switches (read from the environment, documented in ARCHITECTURE.md; no user
 //! needs them):
@@ -14,13 +15,15 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use std::io::IsTerminal;
+use std::sync::Arc;
 
 use anyhow::Context;
+use candle_core::Device;
 use whet_collective::GlooCollective;
 use whet_shared::JobConfig;
 use whet_store::{RankEnv, RankStore, Store};
 
-use crate::sync::Group;
+use crate::sync::{Group, TensorCollective};
 use crate::train::outputs::SinkFactory;
 use crate::train::progress::Console;
 
@@ -31,11 +34,11 @@ pub const TEST_FAIL_RANK: &str = "WHET_TEST_FAIL_RANK";
 /// The status a rank chosen by [`TEST_FAIL_RANK`] exits with.
 pub const INJECTED_FAILURE_STATUS: u8 = 3;
 
-/// How long a rank waits for the store to answer and for the others to arrive (torch's
-/// TCPStore default).
+/// How long a rank waits for the store to answer, for the others to arrive, and for the others
+/// in every collective (torch's TCPStore default) before the job ends with an error.
 pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Trains `config` as rank `env.rank` of `env.world_size` (> 1).
+/// Trains `config` as rank `env.rank` of `env.world_size`.
 pub fn run_rank(
     env: &RankEnv,
     config: &JobConfig,
@@ -49,6 +52,10 @@ pub fn run_rank(
         eprintln!("error: the other ranks are left waiting at the store");
         return Ok(ExitCode::from(INJECTED_FAILURE_STATUS));
     }
+    let config = as_launched(config, env);
+    // The device first: NCCL's communicator is made on its stream, and the model goes there.
+    let device = crate::device::select_device(&config)
+        .map_err(|d| anyhow::anyhow!("{}: {} ({})", d.field, d.message_en, d.fix))?;
     let store = meet(env, RENDEZVOUS_TIMEOUT)?;
     if switch(RENDEZVOUS_ONLY).as_deref() == Some("1") {
         println!(
@@ -57,13 +64,13 @@ pub fn run_rank(
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let group = join(env, store)?;
+    let group = join(env, store, &device)?;
     let console = if group.is_leader() {
         Console::new(std::io::stderr().is_terminal())
     } else {
         Console::quiet()
     };
-    crate::train::train(&as_launched(config, env), &console, make_sinks, &group)?;
+    crate::train::train(&config, &console, make_sinks, &group)?;
     // What each rank held at most: ZeRO's savings are per rank, so each says its own.
     if let Some(mib) = crate::bench::peak_rss_mib() {
         eprintln!(
@@ -74,22 +81,43 @@ pub fn run_rank(
     Ok(ExitCode::SUCCESS)
 }
 
-/// This rank's place in the job's [`Group`]: it meets the others at the store, then connects
-/// gloo's collectives through it.
-pub fn join_group(env: &RankEnv) -> anyhow::Result<Group> {
+/// This rank's place in the job's [`Group`] on `device` (the one it bound): it meets the others
+/// at the store, then connects the collectives through it.
+pub fn join_group(env: &RankEnv, device: &Device) -> anyhow::Result<Group> {
     let store = meet(env, RENDEZVOUS_TIMEOUT)?;
-    join(env, store)
+    join(env, store, device)
 }
 
-fn join(env: &RankEnv, store: RankStore) -> anyhow::Result<Group> {
-    let collective =
-        GlooCollective::new(store.store(), env.rank, env.world_size, RENDEZVOUS_TIMEOUT)
-            .with_context(|| {
-                format!(
-                    "rank {} of {}: connecting gloo's collectives",
-                    env.rank, env.world_size
-                )
-            })?;
+/// NCCL on the stream of a GPU rank's device, gloo for a CPU rank.
+fn join(env: &RankEnv, store: RankStore, device: &Device) -> anyhow::Result<Group> {
+    let (rank, world) = (env.rank, env.world_size);
+    let collective: Arc<dyn TensorCollective> = match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let nccl = whet_collective::NcclCollective::new(
+                store.store(),
+                cuda.cuda_stream(),
+                rank,
+                world,
+                "0",
+                RENDEZVOUS_TIMEOUT,
+            )
+            .with_context(|| format!("rank {rank} of {world}: connecting NCCL's collectives"))?;
+            Arc::new(crate::sync::NcclOnDevice {
+                nccl,
+                device: device.clone(),
+            })
+        }
+        Device::Cpu => Arc::new(
+            GlooCollective::new(store.store(), rank, world, RENDEZVOUS_TIMEOUT).with_context(
+                || format!("rank {rank} of {world}: connecting gloo's collectives"),
+            )?,
+        ),
+        other => anyhow::bail!(
+            "rank {rank} of {world}: no collective for {:?} in this build",
+            other.location()
+        ),
+    };
     Ok(Group::new(store, collective, RENDEZVOUS_TIMEOUT))
 }
 

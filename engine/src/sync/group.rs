@@ -5,16 +5,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use whet_collective::GlooCollective;
+use candle_core::Device;
 use whet_shared::config::ZeroSettings;
 use whet_store::{RankStore, Store};
 
-use super::{GradSync, Sharded, SingleProcess};
+use super::{GradSync, Sharded, SingleProcess, TensorCollective};
 use crate::model::TrainableParams;
 
 /// What a rank keeps whole and what it keeps a shard of (DeepSpeed's stages). On the CPU the
 /// `_offload` variants are the same: the optimizer state (and zero3's parameter shards) is in
-/// host memory already.
+/// host memory already. On GPUs they are the same too for now: the state stays on the device
+/// (moving it to host memory is not written yet).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ZeroStage {
     /// Plain data parallel: gradients all-reduced, every rank steps every parameter.
@@ -71,7 +72,7 @@ pub struct Group {
 
 struct Shared {
     store: RankStore,
-    collective: Arc<GlooCollective>,
+    collective: Arc<dyn TensorCollective>,
     timeout: Duration,
 }
 
@@ -85,18 +86,30 @@ impl Group {
         }
     }
 
-    /// Rank `collective.rank()` of a job whose ranks met at `store`.
-    pub fn new(store: RankStore, collective: GlooCollective, timeout: Duration) -> Group {
-        use whet_collective::Collective;
+    /// Rank `collective.rank()` of a job whose ranks met at `store` (a job of one rank too: a
+    /// launched process of world size 1 runs the same path as a larger world).
+    pub fn new(
+        store: RankStore,
+        collective: Arc<dyn TensorCollective>,
+        timeout: Duration,
+    ) -> Group {
         Group {
             rank: collective.rank(),
             world_size: collective.world_size(),
             shared: Some(Shared {
                 store,
-                collective: Arc::new(collective),
+                collective,
                 timeout,
             }),
         }
+    }
+
+    /// The device the ranks' collective is bound to, which the model must live on (one
+    /// context per process); None for one process, which picks its device from the config.
+    pub fn device(&self) -> Option<Device> {
+        self.shared
+            .as_ref()
+            .map(|shared| shared.collective.device())
     }
 
     pub fn rank(&self) -> usize {

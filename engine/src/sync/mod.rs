@@ -12,10 +12,10 @@
 //!   together cover the flat space;
 //! * after [`GradSync::params_updated`], every rank holds the same, whole parameters.
 //!
-//! [`Sharded`] is the multi-process implementation (ZeRO stages 0–3 over a [`Collective`]).
-//!
-//! [`Collective`]: whet_collective::Collective
+//! [`Sharded`] is the multi-process implementation (ZeRO stages 0–3 over a
+//! [`TensorCollective`]: gloo on the CPU, NCCL on GPUs, on the parameters' device tensors).
 
+mod collective;
 mod group;
 mod residency;
 mod sharded;
@@ -27,6 +27,9 @@ use candle_core::Result;
 use crate::grad::Gradients;
 use crate::model::TrainableParams;
 
+#[cfg(feature = "cuda")]
+pub use collective::NcclOnDevice;
+pub use collective::TensorCollective;
 pub use group::{Group, ZeroStage};
 pub use sharded::Sharded;
 

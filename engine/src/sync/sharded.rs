@@ -1,4 +1,4 @@
-//! [`Sharded`]: data parallel over a [`Collective`], ZeRO stages 0–2.
+//! [`Sharded`]: data parallel over a [`TensorCollective`], ZeRO stages 0–3.
 //!
 //! Gradients are reduced in buckets of whole parameters as backward produces them, on the
 //! window's last micro-batch (earlier ones only accumulate locally, as DDP's `no_sync`): each
@@ -12,7 +12,12 @@
 //! their owners, so every rank holds the same whole parameters for the next forward; zero2 also
 //! drops, right after the reduction, every gradient that lies wholly outside the rank's shard.
 //! gloo's reduce-scatter is an all-reduce followed by a copy (as in torch's ProcessGroupGloo), so
-//! zero2 all-reduces the bucket and keeps its part: the same traffic, and the memory of a shard.
+//! zero2 all-reduces the bucket and keeps its part: the same traffic, and the memory of a shard
+//! (a kept gradient is copied out of the bucket, so no view holds the whole bucket alive).
+//!
+//! Every bucket is a tensor of the parameters' device (a gradient bucket concatenated from the
+//! flattened gradients, reduced in place, narrowed back), so on a GPU nothing passes through
+//! host memory; the CPU sums the same values in the same order as before, bit for bit.
 //!
 //! zero3 reduces as zero2 and also shards the parameters: each rank keeps its shard of the
 //! master values (flat, end to end, updated there by the optimizer) and the parameters
@@ -24,19 +29,22 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Result, Tensor, WithDType};
-use whet_collective::{shard_range, Collective, Element, GlooCollective};
+use candle_core::{DType, Device, Result, Tensor};
+use whet_collective::shard_range;
 
+use super::collective::{concat_owned, TensorCollective};
 use super::{residency, GradSync, MicroBatch, ZeroStage};
 use crate::grad::Gradients;
 use crate::model::params::Piece;
 use crate::model::{FlatLayout, TrainableParams};
 
-/// ZeRO stages 0–2 over gloo.
+/// ZeRO stages 0–3 over a job's collective.
 pub struct Sharded {
-    collective: Arc<GlooCollective>,
+    collective: Arc<dyn TensorCollective>,
     stage: ZeroStage,
     layout: Arc<FlatLayout>,
+    /// Where the parameters (and so every bucket) live.
+    device: Device,
     /// This rank's contiguous part of the flat space.
     shard: Range<usize>,
     /// Parameters after the last decoder layer (reduced with the top layer).
@@ -53,29 +61,21 @@ impl Sharded {
     /// Under zero3, takes this rank's shard of `params` (held whole by every rank until now)
     /// and empties the parameters.
     pub fn new(
-        collective: Arc<GlooCollective>,
+        collective: Arc<dyn TensorCollective>,
         stage: ZeroStage,
         params: &TrainableParams,
         bucket_elems: usize,
     ) -> Result<Self> {
         let layout = params.layout().clone();
         let shard = shard_range(layout.total(), collective.world_size(), collective.rank());
+        let device = params
+            .as_slice()
+            .first()
+            .map_or(Device::Cpu, |(_, var)| var.device().clone());
         let master = if stage == ZeroStage::Zero3 {
-            let pieces: Vec<Tensor> = layout
-                .pieces(shard.clone())
-                .map(|piece| {
-                    let var = &params.as_slice()[piece.param].1;
-                    var.as_tensor()
-                        .flatten_all()?
-                        .narrow(0, piece.within.start, piece.within.len())?
-                        .copy()
-                })
-                .collect::<Result<_>>()?;
-            let master = if pieces.is_empty() {
-                Tensor::zeros(0, master_dtype_of(params), &Device::Cpu)?
-            } else {
-                Tensor::cat(&pieces, 0)?
-            };
+            let pieces = pieces_of(params, layout.pieces(shard.clone()))?;
+            // Its own storage: the parameters it is cut from are emptied next.
+            let master = concat_owned(&pieces, master_dtype_of(params), &device)?;
             for (_, var) in params.as_slice() {
                 residency::release(var)?;
             }
@@ -88,6 +88,7 @@ impl Sharded {
             collective,
             stage,
             shard,
+            device,
             after_layers: params.after_layers(),
             reduced: vec![false; params.len()],
             bucket_elems: bucket_elems.max(1),
@@ -99,7 +100,7 @@ impl Sharded {
 
     /// zero3: the whole values of the parameters `indices` (contiguous), each owner
     /// broadcasting its part, put back into the emptied parameters.
-    fn gather_as<T: Element + WithDType>(
+    fn gather_from(
         &mut self,
         params: &TrainableParams,
         indices: Range<usize>,
@@ -107,31 +108,32 @@ impl Sharded {
     ) -> Result<()> {
         let range = self.layout.range(indices.start).start..self.layout.range(indices.end - 1).end;
         let (world, me) = (self.collective.world_size(), self.collective.rank());
-        let mut flat: Vec<T> = vec![T::from_f64(0.0); range.len()];
+        let mut parts = Vec::with_capacity(world);
         for owner in 0..world {
             let theirs = shard_range(self.layout.total(), world, owner);
             let part = range.start.max(theirs.start)..range.end.min(theirs.end);
             if part.start >= part.end {
                 continue;
             }
-            let at = part.start - range.start..part.end - range.start;
-            if owner == me {
-                let values = master
+            let values = if owner == me {
+                master
                     .narrow(0, part.start - self.shard.start, part.len())?
-                    .to_vec1::<T>()?;
-                flat[at.clone()].copy_from_slice(&values);
-            }
-            self.collective
-                .broadcast(&mut flat[at], owner)
-                .map_err(candle_core::Error::wrap)?;
+                    .force_contiguous()?
+            } else {
+                Tensor::zeros(part.len(), master.dtype(), &self.device)?
+            };
+            self.collective.broadcast(&values, owner)?;
+            parts.push(values);
         }
+        let flat = concat_owned(&parts, master.dtype(), &self.device)?;
+        drop(parts);
         for i in indices {
             if self.resident[i] {
                 continue;
             }
             let own = self.layout.range(i);
-            let values = flat[own.start - range.start..own.end - range.start].to_vec();
-            residency::refill(&params.as_slice()[i].1, T::to_cpu_storage_owned(values))?;
+            let values = flat.narrow(0, own.start - range.start, own.len())?;
+            residency::refill(&params.as_slice()[i].1, &values)?;
             self.resident[i] = true;
         }
         Ok(())
@@ -159,51 +161,39 @@ impl Sharded {
         Ok(())
     }
 
+    /// One bucket: its gradients flattened end to end in the masters' dtype (zeros where this
+    /// rank has none), summed in place, and cut back into gradients.
     fn reduce_bucket(&self, grads: &mut Gradients, bucket: &[usize]) -> Result<()> {
-        match master_dtype(grads, bucket) {
-            DType::F64 => self.reduce_bucket_as::<f64>(grads, bucket),
-            _ => self.reduce_bucket_as::<f32>(grads, bucket),
-        }
-    }
-
-    fn reduce_bucket_as<T: Element + WithDType>(
-        &self,
-        grads: &mut Gradients,
-        bucket: &[usize],
-    ) -> Result<()> {
-        let sizes: Vec<usize> = bucket.iter().map(|&i| self.layout.range(i).len()).collect();
-        let mut flat: Vec<T> = Vec::with_capacity(sizes.iter().sum());
-        let mut shapes = Vec::with_capacity(bucket.len());
-        let mut device = Device::Cpu;
-        for (&i, &size) in bucket.iter().zip(&sizes) {
-            match grads.get(i) {
-                Some(g) => {
-                    shapes.push(Some(g.shape().clone()));
-                    device = g.device().clone();
-                    flat.extend(
-                        g.flatten_all()?
-                            .to_dtype(<T as WithDType>::DTYPE)?
-                            .to_vec1::<T>()?,
-                    );
-                }
-                None => {
-                    shapes.push(None);
-                    flat.extend(std::iter::repeat_n(T::from_f64(0.0), size));
-                }
-            }
-        }
-        self.collective
-            .all_reduce_in_place(&mut flat[..])
-            .map_err(candle_core::Error::wrap)?;
+        let dtype = master_dtype(grads, bucket);
+        let pieces: Vec<Tensor> = bucket
+            .iter()
+            .map(|&i| match grads.get(i) {
+                Some(g) => g.flatten_all()?.to_dtype(dtype),
+                None => Tensor::zeros(self.layout.range(i).len(), dtype, &self.device),
+            })
+            .collect::<Result<_>>()?;
+        let shapes: Vec<_> = bucket
+            .iter()
+            .map(|&i| grads.get(i).map(|g| g.shape().clone()))
+            .collect();
+        let flat = concat_owned(&pieces, dtype, &self.device)?;
+        drop(pieces);
+        self.collective.all_reduce_sum(&flat)?;
         let mut at = 0;
-        for ((&i, &size), shape) in bucket.iter().zip(&sizes).zip(shapes) {
-            let keep =
-                !self.stage.shards_gradients() || overlaps(&self.layout.range(i), &self.shard);
-            let grad = if keep {
-                let shape = shape.unwrap_or_else(|| vec![size].into());
-                Some(Tensor::from_slice(&flat[at..at + size], shape, &device)?)
+        for (&i, shape) in bucket.iter().zip(shapes) {
+            let size = self.layout.range(i).len();
+            let grad = if !self.stage.shards_gradients() {
+                // Every gradient is kept: views of the bucket hold no more than the bucket.
+                Some(flat.narrow(0, at, size)?)
+            } else if overlaps(&self.layout.range(i), &self.shard) {
+                // A copy, so the rest of the bucket is freed with it.
+                Some(flat.narrow(0, at, size)?.force_contiguous()?)
             } else {
                 None
+            };
+            let grad = match grad {
+                Some(g) => Some(g.reshape(shape.unwrap_or_else(|| vec![size].into()))?),
+                None => None,
             };
             grads.set(i, grad);
             at += size;
@@ -212,30 +202,23 @@ impl Sharded {
     }
 
     /// Every rank's shard of `params`, broadcast by its owner, in buckets.
-    fn share_updated<T: Element + WithDType>(&self, params: &TrainableParams) -> Result<()> {
+    fn share_updated(&self, params: &TrainableParams, dtype: DType) -> Result<()> {
         let world = self.collective.world_size();
         let me = self.collective.rank();
         for owner in 0..world {
             let range = shard_range(self.layout.total(), world, owner);
             for chunk in chunks(&self.layout, range, self.bucket_elems) {
-                let len: usize = chunk.iter().map(|p| p.within.len()).sum();
-                let mut flat: Vec<T> = Vec::with_capacity(len);
-                if owner == me {
-                    for piece in &chunk {
-                        let var = &params.as_slice()[piece.param].1;
-                        let values = var
-                            .as_tensor()
-                            .flatten_all()?
-                            .narrow(0, piece.within.start, piece.within.len())?
-                            .to_vec1::<T>()?;
-                        flat.extend(values);
-                    }
+                let flat = if owner == me {
+                    concat_owned(
+                        &pieces_of(params, chunk.iter().cloned())?,
+                        dtype,
+                        &self.device,
+                    )?
                 } else {
-                    flat.resize(len, T::from_f64(0.0));
-                }
-                self.collective
-                    .broadcast(&mut flat[..], owner)
-                    .map_err(candle_core::Error::wrap)?;
+                    let len: usize = chunk.iter().map(|p| p.within.len()).sum();
+                    Tensor::zeros(len, dtype, &self.device)?
+                };
+                self.collective.broadcast(&flat, owner)?;
                 if owner == me {
                     continue;
                 }
@@ -243,7 +226,7 @@ impl Sharded {
                 for piece in &chunk {
                     let var = &params.as_slice()[piece.param].1;
                     let n = piece.within.len();
-                    let values = Tensor::from_slice(&flat[at..at + n], n, var.device())?;
+                    let values = flat.narrow(0, at, n)?;
                     if n == var.elem_count() {
                         var.set(&values.reshape(var.shape())?)?;
                     } else {
@@ -257,6 +240,23 @@ impl Sharded {
         }
         Ok(())
     }
+}
+
+/// The values of `pieces` of the parameters, each a flat view.
+fn pieces_of(
+    params: &TrainableParams,
+    pieces: impl IntoIterator<Item = Piece>,
+) -> Result<Vec<Tensor>> {
+    pieces
+        .into_iter()
+        .map(|piece| {
+            params.as_slice()[piece.param]
+                .1
+                .as_tensor()
+                .flatten_all()?
+                .narrow(0, piece.within.start, piece.within.len())
+        })
+        .collect()
 }
 
 impl GradSync for Sharded {
@@ -302,9 +302,7 @@ impl GradSync for Sharded {
     }
 
     fn sum_scalars(&mut self, values: &mut [f64]) -> Result<()> {
-        self.collective
-            .all_reduce_in_place(values)
-            .map_err(candle_core::Error::wrap)
+        self.collective.sum_scalars(values)
     }
 
     fn params_updated(&mut self, params: &TrainableParams) -> Result<()> {
@@ -313,8 +311,7 @@ impl GradSync for Sharded {
             return Ok(());
         }
         match params.as_slice().first().map(|(_, v)| v.dtype()) {
-            Some(DType::F64) => self.share_updated::<f64>(params),
-            Some(DType::F32) => self.share_updated::<f32>(params),
+            Some(dtype @ (DType::F64 | DType::F32)) => self.share_updated(params, dtype),
             Some(other) => candle_core::bail!(
                 "sharded optimizer state needs f32 master weights, the trainable parameters are {other:?}"
             ),
@@ -323,7 +320,7 @@ impl GradSync for Sharded {
     }
 
     fn barrier(&mut self) -> Result<()> {
-        self.collective.barrier().map_err(candle_core::Error::wrap)
+        self.collective.barrier()
     }
 
     fn gather(&mut self, params: &TrainableParams, indices: Range<usize>) -> Result<()> {
@@ -334,10 +331,7 @@ impl GradSync for Sharded {
         if indices.clone().all(|i| self.resident[i]) {
             return Ok(());
         }
-        match master.dtype() {
-            DType::F64 => self.gather_as::<f64>(params, indices, &master),
-            _ => self.gather_as::<f32>(params, indices, &master),
-        }
+        self.gather_from(params, indices, &master)
     }
 
     fn release(&mut self, params: &TrainableParams, indices: Range<usize>) -> Result<()> {
@@ -375,12 +369,13 @@ fn overlaps(a: &Range<usize>, b: &Range<usize>) -> bool {
     a.start < b.end && b.start < a.end
 }
 
-/// The dtype of a bucket's gradients: that of the first present, f32 when none is.
+/// The dtype a bucket is reduced in: f64 when its first present gradient is, else f32 (bf16
+/// gradients are summed in f32, as their masters are).
 fn master_dtype(grads: &Gradients, bucket: &[usize]) -> DType {
-    bucket
-        .iter()
-        .find_map(|&i| grads.get(i).map(Tensor::dtype))
-        .unwrap_or(DType::F32)
+    match bucket.iter().find_map(|&i| grads.get(i).map(Tensor::dtype)) {
+        Some(DType::F64) => DType::F64,
+        _ => DType::F32,
+    }
 }
 
 /// `range`'s pieces grouped into runs of at most `limit` elements (a piece longer than the

@@ -95,7 +95,7 @@ fn run(
     group: &Group,
 ) -> anyhow::Result<RunSummary> {
     let sft = &config.sft;
-    let setup = Setup::new(config, console)?;
+    let setup = Setup::new(config, console, group.device())?;
     let (plan, model, device) = (&setup.plan, &setup.model, &setup.device);
     let bucket_elems = setup.sharding.bucket_elems(setup.model_config.hidden_size);
     let mut sync = group.grad_sync(setup.sharding.stage, model.trainable(), bucket_elems)?;

@@ -194,12 +194,21 @@ pub struct Setup {
 }
 
 impl Setup {
-    pub fn new(config: &JobConfig, console: &Console) -> anyhow::Result<Self> {
+    /// `bound` is the device a rank's collective was bound to (the model goes there: one
+    /// CUDA context per process); None for one process, which selects its device here.
+    pub fn new(
+        config: &JobConfig,
+        console: &Console,
+        bound: Option<Device>,
+    ) -> anyhow::Result<Self> {
         let sft = &config.sft;
         check_supported(config)?;
         let sharding = sharding(config)?;
-        let device = crate::device::select_device(config)
-            .map_err(|d| anyhow::anyhow!("{}: {} ({})", d.field, d.message_en, d.fix))?;
+        let device = match bound {
+            Some(device) => device,
+            None => crate::device::select_device(config)
+                .map_err(|d| anyhow::anyhow!("{}: {} ({})", d.field, d.message_en, d.fix))?,
+        };
 
         let model_id = sft.model.clone().context(
             "--model is required: a local model folder or a hub id such as Qwen/Qwen3-0.6B",
