@@ -14,8 +14,9 @@ use crate::model::TrainableParams;
 
 /// What a rank keeps whole and what it keeps a shard of (DeepSpeed's stages). On the CPU the
 /// `_offload` variants are the same: the optimizer state (and zero3's parameter shards) is in
-/// host memory already. On GPUs they are the same too for now: the state stays on the device
-/// (moving it to host memory is not written yet).
+/// host memory already. On GPUs `offload_optimizer` keeps the optimizer's moments in host
+/// memory and runs its update there (`AdamW::with_state_on`); zero3's master shard stays on
+/// the device (parameter offload is not written yet).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ZeroStage {
     /// Plain data parallel: gradients all-reduced, every rank steps every parameter.
