@@ -179,7 +179,11 @@ impl BenchDevice {
         match self {
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda => crate::device::open_visible_gpu().map_err(|d| {
-                anyhow::anyhow!("--device cuda: {}: {} ({})", d.field, d.message_en, d.fix)
+                anyhow::anyhow!(
+                    "--device cuda: {} ({}); or bench on the CPU with --device cpu",
+                    d.message_en,
+                    d.fix
+                )
             }),
         }
     }

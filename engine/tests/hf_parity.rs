@@ -62,18 +62,19 @@ impl Tolerances {
                 param_share_over: 1e-3,
             };
         }
-        // bf16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per operation): losses
-        // within 1 %, logits and gradients within a few bf16 steps of their size. AdamW's
-        // m / sqrt(v) turns a small gradient's rounding into a whole lr-sized step (lrs 0,
-        // 5e-4, 1e-3), so parameters can be off by up to 1.5e-3 and only most of them close.
+        // bf16 keeps 8 significant bits (2^-9 = 2e-3 relative rounding per operation). AdamW's
+        // m / sqrt(v) turns a small gradient's rounding into a whole lr-sized step of either
+        // sign, so a parameter can end up to twice the lrs' sum (0 + 5e-4 + 1e-3) away, and
+        // only most of them stay close. On the CPU in bf16 these tests see logits 2e-2 off,
+        // losses 1e-4 relative, parameters at most 3e-3 with 0.7 % further than 2e-4.
         Self {
             logits_atol: 5e-2,
-            loss_rel: 1e-2,
+            loss_rel: 5e-3,
             grad_atol: 2e-3,
             grad_rtol: 5e-2,
-            param_atol: 3e-3,
+            param_atol: 4e-3,
             param_near: 2e-4,
-            param_share_over: 5e-2,
+            param_share_over: 2e-2,
         }
     }
 }

@@ -51,8 +51,8 @@ row() {
   echo "== $1: $2${3:+ — $3}"
 }
 
-# step NAME LIMIT_S COMMAND: runs COMMAND (exported functions, in its own bash) under the smaller
-# of its limit and what is left of the deadline. Its last stdout line is the table's figures;
+# step NAME LIMIT_S COMMAND: runs COMMAND (exported functions, in its own bash with -euo pipefail)
+# under the smaller of its limit and what is left of the deadline. Its last stdout line is the table's figures;
 # its stderr, and what it writes to $STEP_LOG, is the step's log.
 step() {
   local name=$1 limit=$2 command=$3 left rc=0 began
@@ -65,7 +65,8 @@ step() {
   export STEP_LOG=$OUT/logs/${name//[^A-Za-z0-9.-]/_}.log
   echo "-- $name (up to ${limit} s; log ${STEP_LOG#"$BUNDLE"/})"
   began=$(date +%s)
-  timeout --kill-after=10 "$limit" bash -c "$command" >"$STEP_LOG.figures" 2>>"$STEP_LOG" || rc=$?
+  timeout --kill-after=10 "$limit" bash -c "set -euo pipefail; $command" \
+    >"$STEP_LOG.figures" 2>>"$STEP_LOG" || rc=$?
   local secs=$(($(date +%s) - began)) figures log=${STEP_LOG#"$BUNDLE"/}
   figures=$(tail -n 1 "$STEP_LOG.figures")
   case $rc in
@@ -99,7 +100,7 @@ EOF
 )
 export LD_LIBRARY_PATH
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-missing=$(ldd bin/whet bin/hf_parity | awk '/not found/ {print $1}' | sort -u | tr '\n' ' ')
+missing=$( (ldd bin/whet bin/hf_parity 2>/dev/null || true) | awk '/not found/ {print $1}' | sort -u | tr '\n' ' ')
 if [[ -z $LD_LIBRARY_PATH ]]; then
   row "CUDA libraries" "FAIL" "no site-packages/nvidia/*/lib under $PYTHON (is PyTorch with CUDA 13 installed?)"
 elif [[ -n $missing ]]; then
@@ -125,7 +126,7 @@ parity() {
   # Figures: the worst logits and parameter errors the tests printed, and libtest's count.
   grep -h -E "logits sample 0|params after 3 steps|^test result" "$STEP_LOG" |
     sed -E 's/: max abs err/:/; s/^test result: //; s/; [0-9]+ (ignored|measured|filtered out)//g; s/; finished in.*//' |
-    paste -s -d ';' -
+    awk '{ printf "%s%s", (NR > 1 ? " / " : ""), $0 } END { print "" }'
   return $rc
 }
 export -f parity
