@@ -10,9 +10,9 @@
 #      on the GPU in fp32 (the fixture README's float32 tolerances) and in bf16 (the test's bf16
 #      tolerances);
 #   4. the demo (examples/demo.yaml) trained on the GPU, its last eval_exact_match >= 0.9;
-#   5. `whet bench train` beside torch_train_bench.py, both --device cuda --dtype bfloat16, on the
+#   5. one NCCL rank end to end: torchrun --nproc_per_node=1 --no_python whet sft --deepspeed zero2;
+#   6. `whet bench train` beside torch_train_bench.py, both --device cuda --dtype bfloat16, on the
 #      same presets, batches and sequence lengths;
-#   6. one NCCL rank end to end: torchrun --nproc_per_node=1 --no_python whet sft --deepspeed zero2;
 #   7. a markdown table of every check, last.
 #
 # A failing step is reported in the table and the rest still run; the exit status is 1 if any
@@ -51,9 +51,9 @@ row() {
   echo "== $1: $2${3:+ — $3}"
 }
 
-# step NAME LIMIT_S COMMAND: runs COMMAND (exported functions, in its own bash with -euo pipefail)
-# under the smaller of its limit and what is left of the deadline. Its last stdout line is the table's figures;
-# its stderr, and what it writes to $STEP_LOG, is the step's log.
+# step NAME LIMIT_S COMMAND: runs COMMAND (exported functions, in its own bash with -euo
+# pipefail) under the smaller of its limit and what is left of the deadline. Its last stdout line
+# is the table's figures; its stderr, and what it writes to $STEP_LOG, is the step's log.
 step() {
   local name=$1 limit=$2 command=$3 left rc=0 began
   left=$((DEADLINE - $(date +%s)))
@@ -149,7 +149,24 @@ EOF
 export -f demo
 step "demo on the GPU" 150 demo
 
-# ---- 5. whet bench beside torch_train_bench.py
+# ---- 5. one NCCL rank, end to end, as torchrun launches it
+nccl_rank() {
+  "$PYTHON" -m torch.distributed.run --nproc_per_node=1 --no_python "$WHET" sft \
+    --config examples/demo.yaml --deepspeed zero2 --max_steps 60 --eval_strategy no \
+    --save_steps 60 --output_dir "$OUT/nccl" >&2
+  "$PYTHON" - "$OUT/nccl" <<'EOF'
+import glob, json, sys
+[run] = glob.glob(sys.argv[1] + "/v*")
+losses = [json.loads(l)["loss"] for l in open(run + "/logging.jsonl") if l.startswith('{"loss"')]
+saved = glob.glob(run + "/checkpoint-60/model.safetensors")
+print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over 60 steps, checkpoint-60 {'saved' if saved else 'MISSING'}")
+sys.exit(0 if saved and losses[-1] < losses[0] else 1)
+EOF
+}
+export -f nccl_rank
+step "NCCL rank (torchrun, zero2)" 90 nccl_rank
+
+# ---- 6. whet bench beside torch_train_bench.py (last: the longest, and what a short budget cuts)
 bench_pair() {
   local size=$1 batch=$2 seq=$3 steps=$4
   local shape=(--size "$size" --batch "$batch" --seq "$seq" --steps "$steps")
@@ -182,23 +199,6 @@ for bench in "${BENCHES[@]}"; do
   read -r size batch seq steps <<<"$bench"
   step "bench $size" 110 "bench_pair $size $batch $seq $steps"
 done
-
-# ---- 6. one NCCL rank, end to end, as torchrun launches it
-nccl_rank() {
-  "$PYTHON" -m torch.distributed.run --nproc_per_node=1 --no_python "$WHET" sft \
-    --config examples/demo.yaml --deepspeed zero2 --max_steps 60 --eval_strategy no \
-    --save_steps 60 --output_dir "$OUT/nccl" >&2
-  "$PYTHON" - "$OUT/nccl" <<'EOF'
-import glob, json, sys
-[run] = glob.glob(sys.argv[1] + "/v*")
-losses = [json.loads(l)["loss"] for l in open(run + "/logging.jsonl") if l.startswith('{"loss"')]
-saved = glob.glob(run + "/checkpoint-60/model.safetensors")
-print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over 60 steps, checkpoint-60 {'saved' if saved else 'MISSING'}")
-sys.exit(0 if saved and losses[-1] < losses[0] else 1)
-EOF
-}
-export -f nccl_rank
-step "NCCL rank (torchrun, zero2)" 90 nccl_rank
 
 # ---- 7. the table
 echo
