@@ -1,17 +1,20 @@
-//! `whet bench train`: training-step throughput of a randomly initialised Qwen3 on the CPU in
-//! f32, the same measurement as `shared/tools/torch_train_bench.py` makes for PyTorch (same
-//! presets, random tokens with labels = inputs, clip to 1.0, AdamW lr 1e-4 wd 0.1; the first two
-//! steps are warm-up and not timed), so that the two can be compared directly. `--train_type`
-//! trains everything (full), LoRA adapters over a frozen base (lora), or the same adapters over
-//! a 4-bit NF4 base with double quantization (qlora), built as `whet sft` builds them.
+//! `whet bench train`: training-step throughput of a randomly initialised Qwen3, the same
+//! measurement as `shared/tools/torch_train_bench.py` makes for PyTorch (same presets, random
+//! tokens with labels = inputs, clip to 1.0, AdamW lr 1e-4 wd 0.1; the first two steps are
+//! warm-up and not timed; on a GPU each step is timed to a device synchronize, and peak GPU
+//! memory and MFU are reported as the script reports them), so that the two can be compared
+//! directly. `--train_type` trains everything (full), LoRA adapters over a frozen base (lora),
+//! or the same adapters over a 4-bit NF4 base with double quantization (qlora), built as
+//! `whet sft` builds them; `--dtype` is the compute dtype, over f32 masters as `whet sft` keeps.
 
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use whet_shared::config::TunerType;
+use whet_shared::models::ModelFacts;
 use whet_shared::JobConfig;
 
 use crate::grad::Batch;
@@ -25,39 +28,122 @@ use crate::train::step::{forward_backward, StepOptions};
 /// Steps at the start that are run but not timed (allocator and thread-pool warm-up).
 pub const WARMUP_STEPS: usize = 2;
 
-/// The model presets, shared with `torch_train_bench.py --size`.
+/// The dense bf16 peak of an H100/H200 in TFLOP/s, torch_train_bench.py's `--peak-tflops`
+/// default: what the GPU's MFU is measured against unless told otherwise.
+pub const H100_BF16_PEAK_TFLOPS: f64 = 989.0;
+
+/// The model presets, shared with `torch_train_bench.py --size` (its `PRESETS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
 pub enum BenchSize {
+    #[serde(rename = "tiny")]
     Tiny,
+    #[serde(rename = "small")]
     Small,
+    #[serde(rename = "medium")]
     Medium,
+    /// The small preset's attention with a Qwen3-MoE block: 16 experts, top-4, width 256.
+    #[serde(rename = "moe-small")]
+    #[value(name = "moe-small")]
+    MoeSmall,
+    /// The real shapes of Qwen/Qwen3-0.6B (tied embeddings).
+    #[serde(rename = "qwen3-0.6b")]
+    #[value(name = "qwen3-0.6b")]
+    Qwen3_0_6b,
+    /// Qwen/Qwen3-30B-A3B's layer shapes (128 experts, top-8, width 768), 4 of its 48 layers.
+    #[serde(rename = "qwen3-30b-a3b-4l")]
+    #[value(name = "qwen3-30b-a3b-4l")]
+    Qwen3_30bA3b4l,
+}
+
+/// A preset's shape and its default batch, as torch_train_bench.py's `PRESETS` state them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Preset {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    /// Sequences per step and tokens per sequence when `--batch` / `--seq` are not given.
+    pub batch: usize,
+    pub seq: usize,
+    pub tie_word_embeddings: bool,
+    /// (num_experts, num_experts_per_tok, moe_intermediate_size) of a Qwen3-MoE preset, whose
+    /// every layer is sparse with top-k renormalised (norm_topk_prob) and aux coefficient 0.001.
+    pub moe: Option<(usize, usize, usize)>,
 }
 
 impl BenchSize {
-    /// The preset's Qwen3 config.json (untied embeddings, rope_theta 1e6, eps 1e-6).
-    pub fn config_json(self, seq: usize) -> String {
-        // hidden, layers, heads, kv heads, head_dim, intermediate, vocab
-        let (hidden, layers, heads, kv_heads, head_dim, intermediate, vocab) = match self {
-            Self::Tiny => (64, 2, 4, 2, 16, 128, 1024),
-            Self::Small => (512, 8, 8, 4, 64, 1536, 32000),
-            Self::Medium => (1024, 16, 16, 8, 64, 3072, 32000),
+    pub fn preset(self) -> Preset {
+        let dense = |hidden, layers, heads, kv_heads, head_dim, intermediate, vocab| Preset {
+            hidden_size: hidden,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            intermediate_size: intermediate,
+            vocab_size: vocab,
+            batch: 4,
+            seq: 256,
+            tie_word_embeddings: false,
+            moe: None,
         };
-        serde_json::json!({
-            "architectures": ["Qwen3ForCausalLM"],
-            "hidden_size": hidden,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "head_dim": head_dim,
-            "intermediate_size": intermediate,
-            "vocab_size": vocab,
+        match self {
+            Self::Tiny => dense(64, 2, 4, 2, 16, 128, 1024),
+            Self::Small => dense(512, 8, 8, 4, 64, 1536, 32000),
+            Self::Medium => dense(1024, 16, 16, 8, 64, 3072, 32000),
+            Self::MoeSmall => Preset {
+                moe: Some((16, 4, 256)),
+                ..Self::Small.preset()
+            },
+            Self::Qwen3_0_6b => Preset {
+                batch: 8,
+                seq: 2048,
+                tie_word_embeddings: true,
+                ..dense(1024, 28, 16, 8, 128, 3072, 151_936)
+            },
+            Self::Qwen3_30bA3b4l => Preset {
+                seq: 2048,
+                moe: Some((128, 8, 768)),
+                ..dense(2048, 4, 32, 4, 128, 6144, 151_936)
+            },
+        }
+    }
+
+    /// The preset's config.json (rope_theta 1e6, eps 1e-6), as torch_train_bench.py builds it.
+    pub fn config_json(self, seq: usize) -> String {
+        let p = self.preset();
+        let mut config = serde_json::json!({
+            "architectures": [if p.moe.is_some() { "Qwen3MoeForCausalLM" } else { "Qwen3ForCausalLM" }],
+            "hidden_size": p.hidden_size,
+            "num_hidden_layers": p.num_hidden_layers,
+            "num_attention_heads": p.num_attention_heads,
+            "num_key_value_heads": p.num_key_value_heads,
+            "head_dim": p.head_dim,
+            "intermediate_size": p.intermediate_size,
+            "vocab_size": p.vocab_size,
             "rope_theta": 1_000_000.0,
             "rms_norm_eps": 1e-6,
             "max_position_embeddings": seq.max(512),
-            "tie_word_embeddings": false,
-        })
-        .to_string()
+            "tie_word_embeddings": p.tie_word_embeddings,
+        });
+        if let Some((experts, top_k, width)) = p.moe {
+            let moe = serde_json::json!({
+                "num_experts": experts,
+                "num_experts_per_tok": top_k,
+                "moe_intermediate_size": width,
+                "norm_topk_prob": true,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+                "router_aux_loss_coef": 0.001,
+            });
+            config
+                .as_object_mut()
+                .expect("an object")
+                .extend(moe.as_object().expect("an object").clone());
+        }
+        config.to_string()
     }
 }
 
@@ -65,15 +151,48 @@ impl std::str::FromStr for BenchSize {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "tiny" => Ok(Self::Tiny),
-            "small" => Ok(Self::Small),
-            "medium" => Ok(Self::Medium),
-            other => Err(format!(
-                "unknown bench size `{other}`; use tiny, small or medium"
-            )),
+        use clap::ValueEnum;
+        <Self as ValueEnum>::from_str(s, false).map_err(|_| {
+            let names: Vec<String> = Self::value_variants()
+                .iter()
+                .filter_map(|v| v.to_possible_value())
+                .map(|v| v.get_name().to_string())
+                .collect();
+            format!("unknown bench size `{s}`; use one of {}", names.join(", "))
+        })
+    }
+}
+
+/// Where the bench runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchDevice {
+    #[default]
+    Cpu,
+    /// Visible GPU LOCAL_RANK (of CUDA_VISIBLE_DEVICES); needs a build with `--features cuda`.
+    Cuda,
+}
+
+impl BenchDevice {
+    /// Opens the device, refusing a GPU this build or machine cannot use as `whet sft` does.
+    pub fn open(self) -> anyhow::Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda => crate::device::open_visible_gpu().map_err(|d| {
+                anyhow::anyhow!(
+                    "--device cuda: {} ({}); or bench on the CPU with --device cpu",
+                    d.message_en,
+                    d.fix
+                )
+            }),
         }
     }
+}
+
+/// Model FLOPs utilisation as torch_train_bench.py computes it: 6 FLOPs per active parameter
+/// per token (forward 2, backward 4; attention's own FLOPs left out) against the peak.
+pub fn model_flops_utilisation(active_params: u64, tokens_per_s: f64, peak_tflops: f64) -> f64 {
+    6.0 * active_params as f64 * tokens_per_s / (peak_tflops * 1e12)
 }
 
 /// What a bench step trains.
@@ -111,7 +230,7 @@ impl BenchTrainType {
 }
 
 /// What to measure.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub size: BenchSize,
     pub train_type: BenchTrainType,
@@ -124,6 +243,13 @@ pub struct BenchOptions {
     pub gradient_checkpointing: bool,
     /// What each rank of a multi-process bench shards (zero0 in one process).
     pub stage: ZeroStage,
+    /// The device the model trains on (see [`BenchDevice::open`]).
+    pub device: Device,
+    /// Dtype of activations and of the weights in the forward pass (the masters stay f32).
+    pub compute_dtype: DType,
+    /// The device's peak, TFLOP/s, for the MFU; None: [`H100_BF16_PEAK_TFLOPS`] on a GPU, no
+    /// MFU on the CPU (whose peak the bench cannot know).
+    pub peak_tflops: Option<f64>,
 }
 
 impl Default for BenchOptions {
@@ -136,6 +262,9 @@ impl Default for BenchOptions {
             steps: 10,
             gradient_checkpointing: false,
             stage: ZeroStage::Zero0,
+            device: Device::Cpu,
+            compute_dtype: DType::F32,
+            peak_tflops: None,
         }
     }
 }
@@ -151,6 +280,13 @@ pub struct BenchReport {
     /// Untimed steps at the start.
     pub warmup_steps: usize,
     pub gradient_checkpointing: bool,
+    /// `cpu` or `cuda`, and what that is: `cpu` or the GPU's name.
+    pub device: &'static str,
+    pub device_name: String,
+    /// candle's CPU threads (CANDLE_NUM_THREADS, else every core).
+    pub threads: usize,
+    /// The compute dtype's torch name (`float32`, `bfloat16`, `float16`).
+    pub dtype: &'static str,
     /// This process's rank and the ranks in all (each takes `batch` sequences per step).
     pub rank: usize,
     pub world_size: usize,
@@ -158,6 +294,9 @@ pub struct BenchReport {
     pub zero_stage: String,
     /// Parameters of the model (the base; LoRA adapters not included).
     pub params: usize,
+    /// Parameters one token passes through (MoE: its top-k experts), torch_train_bench's
+    /// `active_params`.
+    pub active_params: u64,
     /// Parameters the optimizer updates.
     pub trainable_params: usize,
     /// What the base weights take in memory, MiB (4-bit codes and scales under qlora).
@@ -172,6 +311,12 @@ pub struct BenchReport {
     pub step_ms_min: f64,
     /// Peak resident memory of the process (Linux `VmHWM`), MiB; None elsewhere.
     pub peak_rss_mib: Option<f64>,
+    /// The GPU's peak memory in use over the steps (its default pool's high-water mark), GiB;
+    /// None on the CPU.
+    pub peak_gpu_gib: Option<f64>,
+    /// 6 x active_params x tokens_per_s / (peak_tflops x 1e12); None without a peak.
+    pub mfu: Option<f64>,
+    pub peak_tflops: Option<f64>,
     pub loss_first: f64,
     pub loss_last: f64,
 }
@@ -206,14 +351,20 @@ impl TokenStream {
     }
 
     /// A batch of random tokens whose labels are the inputs (every position has a loss).
-    fn batch(&mut self, batch: usize, seq: usize, vocab: usize) -> candle_core::Result<Batch> {
+    /// The batch is made on `device`, as torch_train_bench moves its tokens before the clock.
+    fn batch(
+        &mut self,
+        batch: usize,
+        seq: usize,
+        vocab: usize,
+        device: &Device,
+    ) -> candle_core::Result<Batch> {
         let ids: Vec<u32> = (0..batch * seq).map(|_| self.next_id(vocab)).collect();
         let labels: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
-        let device = Device::Cpu;
         Ok(Batch {
-            input_ids: Tensor::from_vec(ids, (batch, seq), &device)?,
-            attention_mask: Tensor::ones((batch, seq), candle_core::DType::U32, &device)?,
-            labels: Tensor::from_vec(labels, (batch, seq), &device)?,
+            input_ids: Tensor::from_vec(ids, (batch, seq), device)?,
+            attention_mask: Tensor::ones((batch, seq), DType::U32, device)?,
+            labels: Tensor::from_vec(labels, (batch, seq), device)?,
         })
     }
 }
@@ -245,11 +396,20 @@ pub fn run_train_bench(opts: &BenchOptions, group: &Group) -> anyhow::Result<Ben
         "bench needs --steps > {WARMUP_STEPS} (the first {WARMUP_STEPS} are warm-up), got {}",
         opts.steps
     );
-    let config = ModelConfig::from_json_str(&opts.size.config_json(opts.seq))
-        .context("building the bench model config")?;
+    let config_json = opts.size.config_json(opts.seq);
+    let config =
+        ModelConfig::from_json_str(&config_json).context("building the bench model config")?;
+    let active_params = ModelFacts::from_config_json("whet bench", &config_json)
+        .map_err(anyhow::Error::msg)?
+        .param_counts()
+        .active;
     let vocab = config.vocab_size;
-    let model =
-        Model::random(config, 0, opts.train_type.model_options()?).context("building the model")?;
+    let model_options = ModelOptions {
+        device: opts.device.clone(),
+        compute_dtype: opts.compute_dtype,
+        ..opts.train_type.model_options()?
+    };
+    let model = Model::random(config, 0, model_options).context("building the model")?;
     // Buckets as `whet sft` sizes them by default (DeepSpeed's `auto`).
     let sharding = Sharding {
         stage: opts.stage,
@@ -277,20 +437,29 @@ pub fn run_train_bench(opts: &BenchOptions, group: &Group) -> anyhow::Result<Ben
     };
     let mut step_secs = Vec::with_capacity(opts.steps);
     let mut losses = Vec::with_capacity(opts.steps);
+    let device = &opts.device;
+    crate::device::reset_peak_gpu_memory(device)?;
     for _ in 0..opts.steps {
-        let batch = tokens.batch(opts.batch, opts.seq, vocab)?;
+        let batch = tokens.batch(opts.batch, opts.seq, vocab, device)?;
+        // A GPU queues work: the clock starts and stops with the queue empty.
+        device.synchronize()?;
         let start = Instant::now();
         let (loss, mut grads) = forward_backward(&model, &[batch], step_options, sync.as_mut())?;
         clip_grad_norm(&mut grads, 1.0, sync.as_mut())?;
         optimizer.step(&grads, 1e-4)?;
         drop(grads);
         sync.params_updated(model.trainable())?;
+        device.synchronize()?;
         step_secs.push(start.elapsed().as_secs_f64());
         losses.push(loss.loss);
     }
     let timed = &step_secs[WARMUP_STEPS..];
     let total: f64 = timed.iter().sum();
     let fastest = timed.iter().copied().fold(f64::INFINITY, f64::min);
+    let tokens_per_s = (opts.batch * opts.seq * timed.len()) as f64 / total;
+    let peak_tflops = opts
+        .peak_tflops
+        .or((!device.is_cpu()).then_some(H100_BF16_PEAK_TFLOPS));
     Ok(BenchReport {
         size: opts.size,
         train_type: opts.train_type,
@@ -299,17 +468,26 @@ pub fn run_train_bench(opts: &BenchOptions, group: &Group) -> anyhow::Result<Ben
         steps: opts.steps,
         warmup_steps: WARMUP_STEPS,
         gradient_checkpointing: opts.gradient_checkpointing,
+        device: if device.is_cpu() { "cpu" } else { "cuda" },
+        device_name: crate::device::device_name(device),
+        threads: candle_core::utils::get_num_threads(),
+        dtype: crate::dtype::torch_name(opts.compute_dtype),
         rank: group.rank(),
         world_size: group.world_size(),
         zero_stage: opts.stage.name().to_string(),
         params: model.num_parameters(),
+        active_params,
         trainable_params: model.num_trainable_parameters(),
         base_weights_mib: resident_mib(&model, |_| true),
         linear_weights_mib: resident_mib(&model, is_quantized_linear),
-        tokens_per_s: (opts.batch * opts.seq * timed.len()) as f64 / total,
+        tokens_per_s,
         step_ms: total / timed.len() as f64 * 1e3,
         step_ms_min: fastest * 1e3,
         peak_rss_mib: peak_rss_mib(),
+        peak_gpu_gib: crate::device::peak_gpu_memory_bytes(device)
+            .map(|bytes| bytes as f64 / (1u64 << 30) as f64),
+        mfu: peak_tflops.map(|peak| model_flops_utilisation(active_params, tokens_per_s, peak)),
+        peak_tflops,
         loss_first: losses[0],
         loss_last: *losses.last().expect("steps > 0"),
     })
@@ -413,6 +591,132 @@ mod tests {
             .to_string()
             .contains("--steps"));
         assert_eq!("medium".parse::<BenchSize>(), Ok(BenchSize::Medium));
-        assert!("huge".parse::<BenchSize>().is_err());
+        assert_eq!("qwen3-0.6b".parse::<BenchSize>(), Ok(BenchSize::Qwen3_0_6b));
+        let unknown = "huge".parse::<BenchSize>().unwrap_err();
+        assert!(unknown.contains("qwen3-30b-a3b-4l"), "{unknown}");
+    }
+
+    /// torch_train_bench.py's counts: `sum(p.numel())` of transformers' model (written out
+    /// from its modules), and `active_params` = that minus the unpicked experts of each layer.
+    fn torch_counts(p: &Preset) -> (u64, u64) {
+        let [h, heads, kv, d, inter, vocab, layers] = [
+            p.hidden_size,
+            p.num_attention_heads,
+            p.num_key_value_heads,
+            p.head_dim,
+            p.intermediate_size,
+            p.vocab_size,
+            p.num_hidden_layers,
+        ]
+        .map(|v| v as u64);
+        let attention = h * heads * d + 2 * h * kv * d + heads * d * h + 2 * d;
+        let mlp = match p.moe {
+            None => 3 * h * inter,
+            Some((experts, _, width)) => experts as u64 * (h + 3 * h * width as u64),
+        };
+        let embeddings = vocab * h * if p.tie_word_embeddings { 1 } else { 2 };
+        let total = embeddings + h + layers * (attention + mlp + 2 * h);
+        let unpicked = match p.moe {
+            None => 0,
+            Some((experts, top_k, width)) => {
+                layers * 3 * h * width as u64 * (experts - top_k) as u64
+            }
+        };
+        (total, total - unpicked)
+    }
+
+    #[test]
+    fn presets_have_torch_train_bench_shapes_and_counts() {
+        use clap::ValueEnum;
+        for &size in BenchSize::value_variants() {
+            let p = size.preset();
+            let json = size.config_json(p.seq);
+            let counts = ModelFacts::from_config_json("bench", &json)
+                .unwrap()
+                .param_counts();
+            assert_eq!((counts.total, counts.active), torch_counts(&p), "{size:?}");
+            let config = ModelConfig::from_json_str(&json).unwrap();
+            assert_eq!(config.tie_word_embeddings, p.tie_word_embeddings);
+            assert_eq!(config.moe.is_some(), p.moe.is_some(), "{size:?}");
+        }
+        // The published sizes: Qwen3-0.6B has 596,049,920 parameters; four of Qwen3-30B-A3B's
+        // layers with its (untied) embeddings 3.11 B, of which 0.85 B are active.
+        let qwen06 = torch_counts(&BenchSize::Qwen3_0_6b.preset());
+        assert_eq!(qwen06, (596_049_920, 596_049_920));
+        assert_eq!(
+            torch_counts(&BenchSize::Qwen3_30bA3b4l.preset()),
+            (3_114_814_464, 849_890_304)
+        );
+        let p = BenchSize::Qwen3_0_6b.preset();
+        assert_eq!((p.batch, p.seq), (8, 2048));
+        let p = BenchSize::Qwen3_30bA3b4l.preset();
+        assert_eq!((p.batch, p.seq, p.moe), (4, 2048, Some((128, 8, 768))));
+    }
+
+    #[test]
+    fn the_built_moe_model_has_the_counted_parameters() {
+        let size = BenchSize::MoeSmall;
+        let json = size.config_json(256);
+        let model = Model::random(
+            ModelConfig::from_json_str(&json).unwrap(),
+            0,
+            ModelOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            model.num_parameters() as u64,
+            torch_counts(&size.preset()).0
+        );
+    }
+
+    #[test]
+    fn mfu_is_six_flops_per_active_parameter_and_token_over_the_peak() {
+        // 0.6 B active parameters at 100k tokens/s: 3.6e17 FLOP/s of 989e12 → 36.4 %.
+        let mfu = model_flops_utilisation(600_000_000, 100_000.0, 989.0);
+        assert!((mfu - 6.0 * 6e8 * 1e5 / 989e12).abs() < 1e-12);
+        assert!((mfu - 0.364_004).abs() < 1e-6, "{mfu}");
+        // The CPU reports none unless a peak is given; then the same arithmetic.
+        let opts = BenchOptions {
+            size: BenchSize::Tiny,
+            batch: 2,
+            seq: 16,
+            steps: 3,
+            ..Default::default()
+        };
+        let report = run_train_bench(&opts, &Group::single()).unwrap();
+        assert_eq!((report.mfu, report.peak_gpu_gib), (None, None));
+        assert_eq!((report.device, report.dtype), ("cpu", "float32"));
+        assert_eq!(report.active_params, report.params as u64);
+        let report = run_train_bench(
+            &BenchOptions {
+                peak_tflops: Some(1.0),
+                ..opts
+            },
+            &Group::single(),
+        )
+        .unwrap();
+        let expected = model_flops_utilisation(report.active_params, report.tokens_per_s, 1.0);
+        assert_eq!(report.mfu, Some(expected));
+    }
+
+    #[test]
+    fn bf16_compute_trains_over_f32_masters() {
+        let report = run_train_bench(
+            &BenchOptions {
+                size: BenchSize::Tiny,
+                batch: 2,
+                seq: 16,
+                steps: 3,
+                compute_dtype: DType::BF16,
+                ..Default::default()
+            },
+            &Group::single(),
+        )
+        .unwrap();
+        assert_eq!(report.dtype, "bfloat16");
+        assert!(
+            (report.loss_first - (1024f64).ln()).abs() < 0.5,
+            "{report:?}"
+        );
     }
 }

@@ -54,6 +54,46 @@ pub fn local_rank() -> usize {
         .unwrap_or(0)
 }
 
+/// The GPU a command without a job config runs on (`whet bench train --device cuda`): visible
+/// device LOCAL_RANK under the environment's CUDA_VISIBLE_DEVICES (every GPU when it is
+/// unset), opened as [`select_device`] opens a job's, with the same refusals.
+#[allow(clippy::result_large_err)]
+pub fn open_visible_gpu() -> Result<Device, Diagnostic> {
+    match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(listed) => {
+            parse_devices(&listed)?;
+            gpu::open(listed.trim(), local_rank())
+        }
+        Err(_) => gpu::open(gpu::EVERY_GPU, local_rank()),
+    }
+}
+
+/// What a report names the device by: `cpu`, or the GPU's name (`NVIDIA H200`).
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => gpu::name(gpu_id),
+        _ => "cpu".into(),
+    }
+}
+
+/// The high-water mark of device memory in use, as torch's `reset_peak_memory_stats` and
+/// `max_memory_allocated` see it: candle allocates from the GPU's default memory pool, whose
+/// USED_MEM_HIGH attribute [`reset_peak_gpu_memory`] zeroes. None on the CPU.
+pub fn peak_gpu_memory_bytes(device: &Device) -> Option<u64> {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => gpu::peak_memory(gpu_id),
+        _ => None,
+    }
+}
+
+/// Starts [`peak_gpu_memory_bytes`] over from what is in use now (nothing on the CPU).
+pub fn reset_peak_gpu_memory(device: &Device) -> anyhow::Result<()> {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => gpu::reset_peak_memory(gpu_id),
+        _ => Ok(()),
+    }
+}
+
 /// What `whet check` says about the GPUs the config lists: the driver and each visible device,
 /// or why none can be used.
 pub fn describe_gpus(config: &JobConfig) -> String {
@@ -72,7 +112,11 @@ pub fn describe_gpus(config: &JobConfig) -> String {
 /// The most memory `device`'s pool has held since it was opened, in GiB (torch's
 /// `max_memory_reserved`); None for the CPU.
 pub fn peak_reserved_gib(device: &Device) -> Option<f64> {
-    gpu::peak_reserved_bytes(device).map(|bytes| bytes as f64 / (1u64 << 30) as f64)
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => gpu::peak_reserved(gpu_id),
+        _ => None,
+    }
+    .map(|bytes| bytes as f64 / (1u64 << 30) as f64)
 }
 
 /// Whether `error` is the GPU running out of memory (the driver's or cuBLAS's).
@@ -154,8 +198,24 @@ mod gpu {
         format!("devices: CUDA_VISIBLE_DEVICES={listed}, but this whet was built without CUDA (build with `--features cuda`)")
     }
 
-    pub fn peak_reserved_bytes(_: &Device) -> Option<u64> {
+    pub fn peak_reserved(_ordinal: usize) -> Option<u64> {
         None
+    }
+
+    /// What the refusals call an unset CUDA_VISIBLE_DEVICES.
+    pub const EVERY_GPU: &str = "unset (every GPU)";
+
+    // Without CUDA no device but the CPU exists, so these are never asked about a GPU.
+    pub fn name(_ordinal: usize) -> String {
+        "cpu".into()
+    }
+
+    pub fn peak_memory(_ordinal: usize) -> Option<u64> {
+        None
+    }
+
+    pub fn reset_peak_memory(_ordinal: usize) -> anyhow::Result<()> {
+        Ok(())
     }
 }
 
@@ -174,15 +234,19 @@ mod gpu {
         }
     }
 
+    /// What the refusals call an unset CUDA_VISIBLE_DEVICES: the driver shows every GPU.
+    pub const EVERY_GPU: &str = "unset (every GPU)";
+
     /// The number of devices the driver shows under CUDA_VISIBLE_DEVICES = `listed`.
     fn visible_devices(listed: &str) -> Result<usize, String> {
         // The driver reads CUDA_VISIBLE_DEVICES once, when it starts: the config's list must
         // be in the environment before then (a config file may name other GPUs than the shell).
-        if std::env::var("CUDA_VISIBLE_DEVICES")
-            .ok()
-            .as_deref()
-            .map(str::trim)
-            != Some(listed)
+        if listed != EVERY_GPU
+            && std::env::var("CUDA_VISIBLE_DEVICES")
+                .ok()
+                .as_deref()
+                .map(str::trim)
+                != Some(listed)
         {
             std::env::set_var("CUDA_VISIBLE_DEVICES", listed);
         }
@@ -278,27 +342,6 @@ mod gpu {
         }
     }
 
-    pub fn peak_reserved_bytes(device: &Device) -> Option<u64> {
-        let Device::Cuda(cuda) = device else {
-            return None;
-        };
-        let ordinal = cuda.cuda_stream().context().ordinal();
-        let mut bytes = 0u64;
-        // SAFETY: the default pool of an open device; the attribute is a u64.
-        unsafe {
-            let pool =
-                result::device::get_default_mem_pool(result::device::get(ordinal as i32).ok()?)
-                    .ok()?;
-            result::mem_pool::get_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
-                (&mut bytes as *mut u64).cast(),
-            )
-            .ok()?;
-        }
-        Some(bytes)
-    }
-
     pub fn describe(listed: &str) -> String {
         let count = match visible_devices(listed) {
             Ok(count) => count,
@@ -317,6 +360,57 @@ mod gpu {
             lines.push(format!("  cuda:{ordinal}  {}", describe_device(ordinal)));
         }
         lines.join("\n")
+    }
+
+    pub fn name(ordinal: usize) -> String {
+        result::device::get(ordinal as i32)
+            .and_then(result::device::get_name)
+            .unwrap_or_else(|_| "unknown GPU".into())
+    }
+
+    /// An attribute (bytes) of the device's default pool, None if the driver cannot say.
+    fn pool_attribute(ordinal: usize, attribute: sys::CUmemPool_attribute) -> Option<u64> {
+        let mut value = 0u64;
+        // SAFETY: the default pool of a valid device; these attributes are u64s.
+        unsafe {
+            let pool =
+                result::device::get_default_mem_pool(result::device::get(ordinal as i32).ok()?)
+                    .ok()?;
+            result::mem_pool::get_attribute(pool, attribute, (&mut value as *mut u64).cast())
+                .ok()?;
+        }
+        Some(value)
+    }
+
+    /// USED_MEM_HIGH: the most memory in use since the last reset (torch's max allocated).
+    pub fn peak_memory(ordinal: usize) -> Option<u64> {
+        pool_attribute(
+            ordinal,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        )
+    }
+
+    /// RESERVED_MEM_HIGH: the most memory the pool has held (torch's max reserved).
+    pub fn peak_reserved(ordinal: usize) -> Option<u64> {
+        pool_attribute(
+            ordinal,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+        )
+    }
+
+    pub fn reset_peak_memory(ordinal: usize) -> anyhow::Result<()> {
+        // The driver accepts only 0: the mark restarts from the memory in use now.
+        let mut zero = 0u64;
+        // SAFETY: as in `peak_memory`.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(result::device::get(ordinal as i32)?)?;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut zero as *mut u64).cast(),
+            )?;
+        }
+        Ok(())
     }
 
     fn describe_device(ordinal: usize) -> String {
@@ -389,5 +483,18 @@ mod tests {
         let help = out_of_memory_help(&config);
         assert!(help.contains("largest savings first: 1) "), "{help}");
         assert!(help.contains("GiB per GPU"), "{help}");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_build_without_cuda_opens_no_gpu_from_the_environment() {
+        // Unset or any list, a GPU is refused as a config's list is.
+        let refused = open_visible_gpu().unwrap_err();
+        assert!(
+            ["cuda_unavailable", "devices_invalid"].contains(&refused.code.as_str()),
+            "{refused:?}"
+        );
+        assert_eq!(device_name(&Device::Cpu), "cpu");
+        assert_eq!(peak_gpu_memory_bytes(&Device::Cpu), None);
     }
 }

@@ -178,6 +178,26 @@ fn bench_train_prints_one_json_line() {
             "{key}: {text}"
         );
     }
+    assert_eq!(report["device"], "cpu", "{text}");
+    assert_eq!(report["dtype"], "float32", "{text}");
+    assert!(report["mfu"].is_null() && report["peak_gpu_gib"].is_null());
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn bench_on_cuda_without_cuda_is_refused_before_any_work() {
+    let output = whet()
+        .args(["bench", "train", "--size", "tiny", "--device", "cuda"])
+        .env("CUDA_VISIBLE_DEVICES", "0")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--device cuda") && stderr.contains("built without CUDA"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty());
 }
 
 fn demo_path() -> PathBuf {

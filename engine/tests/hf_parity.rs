@@ -1,7 +1,9 @@
 //! Parity with Hugging Face transformers on the tiny reference models in
 //! shared/fixtures/hf-reference: logits, losses, every gradient, the MoE router aux loss, and
 //! three AdamW steps with warmup+cosine and clipping. Models load through the same
-//! `Model::from_pretrained` a user's model folder goes through.
+//! `Model::from_pretrained` a user's model folder goes through. They run where
+//! `WHET_TEST_DEVICE` / `WHET_TEST_DTYPE` say (common/fixtures.rs): the CPU in f32 by default,
+//! a GPU in f32 or bf16 in the GPU bundle, against the same float32 references.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,7 +19,65 @@ use whet_shared::schedule::Schedule;
 
 #[path = "common/fixtures.rs"]
 mod fixtures;
-use fixtures::{fixtures, load_batch, model_dir};
+use fixtures::{fixtures, load_batch_on, model_dir, test_device, test_dtype};
+
+/// The reference batch on the test device.
+fn load_batch() -> Batch {
+    load_batch_on(test_device())
+}
+
+/// The test device and compute dtype, everything else as a user's full fine-tune.
+fn parity_options() -> ModelOptions {
+    ModelOptions {
+        device: test_device().clone(),
+        compute_dtype: test_dtype(),
+        ..ModelOptions::default()
+    }
+}
+
+/// How close to transformers' float32 references a run must come.
+struct Tolerances {
+    logits_atol: f64,
+    loss_rel: f64,
+    grad_atol: f64,
+    grad_rtol: f64,
+    /// Every parameter after 3 steps within `param_atol`, and at most `param_share_over` of
+    /// them further than `param_near` off.
+    param_atol: f64,
+    param_near: f64,
+    param_share_over: f64,
+}
+
+impl Tolerances {
+    fn for_test_dtype() -> Self {
+        if test_dtype() == DType::F32 {
+            // The fixture README's suggestions for another float32 implementation.
+            return Self {
+                logits_atol: 1e-4,
+                loss_rel: 1e-5,
+                grad_atol: 1e-5,
+                grad_rtol: 1e-3,
+                param_atol: 1e-4,
+                param_near: 2e-6,
+                param_share_over: 1e-3,
+            };
+        }
+        // bf16 keeps 8 significant bits (2^-9 = 2e-3 relative rounding per operation). AdamW's
+        // m / sqrt(v) turns a small gradient's rounding into a whole lr-sized step of either
+        // sign, so a parameter can end up to twice the lrs' sum (0 + 5e-4 + 1e-3) away, and
+        // only most of them stay close. On the CPU in bf16 these tests see logits 2e-2 off,
+        // losses 1e-4 relative, parameters at most 3e-3 with 0.7 % further than 2e-4.
+        Self {
+            logits_atol: 5e-2,
+            loss_rel: 5e-3,
+            grad_atol: 2e-3,
+            grad_rtol: 5e-2,
+            param_atol: 4e-3,
+            param_near: 2e-4,
+            param_share_over: 2e-2,
+        }
+    }
+}
 
 /// The gradient synchroniser of one process, for `model`'s trainable parameters.
 fn single_process(model: &Model) -> SingleProcess {
@@ -34,12 +94,18 @@ fn expected_tensors(file: &str) -> HashMap<String, Tensor> {
 }
 
 fn load_model(kind: &str) -> Model {
-    Model::from_pretrained(model_dir(kind), ModelOptions::default()).unwrap()
+    Model::from_pretrained(model_dir(kind), parity_options()).unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
-    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    let host = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
+    let d = (host(a) - host(b)).unwrap();
     d.abs()
         .unwrap()
         .flatten_all()
@@ -51,7 +117,9 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -90,6 +158,7 @@ fn expected_f64(json: &serde_json::Value, path: &[&str]) -> f64 {
 
 /// Logits of sample 0 at its real positions, the losses, and every gradient.
 fn check_forward_and_gradients(kind: &str) {
+    let tol = Tolerances::for_test_dtype();
     let model = load_model(kind);
     let batch = load_batch();
     let expected = expected_json();
@@ -104,7 +173,10 @@ fn check_forward_and_gradients(kind: &str) {
     let logits = out.logits.get(0).unwrap().narrow(0, 0, real).unwrap();
     let err = max_abs_diff(&logits, &want_logits);
     println!("{kind} logits sample 0: max abs err {err:.2e}");
-    assert!(err <= 1e-4, "{kind} logits: max abs error {err:.3e}");
+    assert!(
+        err <= tol.logits_atol,
+        "{kind} logits: max abs error {err:.3e}"
+    );
 
     let options = LossOptions::for_model(model.config());
     let (report, grads) = loss_and_gradients(&model, &batch, &options).unwrap();
@@ -114,27 +186,27 @@ fn check_forward_and_gradients(kind: &str) {
             "moe ce",
             report.ce_loss,
             expected_f64(&expected, &["moe", "ce_loss"]),
-            1e-5,
+            tol.loss_rel,
         );
         let aux = report.aux_loss.expect("MoE reports an aux loss");
         assert_rel(
             "moe aux",
             aux,
             expected_f64(&expected, &["moe", "aux_loss"]),
-            1e-5,
+            tol.loss_rel,
         );
         assert_rel(
             "moe total",
             report.loss,
             expected_f64(&expected, &["moe", "total_loss"]),
-            1e-5,
+            tol.loss_rel,
         );
     } else {
         assert_rel(
             "dense loss",
             report.loss,
             expected_f64(&expected, &["dense", "loss"]),
-            1e-5,
+            tol.loss_rel,
         );
         assert!(report.aux_loss.is_none());
     }
@@ -162,8 +234,8 @@ fn check_forward_and_gradients(kind: &str) {
             &format!("grad {name}"),
             grad,
             reference,
-            1e-5,
-            1e-3,
+            tol.grad_atol,
+            tol.grad_rtol,
         ));
     }
     println!(
@@ -184,6 +256,7 @@ fn moe_logits_losses_and_gradients_match_transformers() {
 
 #[test]
 fn moe_aux_loss_router_gradients_match_transformers() {
+    let tol = Tolerances::for_test_dtype();
     let model = load_model("moe");
     let batch = load_batch();
     let out = model
@@ -201,7 +274,13 @@ fn moe_aux_loss_router_gradients_match_transformers() {
                 let grad = store
                     .get(var.as_tensor())
                     .expect("router weight has an aux gradient");
-                worst = worst.max(assert_close(name, grad, reference, 1e-5, 1e-3));
+                worst = worst.max(assert_close(
+                    name,
+                    grad,
+                    reference,
+                    tol.grad_atol,
+                    tol.grad_rtol,
+                ));
             }
             // The aux loss reaches back through the network below each router, but never the
             // head, which lies after every router.
@@ -217,6 +296,7 @@ fn moe_aux_loss_router_gradients_match_transformers() {
 /// Three steps of forward, backward, clip to 1.0, AdamW(lr 1e-3, wd 0.1) with a cosine
 /// schedule warming up over 2 of 10 steps, as transformers' Trainer runs them.
 fn check_training(kind: &str) {
+    let tol = Tolerances::for_test_dtype();
     let model = load_model(kind);
     let batch = load_batch();
     let expected = expected_json();
@@ -247,14 +327,14 @@ fn check_training(kind: &str) {
             &format!("{kind} step {step} loss"),
             report.loss,
             want_losses[step - 1],
-            1e-5,
+            tol.loss_rel,
         );
         let norm = clip_grad_norm(&mut grads, 1.0, &mut single_process(&model)).unwrap();
         assert_rel(
             &format!("{kind} step {step} grad norm"),
             norm,
             want_norms[step - 1],
-            1e-5,
+            tol.loss_rel,
         );
         let lr = schedule.lr(step as u64);
         assert!((lr - want_lrs[step - 1]).abs() < 1e-12);
@@ -265,7 +345,7 @@ fn check_training(kind: &str) {
         &format!("{kind} loss after training"),
         after.loss,
         expected_f64(&expected, &[kind, "train", "loss_after_training"]),
-        1e-5,
+        tol.loss_rel,
     );
 
     let want = expected_tensors(&format!("{kind}_params_after_3_steps.safetensors"));
@@ -277,20 +357,22 @@ fn check_training(kind: &str) {
         for (g, e) in values(var.as_tensor()).iter().zip(values(reference)) {
             let err = (g - e).abs();
             worst = worst.max(err);
-            over += usize::from(err > 2e-6);
+            over += usize::from(err > tol.param_near);
             total += 1;
         }
     }
     println!(
-        "{kind} params after 3 steps: max abs err {worst:.2e}, {over} of {total} entries over 2e-6"
+        "{kind} params after 3 steps: max abs err {worst:.2e}, {over} of {total} entries over {:.0e}",
+        tol.param_near
     );
     assert!(
-        worst <= 1e-4,
+        worst <= tol.param_atol,
         "{kind}: a parameter is {worst:.3e} off after 3 steps"
     );
     assert!(
-        over * 1000 <= total,
-        "{kind}: {over} of {total} entries off by more than 2e-6"
+        over as f64 <= tol.param_share_over * total as f64,
+        "{kind}: {over} of {total} entries off by more than {:.0e}",
+        tol.param_near
     );
 }
 
@@ -348,7 +430,7 @@ const QWEN2_CONFIG: &str = r#"{"architectures": ["Qwen2ForCausalLM"], "model_typ
 #[test]
 fn qwen2_style_model_trains_every_parameter() {
     let config = ModelConfig::from_json_str(QWEN2_CONFIG).unwrap();
-    let model = Model::random(config, 7, ModelOptions::default()).unwrap();
+    let model = Model::random(config, 7, parity_options()).unwrap();
     let names: Vec<&str> = model
         .trainable_parameters()
         .iter()
@@ -379,7 +461,7 @@ fn qwen2_style_model_trains_every_parameter() {
 fn bf16_compute_runs_with_f32_masters() {
     let options = ModelOptions {
         compute_dtype: DType::BF16,
-        ..ModelOptions::default()
+        ..parity_options()
     };
     let model = Model::from_pretrained(model_dir("moe"), options).unwrap();
     let batch = load_batch();
@@ -500,7 +582,7 @@ fn optimizer_state_resumes_exactly() {
         .unwrap();
     optimizer.save(dir.join("optimizer.safetensors")).unwrap();
 
-    let resumed = Model::from_pretrained(&dir, ModelOptions::default()).unwrap();
+    let resumed = Model::from_pretrained(&dir, parity_options()).unwrap();
     let mut optimizer = AdamW::new(resumed.trainable(), config).unwrap();
     optimizer.load(dir.join("optimizer.safetensors")).unwrap();
     assert_eq!(optimizer.step_count(), 2);

@@ -9,9 +9,12 @@
 //! * `cargo xtask demo-data` — regenerates the demo's synthetic task in examples/demo/.
 //! * `cargo xtask cuda-toolchain` — installs CUDA 13.0's build tools from PyPI outside the
 //!   repository and prints the environment `--features cuda` builds with.
+//! * `cargo xtask gpu-bundle` — builds whet with CUDA and writes target/gpu-bundle/, which
+//!   checks it on a GPU machine without cargo or network (`run.sh`).
 
 mod cuda;
 mod demo_data;
+mod gpu_bundle;
 
 use std::process::{Command, ExitCode};
 
@@ -27,8 +30,9 @@ fn main() -> ExitCode {
         ),
         "app" => app(),
         "cuda-toolchain" => cuda::print_toolchain(),
+        "gpu-bundle" => gpu_bundle::write(),
         _ => {
-            eprintln!("usage: cargo xtask <test|app|studio|demo-data|cuda-toolchain>");
+            eprintln!("usage: cargo xtask <test|app|studio|demo-data|cuda-toolchain|gpu-bundle>");
             return ExitCode::from(2);
         }
     };

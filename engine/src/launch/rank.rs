@@ -103,6 +103,9 @@ fn join(env: &RankEnv, store: RankStore, device: &Device) -> anyhow::Result<Grou
                 RENDEZVOUS_TIMEOUT,
             )
             .with_context(|| format!("rank {rank} of {world}: connecting NCCL's collectives"))?;
+            // NCCL's communicator is not Send: the group (an Arc, as gloo's) stays on the
+            // thread that trains.
+            #[allow(clippy::arc_with_non_send_sync)]
             Arc::new(crate::sync::NcclOnDevice {
                 nccl,
                 device: device.clone(),
