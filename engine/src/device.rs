@@ -145,20 +145,8 @@ pub fn out_of_memory_help(config: &JobConfig) -> String {
     if remedies.is_empty() {
         return format!("the GPU ran out of memory{estimate}: use more GPUs or a smaller model");
     }
-    let list: Vec<String> = remedies
-        .iter()
-        .take(4)
-        .enumerate()
-        .map(|(i, r)| {
-            format!(
-                "{}) {} (-{:.1} GiB -> {:.1} GiB)",
-                i + 1,
-                r.change,
-                r.saves_gib,
-                r.per_gpu_gib
-            )
-        })
-        .collect();
+    let mut list = whet_shared::validate::numbered_remedies(&remedies);
+    list.truncate(4);
     format!(
         "the GPU ran out of memory{estimate}; largest savings first: {}",
         list.join("; ")

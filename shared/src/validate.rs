@@ -1182,19 +1182,7 @@ fn memory_rules(
         return;
     }
     let remedies = oom_remedies(config, facts);
-    let list_en: Vec<String> = remedies
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            format!(
-                "{}) {} (-{:.1} GiB -> {:.1} GiB)",
-                i + 1,
-                r.change,
-                r.saves_gib,
-                r.per_gpu_gib
-            )
-        })
-        .collect();
+    let list_en = numbered_remedies(&remedies);
     let list_zh: Vec<String> = remedies
         .iter()
         .enumerate()
@@ -1220,6 +1208,23 @@ fn memory_rules(
             if list_zh.is_empty() { "使用更多 GPU 或更小的模型".to_string() } else { format!("按节省显存从多到少：{}", list_zh.join("；")) },
         ),
     );
+}
+
+/// `1) change (-saved GiB -> per-GPU GiB)` for each remedy, in order (English).
+pub fn numbered_remedies(remedies: &[Remedy]) -> Vec<String> {
+    remedies
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            format!(
+                "{}) {} (-{:.1} GiB -> {:.1} GiB)",
+                i + 1,
+                r.change,
+                r.saves_gib,
+                r.per_gpu_gib
+            )
+        })
+        .collect()
 }
 
 /// One change from the seed's OOM list with what it saves on this config.

@@ -20,6 +20,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::run;
+
 /// The wheels, pinned: CUDA 13.0 (what the GPU machines' PyTorch wheels carry, and a driver
 /// ≥ 580 runs), NCCL 2.30 (cudarc's default bindings).
 const WHEELS: &[&str] = &[
@@ -139,16 +141,6 @@ pub fn ensure_toolchain() -> Result<Toolchain> {
     make_stub_driver(&toolchain)?;
     std::fs::write(&stamp, wanted)?;
     Ok(toolchain)
-}
-
-fn run(command: &mut Command) -> Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("running {command:?}"))?;
-    if !status.success() {
-        bail!("{command:?} failed ({status})");
-    }
-    Ok(())
 }
 
 fn site_packages(venv: &Path) -> Result<PathBuf> {

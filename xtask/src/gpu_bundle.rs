@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use crate::cuda;
+use crate::{cuda, run};
 
 /// What the device machines accept with a command.
 const SIZE_LIMIT: u64 = 64 * 1024 * 1024;
@@ -141,16 +141,6 @@ fn pack_binary(built: &Path, to: &Path) -> Result<()> {
         std::fs::metadata(built)?.len() as f64 / (1024.0 * 1024.0),
         std::fs::metadata(to)?.len() as f64 / (1024.0 * 1024.0)
     );
-    Ok(())
-}
-
-fn run(command: &mut Command) -> Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("running {command:?}"))?;
-    if !status.success() {
-        bail!("{command:?} failed ({status})");
-    }
     Ok(())
 }
 

@@ -45,6 +45,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs `command`, failing with its status unless it succeeds.
+fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("running {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed ({status})");
+    }
+    Ok(())
+}
+
 fn cargo(args: &[&str]) -> Result<()> {
     eprintln!("+ cargo {}", args.join(" "));
     let status = Command::new(env!("CARGO"))
