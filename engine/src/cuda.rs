@@ -215,13 +215,16 @@ mod imp {
         log_sum_exp: Mutex<Option<Tensor>>,
     }
 
+    /// The kernels' suffix for a float dtype.
     fn dtype_name(dtype: DType) -> Result<&'static str> {
         Ok(match dtype {
             DType::F32 => "f32",
             DType::F64 => "f64",
             DType::BF16 => "bf16",
             DType::F16 => "f16",
-            other => candle_core::bail!("cross-entropy: unsupported logits dtype {other:?}"),
+            other => {
+                candle_core::bail!("whet's CUDA kernels take f32, f64, bf16 or f16, not {other:?}")
+            }
         })
     }
 
