@@ -58,14 +58,7 @@ fn run(command: &mut Command) -> Result<()> {
 
 fn cargo(args: &[&str]) -> Result<()> {
     eprintln!("+ cargo {}", args.join(" "));
-    let status = Command::new(env!("CARGO"))
-        .args(args)
-        .status()
-        .with_context(|| format!("running cargo {}", args.join(" ")))?;
-    if !status.success() {
-        bail!("`cargo {}` failed ({status})", args.join(" "));
-    }
-    Ok(())
+    run(Command::new(env!("CARGO")).args(args))
 }
 
 /// Runs `.ci/install-studio-tools` (trunk, wasm-bindgen-cli, wasm-opt, chromium) when a tool
@@ -162,17 +155,11 @@ fn cuda_tests() -> Result<()> {
         "cuda_build",
     ];
     eprintln!("+ cargo {} (CUDA toolchain, stub driver)", args.join(" "));
-    let status = Command::new(env!("CARGO"))
+    run(Command::new(env!("CARGO"))
         .args(args)
         .envs(toolchain.build_env())
         .env("LD_LIBRARY_PATH", toolchain.stub_run_library_path())
-        .env("WHET_CUDA_STUB_DRIVER", "1")
-        .status()
-        .context("running cargo test --features cuda")?;
-    if !status.success() {
-        bail!("the CUDA build's tests failed ({status})");
-    }
-    Ok(())
+        .env("WHET_CUDA_STUB_DRIVER", "1"))
 }
 
 /// Clippy with warnings as errors on every target: natively for all but whet-app, which builds
