@@ -283,8 +283,13 @@ pub struct BenchReport {
     /// `cpu` or `cuda`, and what that is: `cpu` or the GPU's name.
     pub device: &'static str,
     pub device_name: String,
-    /// candle's CPU threads (CANDLE_NUM_THREADS, else every core).
+    /// The CPU threads of candle's matmuls and whet's fused ops (RAYON_NUM_THREADS, else every
+    /// core).
     pub threads: usize,
+    /// The CPU matmul kernel (`gemm (AVX-512)`, ...).
+    pub matmul: &'static str,
+    /// Whether the fused CPU ops ran (`--fused`); they never run on a GPU.
+    pub fused_ops: bool,
     /// The compute dtype's torch name (`float32`, `bfloat16`, `float16`).
     pub dtype: &'static str,
     /// This process's rank and the ranks in all (each takes `batch` sequences per step).
@@ -471,6 +476,8 @@ pub fn run_train_bench(opts: &BenchOptions, group: &Group) -> anyhow::Result<Ben
         device: if device.is_cpu() { "cpu" } else { "cuda" },
         device_name: crate::device::device_name(device),
         threads: candle_core::utils::get_num_threads(),
+        matmul: crate::host::matmul_kernel(),
+        fused_ops: crate::ops::fused() && device.is_cpu(),
         dtype: crate::dtype::torch_name(opts.compute_dtype),
         rank: group.rank(),
         world_size: group.world_size(),

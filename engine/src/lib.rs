@@ -10,6 +10,7 @@ pub mod device;
 pub mod dtype;
 pub mod generate;
 pub mod grad;
+pub mod host;
 pub mod hub;
 pub mod launch;
 pub mod model;

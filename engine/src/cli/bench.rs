@@ -64,6 +64,10 @@ pub struct TrainBenchArgs {
     /// GPU; no MFU on the CPU unless given).
     #[arg(long = "peak_tflops", alias = "peak-tflops")]
     pub peak_tflops: Option<f64>,
+    /// false: every op in its composed form of candle ops (the baseline the fused CPU ops are
+    /// measured against).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub fused: bool,
     /// Ranks on this machine (gloo), each with --batch sequences per step, as `whet sft`'s;
     /// every rank prints its own report (with its peak RSS).
     #[arg(long = "nproc_per_node", default_value_t = 1)]
@@ -110,6 +114,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         ZeroStage::Zero0
     };
+    crate::ops::set_fused(train.fused);
     let preset = train.size.preset();
     let report = run_train_bench(
         &BenchOptions {

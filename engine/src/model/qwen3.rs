@@ -165,8 +165,8 @@ fn norm(pb: &mut ParamBuilder, name: &str, dim: usize) -> std::result::Result<Pa
 #[derive(Debug, Clone)]
 pub struct ForwardContext {
     rotary: ops::RotaryEmbedding,
-    /// (batch, 1, seq, seq) f32: 0 where attention is allowed, f32::MIN elsewhere.
-    attention_bias: Tensor,
+    /// Which keys each query may see (causal, key padding).
+    attention_mask: ops::AttentionMask,
     /// While training: the micro-batch's seed for LoRA dropout masks.
     lora_dropout_seed: Option<u64>,
 }
@@ -269,9 +269,7 @@ impl Attention {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let group = nh / nkv;
+        let (nh, nkv) = (self.num_heads, self.num_kv_heads);
         let seed = ctx.lora_dropout_seed;
         let q =
             ctx.rotary
@@ -280,19 +278,8 @@ impl Attention {
             ctx.rotary
                 .apply(&self.heads(&self.k_proj, self.k_norm.as_ref(), x, nkv, seed)?)?;
         let v = self.heads(&self.v_proj, None, x, nkv, seed)?;
-
-        // GQA without copying k/v: query heads g*group..(g+1)*group share kv head g, so stack
-        // each group's queries along the sequence axis.
-        // (b, nh, t, hd) -> (b, nkv, group * t, hd)
-        let q = q.reshape((b, nkv, group * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        // (b, nkv, group * t, t) -> (b, nh, t, t); softmax in f32 like transformers' eager path.
-        let scores = scores.reshape((b, nh, t, t))?.to_dtype(DType::F32)?;
-        let probs = ops::softmax_last_dim(&scores.broadcast_add(&ctx.attention_bias)?)?;
-        let probs = probs.to_dtype(x.dtype())?.reshape((b, nkv, group * t, t))?;
-        // (b, nkv, group * t, hd) -> (b, nh, t, hd) -> (b, t, nh * hd)
-        let attended = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
-        let attended = attended.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        // (b, t, nh * hd)
+        let attended = ops::causal_attention(&q, &k, &v, &ctx.attention_mask)?;
         self.o_proj.forward_with(&attended, seed)
     }
 }
@@ -824,7 +811,7 @@ impl Model {
                 seq,
                 device,
             )?,
-            attention_bias: ops::causal_padding_bias(&attention_mask.to_device(device)?)?,
+            attention_mask: ops::AttentionMask::new(&attention_mask.to_device(device)?)?,
             lora_dropout_seed: None,
         })
     }

@@ -5,7 +5,32 @@
 //! is checked against central finite differences in f64 (tests at the bottom); nothing else in
 //! the crate should compute a normalisation, softmax, rotation or loss by hand.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{DType, Device, Result, Tensor, WithDType, D};
+
+mod attention;
+
+pub use attention::{causal_attention, AttentionMask, CausalAttention};
+
+/// Whether the CPU runs the fused ops (on by default); off, every op takes its composed form,
+/// which `whet bench train --fused false` measures against.
+static FUSED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fused CPU ops on or off for the whole process.
+pub fn set_fused(on: bool) {
+    FUSED.store(on, Ordering::Relaxed);
+}
+
+/// Whether the fused CPU ops are on.
+pub fn fused() -> bool {
+    FUSED.load(Ordering::Relaxed)
+}
+
+/// Whether `x` goes through a fused CPU op: on, on the CPU, in f32 or f64.
+fn fused_on(x: &Tensor) -> bool {
+    fused() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
 
 /// The label value that contributes nothing to the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -467,7 +492,11 @@ pub(crate) mod tests {
     }
 
     /// Compares the autograd gradient of the scalar `f(x)` with central finite differences.
-    fn check_gradient(shape: &[usize], seed: u64, f: impl Fn(&Tensor) -> Result<Tensor>) {
+    pub(crate) fn check_gradient(
+        shape: &[usize],
+        seed: u64,
+        f: impl Fn(&Tensor) -> Result<Tensor>,
+    ) {
         let n: usize = shape.iter().product();
         let values = test_values(n, seed);
         let x = Var::from_vec(values.clone(), shape, &Device::Cpu).unwrap();
@@ -501,8 +530,9 @@ pub(crate) mod tests {
     }
 
     /// A fixed random projection so that a tensor-valued op gets a generic upstream gradient.
-    fn project(y: &Tensor, seed: u64) -> Result<Tensor> {
-        let w = Tensor::from_vec(test_values(y.elem_count(), seed), y.shape(), y.device())?;
+    pub(crate) fn project(y: &Tensor, seed: u64) -> Result<Tensor> {
+        let w = Tensor::from_vec(test_values(y.elem_count(), seed), y.shape(), y.device())?
+            .to_dtype(y.dtype())?;
         (y * w)?.sum_all()
     }
 

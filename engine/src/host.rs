@@ -1,0 +1,34 @@
+//! Process-wide settings of the CPU trainer, made once at start-up by the `whet` binary, and the
+//! line that says what a CPU run ran on.
+
+/// glibc's defaults hand every allocation over 128 KiB (and, adaptively, up to 32 MiB) back to
+/// the kernel on free, so each step's fresh activations and gradients page-fault again and
+/// every free shoots down the other threads' TLBs. Keeping freed memory in the heap for reuse
+/// measured 1.1x (small) to 1.6x (tiny) on `whet bench train` (BENCHMARKS.md).
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called before any thread starts.
+    unsafe {
+        // The largest threshold glibc accepts (HEAP_MAX_SIZE / 2 on 64-bit): blocks below it
+        // come from the heap. Fixing it also stops glibc's adaptive threshold.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        // Return the top of the heap to the kernel only once 1 GiB of it is free.
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
+/// The matrix-multiply kernel candle's CPU backend runs here: the `gemm` crate picks AVX-512
+/// (x86-v4, enabled in this crate's manifest) or AVX2+FMA at run time.
+pub fn matmul_kernel() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return "gemm (AVX-512)";
+        }
+        if std::is_x86_feature_detected!("fma") {
+            return "gemm (AVX2+FMA)";
+        }
+    }
+    "gemm (portable)"
+}
