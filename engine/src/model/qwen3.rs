@@ -405,7 +405,7 @@ impl Mlp {
         let gate = self.gate_proj.forward_with(x, dropout_seed)?;
         let up = self.up_proj.forward_with(x, dropout_seed)?;
         self.down_proj
-            .forward_with(&(ops::silu(&gate)? * up)?, dropout_seed)
+            .forward_with(&ops::swiglu(&gate, &up)?, dropout_seed)
     }
 
     /// A zero that depends on every trainable weight, so an expert no token chose still gets

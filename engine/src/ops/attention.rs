@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::fused::{elements, with_elements};
+
 /// Which keys each query row may see: causal, with key padding. Built once per batch.
 #[derive(Debug, Clone)]
 pub struct AttentionMask {
@@ -487,14 +489,6 @@ impl CausalAttention {
     }
 }
 
-/// The contiguous elements of a CPU storage as `T`.
-fn elements<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("attention needs contiguous operands");
-    };
-    Ok(&T::cpu_storage_as_slice(storage)?[start..end])
-}
-
 impl CustomOp3 for CausalAttention {
     fn name(&self) -> &'static str {
         "causal-attention"
@@ -540,40 +534,25 @@ impl CustomOp3 for CausalAttention {
         let Some(lse) = guard.as_ref() else {
             candle_core::bail!("attention: backward before forward");
         };
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let (res, grad) = (res.contiguous()?, grad_res.contiguous()?);
         fn grads<T: Real>(
             op: &CausalAttention,
-            tensors: [&Tensor; 5],
+            [q, k, v, out, grad]: [&Tensor; 5],
             lse: &[f64],
             d: Dims,
-        ) -> Result<[Tensor; 3]> {
-            let guards = tensors.map(|t| t.storage_and_layout());
-            let mut slices = Vec::with_capacity(5);
-            for (storage, layout) in &guards {
-                let candle_core::Storage::Cpu(cpu) = &**storage else {
-                    candle_core::bail!("attention: a CPU op got a tensor on another device");
-                };
-                slices.push(elements::<T>(cpu, layout)?);
-            }
-            let (dq, dk, dv) = op.backward(
-                (slices[0], slices[1], slices[2]),
-                slices[3],
-                slices[4],
-                lse,
-                d,
-            );
-            let [tq, tk, tv, ..] = tensors;
-            Ok([
-                Tensor::from_vec(dq, tq.shape(), tq.device())?,
-                Tensor::from_vec(dk, tk.shape(), tk.device())?,
-                Tensor::from_vec(dv, tv.shape(), tv.device())?,
-            ])
+        ) -> Result<(Tensor, Tensor, Tensor)> {
+            with_elements::<T, _>(&[q, k, v, out, grad], |s| {
+                let (dq, dk, dv) = op.backward((s[0], s[1], s[2]), s[3], s[4], lse, d);
+                Ok((
+                    Tensor::from_vec(dq, q.shape(), q.device())?,
+                    Tensor::from_vec(dk, k.shape(), k.device())?,
+                    Tensor::from_vec(dv, v.shape(), v.device())?,
+                ))
+            })
         }
-        let tensors = [&q, &k, &v, &res, &grad];
-        let [dq, dk, dv] = match q.dtype() {
-            candle_core::DType::F32 => grads::<f32>(self, tensors, lse, d)?,
-            candle_core::DType::F64 => grads::<f64>(self, tensors, lse, d)?,
+        let tensors = [q, k, v, res, grad_res];
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => grads::<f32>(self, tensors, lse, d)?,
+            DType::F64 => grads::<f64>(self, tensors, lse, d)?,
             other => candle_core::bail!("attention: {other:?} operands (f32 or f64)"),
         };
         Ok((Some(dq), Some(dk), Some(dv)))

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Device, Result, Tensor, WithDType, D};
 
 mod attention;
+mod fused;
 
 pub use attention::{causal_attention, AttentionMask, CausalAttention};
 
@@ -48,6 +49,16 @@ fn at_least_f32(dtype: DType) -> DType {
 /// As in transformers, the statistics and the division run in (at least) f32 and the result is
 /// cast back to the input dtype before the weight multiplies it.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_on(x) && weight.dtype() == x.dtype() {
+        return x
+            .contiguous()?
+            .apply_op2(&weight.contiguous()?, fused::RmsNorm { eps });
+    }
+    rms_norm_composed(x, weight, eps)
+}
+
+/// [`rms_norm`] from differentiable candle ops (any device and dtype).
+fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let in_dtype = x.dtype();
     let x = x.to_dtype(at_least_f32(in_dtype))?;
     let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -59,6 +70,16 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// SiLU (swish): `x * sigmoid(x)`; candle's unary op has a backward.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
+}
+
+/// SwiGLU's activation, `silu(gate) * up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused_on(gate) && up.dtype() == gate.dtype() && up.shape() == gate.shape() {
+        return gate
+            .contiguous()?
+            .apply_op2(&up.contiguous()?, fused::SwiGlu);
+    }
+    silu(gate)? * up
 }
 
 /// Softmax over the last dimension. The max subtracted for stability is detached: the result
@@ -111,6 +132,12 @@ impl RotaryEmbedding {
         })
     }
 
+    /// The whole (max_positions, head_dim) cos and sin tables in `dtype`.
+    #[cfg(test)]
+    pub(crate) fn tables(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
+        Ok((self.cos.to_dtype(dtype)?, self.sin.to_dtype(dtype)?))
+    }
+
     /// Rotates `x` of shape (batch, heads, seq, head_dim) for positions 0..seq.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         self.apply_at(x, 0)
@@ -128,6 +155,18 @@ impl RotaryEmbedding {
 /// `x * cos + rotate_half(x) * sin` with cos/sin of shape (seq, head_dim), broadcast over the
 /// leading dims of x (…, seq, head_dim).
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused_on(x) {
+        let op = fused::Rotary {
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    apply_rotary_composed(x, cos, sin)
+}
+
+/// [`apply_rotary`] from differentiable candle ops (any device and dtype).
+fn apply_rotary_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
@@ -343,26 +382,25 @@ pub(crate) fn with_cpu_slice<T: WithDType, R>(
 }
 
 /// Runs `f(first_row, rows_chunk)` over `data` (`row_len` items a row) split into row blocks on
-/// candle's thread count, or on this thread when the work (`work_per_row` a row) is small.
+/// rayon's pool (candle's matmuls' too), or on this thread when the work (`work_per_row` a row)
+/// is small.
 fn for_row_blocks<T: Send, F>(data: &mut [T], row_len: usize, work_per_row: usize, f: F)
 where
     F: Fn(usize, &mut [T]) + Sync,
 {
+    use rayon::prelude::*;
     let rows = data.len() / row_len.max(1);
     let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
-    // Threads only pay off for large blocks (spawning is not free on a busy machine).
+    // Tasks only pay off for large blocks.
     let min_rows = (1usize << 18).div_ceil(work_per_row.max(1));
     let rows_per_block = rows.div_ceil(threads).max(min_rows).max(1);
     if rows_per_block >= rows {
         f(0, data);
         return;
     }
-    std::thread::scope(|scope| {
-        for (i, block) in data.chunks_mut(rows_per_block * row_len).enumerate() {
-            let f = &f;
-            scope.spawn(move || f(i * rows_per_block, block));
-        }
-    });
+    data.par_chunks_mut(rows_per_block * row_len)
+        .enumerate()
+        .for_each(|(i, block)| f(i * rows_per_block, block));
 }
 
 impl CrossEntropySumOp {
