@@ -494,23 +494,20 @@ fn fused_cpu_update(
                 out_v[j] = v;
             }
         };
-        // Threads only pay off for large tensors (spawning is not free on a busy machine).
-        let threads = candle_core::utils::get_num_threads().clamp(1, 16);
-        let chunk = n.div_ceil(threads).max(PARALLEL_MIN_ELEMENTS);
+        // Tasks on rayon's pool (the matmuls' too) only pay off for large tensors.
+        let chunk = n
+            .div_ceil(candle_core::utils::get_num_threads().max(1))
+            .max(PARALLEL_MIN_ELEMENTS);
         if chunk >= n {
             update(&mut new_param, &mut new_avg, &mut new_avg_sq, 0);
         } else {
-            std::thread::scope(|scope| {
-                for (((out_p, out_m), out_v), start) in new_param
-                    .chunks_mut(chunk)
-                    .zip(new_avg.chunks_mut(chunk))
-                    .zip(new_avg_sq.chunks_mut(chunk))
-                    .zip((0..n).step_by(chunk))
-                {
-                    let update = &update;
-                    scope.spawn(move || update(out_p, out_m, out_v, start));
-                }
-            });
+            use rayon::prelude::*;
+            new_param
+                .par_chunks_mut(chunk)
+                .zip(new_avg.par_chunks_mut(chunk))
+                .zip(new_avg_sq.par_chunks_mut(chunk))
+                .enumerate()
+                .for_each(|(i, ((out_p, out_m), out_v))| update(out_p, out_m, out_v, i * chunk));
         }
     }
     let device = param.device();

@@ -447,25 +447,13 @@ pub fn top_k_routing(probs: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     Ok((indices, weights))
 }
 
-/// Each expert's picks among the (rows, k) choices: the token rows that chose it and their
-/// slots (row * k + pick), ascending by row, as u32 tensors on the choices' device; None for an
-/// expert no token chose. On a GPU the grouping runs there and only the counts come back.
-fn picks_by_expert(chosen: &Tensor, num_experts: usize) -> Result<Vec<Option<(Tensor, Tensor)>>> {
+/// The (rows, k) choices grouped by expert: every pick's token row and slot (row * k + pick)
+/// as u32 tensors on the choices' device, expert 0's picks first, each expert's ascending by
+/// row; and how many picks each expert has. On a GPU the grouping runs there and only the
+/// counts come back.
+fn picks_by_expert(chosen: &Tensor, num_experts: usize) -> Result<crate::cuda::ExpertGroups> {
     if let Some(groups) = crate::cuda::group_by_expert(chosen, num_experts)? {
-        let mut at = 0;
-        let mut picks = Vec::with_capacity(num_experts);
-        for &count in &groups.counts {
-            picks.push(if count == 0 {
-                None
-            } else {
-                Some((
-                    groups.rows.narrow(0, at, count)?,
-                    groups.slots.narrow(0, at, count)?,
-                ))
-            });
-            at += count;
-        }
-        return Ok(picks);
+        return Ok(groups);
     }
     let k = chosen.dim(1)?;
     let mut rows_of = vec![Vec::<u32>::new(); num_experts];
@@ -476,20 +464,12 @@ fn picks_by_expert(chosen: &Tensor, num_experts: usize) -> Result<Vec<Option<(Te
             slots_of[expert as usize].push((row * k + slot) as u32);
         }
     }
-    rows_of
-        .iter()
-        .zip(&slots_of)
-        .map(|(rows, slots)| {
-            if rows.is_empty() {
-                return Ok(None);
-            }
-            let device = chosen.device();
-            Ok(Some((
-                Tensor::new(rows.as_slice(), device)?,
-                Tensor::new(slots.as_slice(), device)?,
-            )))
-        })
-        .collect()
+    let device = chosen.device();
+    Ok(crate::cuda::ExpertGroups {
+        counts: rows_of.iter().map(Vec::len).collect(),
+        rows: Tensor::new(rows_of.concat().as_slice(), device)?,
+        slots: Tensor::new(slots_of.concat().as_slice(), device)?,
+    })
 }
 
 impl SparseMoeBlock {
@@ -543,21 +523,31 @@ impl SparseMoeBlock {
         // (rows, k) -> (rows * k): entry row * k + slot is the weight of that token's slot-th pick.
         let weights = weights.to_dtype(x.dtype())?.flatten_all()?;
 
-        let device = x.device();
-        let picks = picks_by_expert(&chosen, self.experts.len())?;
-        let mut out = Tensor::zeros((rows, hidden), x.dtype(), device)?;
-        for (expert, picks) in self.experts.iter().zip(&picks) {
-            let Some((token_rows, slots)) = picks else {
-                if let Some(zero) = expert.zero_touching_weights()? {
-                    out = out.broadcast_add(&zero.to_dtype(x.dtype())?)?;
-                }
+        // The tokens gathered once in expert order, so each expert reads a contiguous block of
+        // rows and the weighted outputs go back in one index_add.
+        let groups = picks_by_expert(&chosen, self.experts.len())?;
+        let sorted = x.index_select(&groups.rows, 0)?;
+        let mut outputs = Vec::with_capacity(self.experts.len());
+        let mut untouched = Vec::new();
+        let mut at = 0;
+        for (expert, &count) in self.experts.iter().zip(&groups.counts) {
+            if count == 0 {
+                untouched.extend(expert.zero_touching_weights()?);
                 continue;
-            };
-            let expert_out = expert.forward(&x.index_select(token_rows, 0)?, dropout_seed)?;
-            let expert_out =
-                expert_out.broadcast_mul(&weights.index_select(slots, 0)?.unsqueeze(1)?)?;
-            // index_add, not scatter_add: candle's scatter_add backward breaks for partial indices.
-            out = out.index_add(token_rows, &expert_out, 0)?;
+            }
+            outputs.push(expert.forward(&sorted.narrow(0, at, count)?, dropout_seed)?);
+            at += count;
+        }
+        let weighted = Tensor::cat(&outputs, 0)?
+            .broadcast_mul(&weights.index_select(&groups.slots, 0)?.unsqueeze(1)?)?;
+        // index_add, not scatter_add: candle's scatter_add backward breaks for partial indices.
+        let mut out = Tensor::zeros((rows, hidden), x.dtype(), x.device())?.index_add(
+            &groups.rows,
+            &weighted,
+            0,
+        )?;
+        for zero in untouched {
+            out = out.broadcast_add(&zero.to_dtype(x.dtype())?)?;
         }
         Ok((out.reshape((b, t, hidden))?, router_logits))
     }

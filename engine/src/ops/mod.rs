@@ -404,8 +404,9 @@ where
 }
 
 impl CrossEntropySumOp {
-    /// The summed loss and each row's log-sum-exp (0 for ignored rows).
-    fn forward<T: WithDType>(&self, logits: &[T], vocab: usize) -> (f64, Vec<f64>) {
+    /// The summed loss and each row's log-sum-exp (0 for ignored rows). The exponentials run
+    /// in the logits' dtype, as PyTorch's do; the sums accumulate in f64.
+    fn forward<T: attention::Real>(&self, logits: &[T], vocab: usize) -> (f64, Vec<f64>) {
         let rows = logits.len() / vocab;
         // (log-sum-exp, loss) per row
         let mut per_row: Vec<(f64, f64)> = vec![(0.0, 0.0); rows];
@@ -418,9 +419,9 @@ impl CrossEntropySumOp {
                 let row = &logits[r * vocab..(r + 1) * vocab];
                 let max = row
                     .iter()
-                    .fold(f64::NEG_INFINITY, |m, &v| m.max(v.to_f64()));
-                let sum_exp: f64 = row.iter().map(|&v| (v.to_f64() - max).exp()).sum();
-                let log_sum_exp = max + sum_exp.ln();
+                    .fold(T::neg_infinity(), |m, &v| num_traits::Float::max(m, v));
+                let sum_exp: f64 = row.iter().map(|&v| (v - max).exp().to_f64()).sum();
+                let log_sum_exp = max.to_f64() + sum_exp.ln();
                 *slot = (log_sum_exp, log_sum_exp - row[target].to_f64());
             }
         });
@@ -428,7 +429,7 @@ impl CrossEntropySumOp {
         (loss, per_row.into_iter().map(|(lse, _)| lse).collect())
     }
 
-    fn backward<T: WithDType>(
+    fn backward<T: attention::Real>(
         &self,
         logits: &[T],
         vocab: usize,
@@ -436,6 +437,7 @@ impl CrossEntropySumOp {
         upstream: f64,
     ) -> Vec<T> {
         let mut grad = vec![T::zero(); logits.len()];
+        let upstream_t = T::from_f64(upstream);
         for_row_blocks(&mut grad, vocab, vocab, |first, block| {
             for (i, out) in block.chunks_mut(vocab).enumerate() {
                 let r = first + i;
@@ -444,8 +446,9 @@ impl CrossEntropySumOp {
                     continue;
                 }
                 let row = &logits[r * vocab..(r + 1) * vocab];
+                let row_lse = T::from_f64(lse[r]);
                 for (o, &v) in out.iter_mut().zip(row) {
-                    *o = T::from_f64((v.to_f64() - lse[r]).exp() * upstream);
+                    *o = (v - row_lse).exp() * upstream_t;
                 }
                 let t = target as usize;
                 out[t] = T::from_f64(((row[t].to_f64() - lse[r]).exp() - 1.0) * upstream);
