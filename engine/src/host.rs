@@ -18,6 +18,24 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Runs `f` (the whole command) on a worker of rayon's global pool, one thread per core: the
+/// command's own thread then takes part in every parallel matmul and fused op instead of
+/// sleeping while the pool works, so no more threads want the cores than there are cores.
+/// candle's second pool for element-wise ops (its spinning "barrier pool") is not started
+/// (`CANDLE_NUM_THREADS=1` unless set): the large element-wise work runs in whet's fused ops on
+/// this pool.
+pub fn on_one_thread_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Called first thing in main, before any other thread exists (no racing reader).
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    match rayon::ThreadPoolBuilder::new().build_global() {
+        Ok(()) => rayon::scope(|_| f()),
+        // Already built (a test harness): run where we are.
+        Err(_) => f(),
+    }
+}
+
 /// The matrix-multiply kernel candle's CPU backend runs here: the `gemm` crate picks AVX-512
 /// (x86-v4, enabled in this crate's manifest) or AVX2+FMA at run time.
 pub fn matmul_kernel() -> &'static str {

@@ -367,7 +367,7 @@ impl AdamW {
 }
 
 /// Below this many elements per thread the fused update runs on the calling thread.
-const PARALLEL_MIN_ELEMENTS: usize = 1 << 18;
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
 
 /// The per-step scalars of one AdamW update.
 struct StepConstants {

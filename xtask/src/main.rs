@@ -11,7 +11,10 @@
 //!   repository and prints the environment `--features cuda` builds with.
 //! * `cargo xtask gpu-bundle` — builds whet with CUDA and writes target/gpu-bundle/, which
 //!   checks it on a GPU machine without cargo or network (`run.sh`).
+//! * `cargo xtask cpu-sitting [--runs N] [PRESET...]` — whet's CPU trainer against PyTorch +
+//!   transformers, alternated in one sitting; prints BENCHMARKS.md's table.
 
+mod cpu_sitting;
 mod cuda;
 mod demo_data;
 mod gpu_bundle;
@@ -31,8 +34,11 @@ fn main() -> ExitCode {
         "app" => app(),
         "cuda-toolchain" => cuda::print_toolchain(),
         "gpu-bundle" => gpu_bundle::write(),
+        "cpu-sitting" => cpu_sitting::run(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => {
-            eprintln!("usage: cargo xtask <test|app|studio|demo-data|cuda-toolchain|gpu-bundle>");
+            eprintln!(
+                "usage: cargo xtask <test|app|studio|demo-data|cuda-toolchain|gpu-bundle|cpu-sitting>"
+            );
             return ExitCode::from(2);
         }
     };
