@@ -234,13 +234,13 @@ struct LossTerms {
 }
 
 fn loss_terms(
-    logits: &Tensor,
+    head: ops::HeadLoss,
     router_logits: &[Tensor],
     batch: &Batch,
     model: &Model,
     options: &LossOptions,
 ) -> Result<LossTerms> {
-    let ce = ops::causal_lm_cross_entropy_sum(logits, &batch.labels)?;
+    let ce = head.ce;
     let denominator = options.num_label_tokens.unwrap_or(ce.num_tokens).max(1);
     let ce_loss = (ce.sum / denominator as f64)?;
     let moe = model.config().moe.as_ref();
@@ -270,16 +270,17 @@ fn loss_terms(
             None => None,
         },
         num_label_tokens: ce.num_tokens,
-        num_correct_tokens: ops::causal_lm_correct_tokens(logits, &batch.labels)?,
-        num_exact_rows: ops::causal_lm_exact_rows(logits, &batch.labels)?,
+        num_correct_tokens: head.num_correct_tokens,
+        num_exact_rows: head.num_exact_rows,
     };
     Ok(LossTerms { total, report })
 }
 
 /// The loss of `batch` without gradients (evaluation).
 pub fn evaluate(model: &Model, batch: &Batch, options: &LossOptions) -> Result<LossReport> {
-    let out = model.forward(&batch.input_ids, &batch.attention_mask)?;
-    Ok(loss_terms(&out.logits, &out.router_logits, batch, model, options)?.report)
+    let (hidden, router_logits) = model.forward_hidden(&batch.input_ids, &batch.attention_mask)?;
+    let head = model.head_loss(&hidden, &batch.labels, false)?;
+    Ok(loss_terms(head, &router_logits, batch, model, options)?.report)
 }
 
 /// What a backward walk tells its caller as it goes, decoder layer by decoder layer.
@@ -384,13 +385,12 @@ pub fn backward(
     for range in &head {
         hooks.gather(range.clone())?;
     }
-    let logits = model.head(x.as_tensor())?;
+    let head_loss = model.head_loss(x.as_tensor(), &batch.labels, true)?;
     let router_leaves: Vec<Tensor> = records
         .iter()
         .filter_map(|r| r.router_leaf.as_ref().map(|v| v.as_tensor().clone()))
         .collect();
-    let terms = loss_terms(&logits, &router_leaves, batch, model, options)?;
-    drop(logits);
+    let terms = loss_terms(head_loss, &router_leaves, batch, model, options)?;
     let store = terms.total.backward()?;
     for range in head {
         hooks.release(range)?;

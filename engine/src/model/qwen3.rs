@@ -824,22 +824,56 @@ impl Model {
 
     /// Final norm and output projection: (batch, seq, hidden) -> (batch, seq, vocab).
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
-        let x = ops::rms_norm(
+        self.output_projection().forward(&self.final_norm(x)?)
+    }
+
+    /// The head's share of the loss for hidden states `x` (batch, seq, hidden) and `labels`
+    /// (batch, seq): on the CPU one fused op that never holds the whole logits
+    /// ([`ops::fused_head_loss`]), elsewhere the logits and then the loss. `with_grad` false
+    /// (evaluation) computes no gradients.
+    pub fn head_loss(&self, x: &Tensor, labels: &Tensor, with_grad: bool) -> Result<ops::HeadLoss> {
+        let normed = self.final_norm(x)?;
+        let projection = self.output_projection();
+        let weight = projection.weight.for_compute(normed.dtype())?;
+        if let Some(loss) = ops::fused_head_loss(&normed, &weight, labels, with_grad)? {
+            return Ok(loss);
+        }
+        ops::head_loss_from_logits(&projection.forward(&normed)?, labels)
+    }
+
+    fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        ops::rms_norm(
             x,
             &self.norm.for_compute(x.dtype())?,
             self.config.rms_norm_eps,
-        )?;
-        let output = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        )
+    }
+
+    /// lm_head, or the embeddings when they are tied.
+    fn output_projection(&self) -> Linear {
         Linear {
-            weight: output.clone(),
+            weight: self.lm_head.as_ref().unwrap_or(&self.embed_tokens).clone(),
             bias: None,
             lora: None,
         }
-        .forward(&x)
     }
 
     /// `input_ids` and `attention_mask` are (batch, seq); the mask is 1 for real tokens.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<ModelOutput> {
+        let (hidden, router_logits) = self.forward_hidden(input_ids, attention_mask)?;
+        Ok(ModelOutput {
+            logits: self.head(&hidden)?,
+            router_logits,
+        })
+    }
+
+    /// [`Model::forward`] up to the head: the last layer's hidden states (batch, seq, hidden)
+    /// and the router logits.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let ctx = self.context(attention_mask)?;
         let mut x = self.embed(input_ids)?;
         let mut router_logits = Vec::new();
@@ -848,10 +882,7 @@ impl Model {
             x = out;
             router_logits.extend(logits);
         }
-        Ok(ModelOutput {
-            logits: self.head(&x)?,
-            router_logits,
-        })
+        Ok((x, router_logits))
     }
 
     /// Logits (1, new, vocab) for `input_ids` (1, new) continuing the sequence in `cache`, which

@@ -11,8 +11,10 @@ use candle_core::{DType, Device, Result, Tensor, WithDType, D};
 
 mod attention;
 mod fused;
+mod head_loss;
 
 pub use attention::{causal_attention, AttentionMask, CausalAttention};
+pub use head_loss::fused_head_loss;
 
 /// Whether the CPU runs the fused ops (on by default); off, every op takes its composed form,
 /// which `whet bench train --fused false` measures against.
@@ -224,16 +226,7 @@ pub fn causal_lm_cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<C
     if !logits.device().is_cpu() || !matches!(logits.dtype(), DType::F32 | DType::F64) {
         return causal_lm_cross_entropy_sum_composed(&logits, labels);
     }
-    // Row (b, t) predicts labels[b, t + 1]; the last position of each sequence predicts nothing.
-    let labels = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
-    let mut targets = Vec::with_capacity(batch * seq);
-    for row in &labels {
-        targets.extend(row.iter().skip(1).copied());
-        targets.push(IGNORE_INDEX);
-    }
-    if let Some(&bad) = targets.iter().find(|&&t| t >= vocab as i64) {
-        candle_core::bail!("label {bad} is outside the vocabulary of {vocab} tokens");
-    }
+    let targets = shifted_targets(labels, vocab)?;
     let num_tokens = targets.iter().filter(|&&t| t >= 0).count();
     let op = CrossEntropySumOp {
         targets: targets.into(),
@@ -243,6 +236,41 @@ pub fn causal_lm_cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<C
     let rows = logits.reshape((batch * seq, vocab))?.contiguous()?;
     let sum = rows.apply_op1(op)?;
     Ok(CrossEntropySum { sum, num_tokens })
+}
+
+/// Each row's target after the causal shift: row (b, t) predicts labels[b, t + 1], the last
+/// position of each sequence predicts nothing ([`IGNORE_INDEX`]). Fails on a label outside the
+/// vocabulary.
+fn shifted_targets(labels: &Tensor, vocab: usize) -> Result<Vec<i64>> {
+    let labels = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+    let mut targets = Vec::with_capacity(labels.len() * labels.first().map_or(0, Vec::len));
+    for row in &labels {
+        targets.extend(row.iter().skip(1).copied());
+        targets.push(IGNORE_INDEX);
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t >= vocab as i64) {
+        candle_core::bail!("label {bad} is outside the vocabulary of {vocab} tokens");
+    }
+    Ok(targets)
+}
+
+/// The head's part of the loss: the summed cross-entropy and the argmax metrics.
+#[derive(Debug, Clone)]
+pub struct HeadLoss {
+    pub ce: CrossEntropySum,
+    /// Label tokens the argmax predicts right (token accuracy's numerator).
+    pub num_correct_tokens: usize,
+    /// Rows whose every label token the argmax predicts right.
+    pub num_exact_rows: usize,
+}
+
+/// [`HeadLoss`] from the logits (batch, seq, vocab) and the labels (batch, seq), not shifted.
+pub fn head_loss_from_logits(logits: &Tensor, labels: &Tensor) -> Result<HeadLoss> {
+    Ok(HeadLoss {
+        ce: causal_lm_cross_entropy_sum(logits, labels)?,
+        num_correct_tokens: causal_lm_correct_tokens(logits, labels)?,
+        num_exact_rows: causal_lm_exact_rows(logits, labels)?,
+    })
 }
 
 /// [`causal_lm_cross_entropy_sum`] on a GPU: whet's kernel per row (bf16/f16 logits read as

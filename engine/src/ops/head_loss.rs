@@ -1,0 +1,328 @@
+//! The output projection and the causal-LM cross-entropy as one CPU op: logits are computed a
+//! block of rows at a time and never exist whole (for a 32k vocabulary they are the largest
+//! tensors of a step, twice over with their gradient).
+//!
+//! The loss is the last op before the scalar the backward starts from, so its upstream
+//! gradient is a scalar: the forward pass computes the gradients for an upstream of 1 while each
+//! block's logits are at hand, and the backward pass scales them. Blocks run in order, each
+//! matmul parallel inside, so the weight's gradient sums in a fixed order.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::attention::Real;
+use super::fused::elements;
+use super::{CrossEntropySum, HeadLoss, IGNORE_INDEX};
+
+/// Rows of logits alive at a time: 128 x a 152k vocabulary is 78 MB in f32.
+const ROW_BLOCK: usize = 128;
+
+/// `sum over labelled rows r of logsumexp(x_r Wᵀ) − (x_r Wᵀ)[target_r]` for x (rows, hidden)
+/// and W (vocab, hidden), with the argmax metrics on the side.
+struct HeadCrossEntropy {
+    targets: Arc<[i64]>,
+    with_grad: bool,
+    /// (dx, dW) for an upstream gradient of 1, from the forward pass.
+    grads: Mutex<Option<(Tensor, Tensor)>>,
+    /// Whether each row's argmax is its target (false for unlabelled rows); shared with the
+    /// caller, which reads it after the forward pass.
+    correct: Arc<Mutex<Vec<bool>>>,
+}
+
+/// `dst = [dst +] a · b` (row-major, `a` (m × k) and `b` (k × n) by their strides), the
+/// threads of rayon's pool splitting it.
+///
+/// # Safety
+/// The pointers must cover the strided extents; `dst` must not alias `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    accumulate: bool,
+    (a, a_rs, a_cs): (*const T, usize, usize),
+    (b, b_rs, b_cs): (*const T, usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        accumulate,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        gemm::Parallelism::Rayon(candle_core::utils::get_num_threads()),
+    );
+}
+
+impl HeadCrossEntropy {
+    /// The summed loss, and (dx, dW) for an upstream of 1 when `with_grad`.
+    fn run<T: Real>(&self, x: &[T], w: &[T], hidden: usize) -> (f64, Option<(Vec<T>, Vec<T>)>) {
+        let rows = x.len() / hidden;
+        let vocab = w.len() / hidden;
+        let mut loss = 0f64;
+        let mut correct = vec![false; rows];
+        let mut grads = self
+            .with_grad
+            .then(|| (vec![T::zero(); x.len()], vec![T::zero(); w.len()]));
+        let mut logits = vec![T::zero(); ROW_BLOCK.min(rows) * vocab];
+        for start in (0..rows).step_by(ROW_BLOCK) {
+            let n = ROW_BLOCK.min(rows - start);
+            let logits = &mut logits[..n * vocab];
+            let x_blk = &x[start * hidden..(start + n) * hidden];
+            // SAFETY: logits is n × vocab; x_blk n × hidden; w vocab × hidden (read as Wᵀ).
+            unsafe {
+                matmul(
+                    (n, vocab, hidden),
+                    logits.as_mut_ptr(),
+                    false,
+                    (x_blk.as_ptr(), hidden, 1),
+                    (w.as_ptr(), 1, hidden),
+                );
+            }
+            // Per row: the loss, the argmax, and softmax − onehot in place (0 if unlabelled).
+            let per_row: Vec<(f64, bool)> = {
+                use rayon::prelude::*;
+                logits
+                    .par_chunks_mut(vocab)
+                    .enumerate()
+                    .map(|(r, row)| {
+                        let Ok(target) = usize::try_from(self.targets[start + r]) else {
+                            row.fill(T::zero());
+                            return (0.0, false);
+                        };
+                        let (argmax, max) = row.iter().enumerate().fold(
+                            (0, T::neg_infinity()),
+                            |(i, m), (j, &v)| if v > m { (j, v) } else { (i, m) },
+                        );
+                        let sum_exp: f64 = row.iter().map(|&v| (v - max).exp().to_f64()).sum();
+                        let lse = max.to_f64() + sum_exp.ln();
+                        let row_loss = lse - row[target].to_f64();
+                        let lse_t = T::from_f64(lse);
+                        let p_target = (row[target].to_f64() - lse).exp();
+                        row.iter_mut().for_each(|v| *v = (*v - lse_t).exp());
+                        row[target] = T::from_f64(p_target - 1.0);
+                        (row_loss, argmax == target)
+                    })
+                    .collect()
+            };
+            for (r, (row_loss, hit)) in per_row.into_iter().enumerate() {
+                loss += row_loss;
+                correct[start + r] = hit;
+            }
+            if let Some((dx, dw)) = grads.as_mut() {
+                // SAFETY: as above; dx's block is n × hidden, dw vocab × hidden.
+                unsafe {
+                    // dx = dlogits · W
+                    matmul(
+                        (n, hidden, vocab),
+                        dx[start * hidden..].as_mut_ptr(),
+                        false,
+                        (logits.as_ptr(), vocab, 1),
+                        (w.as_ptr(), hidden, 1),
+                    );
+                    // dW += dlogitsᵀ · x
+                    matmul(
+                        (vocab, hidden, n),
+                        dw.as_mut_ptr(),
+                        true,
+                        (logits.as_ptr(), 1, vocab),
+                        (x_blk.as_ptr(), hidden, 1),
+                    );
+                }
+            }
+        }
+        *self.correct.lock().expect("not poisoned") = correct;
+        (loss, grads)
+    }
+}
+
+impl CustomOp2 for HeadCrossEntropy {
+    fn name(&self) -> &'static str {
+        "head-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, hidden) = lx.shape().dims2()?;
+        let (_, w_hidden) = lw.shape().dims2()?;
+        if w_hidden != hidden || rows != self.targets.len() {
+            candle_core::bail!(
+                "head-cross-entropy: x {:?}, weight {:?}, {} targets",
+                lx.shape(),
+                lw.shape(),
+                self.targets.len()
+            );
+        }
+        let cpu = candle_core::Device::Cpu;
+        let (x_shape, w_shape) = (lx.shape(), lw.shape());
+        let (loss, grads) = match sx {
+            CpuStorage::F32(_) => {
+                let (loss, g) = self.run::<f32>(elements(sx, lx)?, elements(sw, lw)?, hidden);
+                let g = g.map(|(dx, dw)| -> Result<_> {
+                    Ok((
+                        Tensor::from_vec(dx, x_shape, &cpu)?,
+                        Tensor::from_vec(dw, w_shape, &cpu)?,
+                    ))
+                });
+                (CpuStorage::F32(vec![loss as f32]), g.transpose()?)
+            }
+            CpuStorage::F64(_) => {
+                let (loss, g) = self.run::<f64>(elements(sx, lx)?, elements(sw, lw)?, hidden);
+                let g = g.map(|(dx, dw)| -> Result<_> {
+                    Ok((
+                        Tensor::from_vec(dx, x_shape, &cpu)?,
+                        Tensor::from_vec(dw, w_shape, &cpu)?,
+                    ))
+                });
+                (CpuStorage::F64(vec![loss]), g.transpose()?)
+            }
+            _ => candle_core::bail!("head-cross-entropy: operands must be f32 or f64"),
+        };
+        *self.grads.lock().expect("not poisoned") = grads;
+        Ok((loss, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some((dx, dw)) = self.grads.lock().expect("not poisoned").take() else {
+            candle_core::bail!("head-cross-entropy: backward of a forward without gradients");
+        };
+        let _ = (x, w);
+        let upstream = grad_res.to_dtype(dx.dtype())?;
+        Ok((
+            Some(dx.broadcast_mul(&upstream)?),
+            Some(dw.broadcast_mul(&upstream)?),
+        ))
+    }
+}
+
+/// The fused head loss for `x` (batch, seq, hidden) after the final norm and the output
+/// projection `weight` (vocab, hidden), labels (batch, seq) not shifted; None where the op does
+/// not run (off the CPU, half dtypes, fused ops off), for the caller's composed path.
+/// `with_grad` false (evaluation) skips the gradients.
+pub fn fused_head_loss(
+    x: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+    with_grad: bool,
+) -> Result<Option<HeadLoss>> {
+    if !super::fused_on(x) || weight.dtype() != x.dtype() {
+        return Ok(None);
+    }
+    let (batch, seq, hidden) = x.dims3()?;
+    let vocab = weight.dim(0)?;
+    let targets = super::shifted_targets(labels, vocab)?;
+    let num_tokens = targets.iter().filter(|&&t| t >= 0).count();
+    let correct = Arc::new(Mutex::new(Vec::new()));
+    let op = HeadCrossEntropy {
+        targets: targets.clone().into(),
+        with_grad,
+        grads: Mutex::new(None),
+        correct: correct.clone(),
+    };
+    let rows = x.reshape((batch * seq, hidden))?.contiguous()?;
+    let sum = if with_grad {
+        rows.apply_op2(&weight.contiguous()?, op)?
+    } else {
+        rows.apply_op2_no_bwd(&weight.contiguous()?, &op)?
+    };
+    let correct = std::mem::take(&mut *correct.lock().expect("not poisoned"));
+    let num_correct_tokens = correct.iter().filter(|&&c| c).count();
+    let num_exact_rows = (0..batch)
+        .filter(|&b| {
+            let row = b * seq..(b + 1) * seq;
+            let labelled = targets[row.clone()].iter().any(|&t| t != IGNORE_INDEX);
+            labelled && row.clone().all(|r| targets[r] < 0 || correct[r])
+        })
+        .count();
+    Ok(Some(HeadLoss {
+        ce: CrossEntropySum { sum, num_tokens },
+        num_correct_tokens,
+        num_exact_rows,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::tests::test_values;
+    use candle_core::{DType, Device, Var};
+
+    fn max_rel_diff(a: &Tensor, reference: &Tensor) -> f64 {
+        let max = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        max(&(a - reference).unwrap()) / max(reference).max(1e-12)
+    }
+
+    /// Over more than one row block, with ignored labels: the fused op's loss, metrics and
+    /// gradients equal those of the projection followed by the cross-entropy op.
+    #[test]
+    fn fused_head_loss_matches_projection_then_cross_entropy() {
+        let (batch, seq, hidden, vocab) = (3, 70, 16, 50);
+        let mut labels: Vec<i64> = test_values(batch * seq, 3)
+            .iter()
+            .map(|v| ((v + 1.0) * 24.0) as i64)
+            .collect();
+        labels[5..9].fill(IGNORE_INDEX);
+        labels[2 * seq..3 * seq].fill(7); // a sequence the argmax may get wholly right
+        let labels = Tensor::from_vec(labels, (batch, seq), &Device::Cpu).unwrap();
+        for dtype in [DType::F64, DType::F32] {
+            let var = |n: usize, shape: &[usize], seed| {
+                let t = Tensor::from_vec(test_values(n, seed), shape, &Device::Cpu).unwrap();
+                Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+            };
+            let x = var(batch * seq * hidden, &[batch, seq, hidden], 1);
+            let w = var(vocab * hidden, &[vocab, hidden], 2);
+            let fused = fused_head_loss(&x, &w, &labels, true).unwrap().unwrap();
+            let logits = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+            let reference = super::super::head_loss_from_logits(&logits, &labels).unwrap();
+            assert_eq!(fused.ce.num_tokens, reference.ce.num_tokens);
+            assert_eq!(fused.num_correct_tokens, reference.num_correct_tokens);
+            assert_eq!(fused.num_exact_rows, reference.num_exact_rows);
+            let scale = 0.37;
+            let gf = (&fused.ce.sum * scale).unwrap().backward().unwrap();
+            let gr = (&reference.ce.sum * scale).unwrap().backward().unwrap();
+            let tol = if dtype == DType::F64 { 1e-10 } else { 1e-5 };
+            assert!(
+                max_rel_diff(&fused.ce.sum, &reference.ce.sum) < tol,
+                "{dtype:?} loss"
+            );
+            for v in [&x, &w] {
+                let d = max_rel_diff(gf.get(v).unwrap(), gr.get(v).unwrap());
+                assert!(d < tol, "{dtype:?} gradient: {d}");
+            }
+        }
+    }
+}
