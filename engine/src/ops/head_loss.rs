@@ -66,9 +66,12 @@ unsafe fn matmul<T: Real>(
     );
 }
 
+/// (dx, dW) of the summed loss for an upstream gradient of 1.
+type HeadGrads<T> = (Vec<T>, Vec<T>);
+
 impl HeadCrossEntropy {
-    /// The summed loss, and (dx, dW) for an upstream of 1 when `with_grad`.
-    fn run<T: Real>(&self, x: &[T], w: &[T], hidden: usize) -> (f64, Option<(Vec<T>, Vec<T>)>) {
+    /// The summed loss, and its gradients when `with_grad`.
+    fn run<T: Real>(&self, x: &[T], w: &[T], hidden: usize) -> (f64, Option<HeadGrads<T>>) {
         let rows = x.len() / hidden;
         let vocab = w.len() / hidden;
         let mut loss = 0f64;
