@@ -252,10 +252,15 @@ impl AdamW {
             .transpose()?;
         let m = self.exp_avg.narrow(0, piece.at, len)?;
         let v = self.exp_avg_sq.narrow(0, piece.at, len)?;
+        // On the CPU the fused update writes param (a view of the variable or of the flat
+        // master) and the moments in place; not when param is a host copy (offloaded moments).
+        let param_in_place = flat_param.device().is_cpu();
+        if self.fused && param_in_place && fused_cpu_update(&param, grad.as_ref(), &m, &v, c)? {
+            return Ok(());
+        }
         let fused = match (self.fused, param.device().is_cuda()) {
-            (false, _) => None,
             (true, true) => crate::cuda::adamw(&param, grad.as_ref(), &m, &v, &c.rounded())?,
-            (true, false) => fused_cpu_update(&param, grad.as_ref(), &m, &v, c)?,
+            _ => None,
         };
         let (new_param, new_m, new_v) = match fused {
             Some(updated) => updated,
@@ -425,97 +430,117 @@ fn tensor_update(
     Ok(((param + update)?, m, v))
 }
 
-/// The same update of one f32 piece on the CPU in a single pass over its elements, instead of
-/// a dozen whole-tensor temporaries. It performs the very f32 operations, in the same order,
-/// that [`tensor_update`] does (candle's `affine(m, a)` is `x * m + a` in f32), so the results
-/// are bit-identical. Returns None (nothing done) for other dtypes and devices.
+/// The same update of one f32 piece on the CPU, in place and in a single pass over its
+/// elements, instead of a dozen whole-tensor temporaries. It performs the very f32 operations,
+/// in the same order, that [`tensor_update`] does (candle's `affine(m, a)` is `x * m + a` in
+/// f32), so the results are bit-identical. Returns false (nothing done) for other dtypes and
+/// devices.
 fn fused_cpu_update(
     param: &Tensor,
     grad: Option<&Tensor>,
     m: &Tensor,
     v: &Tensor,
     c: &StepConstants,
-) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+) -> Result<bool> {
     let all_f32 = param.dtype() == DType::F32
         && m.dtype() == DType::F32
+        && v.dtype() == DType::F32
         && grad.is_none_or(|g| g.dtype() == DType::F32);
-    if !param.device().is_cpu() || !all_f32 {
-        return Ok(None);
+    let all_cpu = [param, m, v].iter().all(|t| t.device().is_cpu())
+        && grad.is_none_or(|g| g.device().is_cpu());
+    if !all_cpu || !all_f32 {
+        return Ok(false);
     }
     let grad = grad.map(Tensor::contiguous).transpose()?;
-    let (param, m, v) = (param.contiguous()?, m.contiguous()?, v.contiguous()?);
-    let n = param.elem_count();
-    let (mut new_param, mut new_avg, mut new_avg_sq) =
-        (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-    {
-        let guards = [Some(&param), Some(&m), Some(&v), grad.as_ref()]
-            .map(|t| t.map(Tensor::storage_and_layout));
-        let slices: Vec<Option<&[f32]>> = guards
-            .iter()
-            .map(|guard| match guard {
-                Some((storage, layout)) => match (&**storage, layout.contiguous_offsets()) {
-                    (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
-                        Ok(Some(&cpu.as_slice::<f32>()?[start..end]))
-                    }
-                    _ => candle_core::bail!("fused AdamW expects contiguous CPU tensors"),
-                },
-                None => Ok(None),
-            })
-            .collect::<Result<_>>()?;
-        let (p, m, v, g) = (
-            slices[0].expect("param"),
-            slices[1].expect("exp_avg"),
-            slices[2].expect("exp_avg_sq"),
-            slices[3],
-        );
-        let crate::cuda::AdamWScalars {
-            decay,
-            one_minus_beta1: one_minus_b1,
-            beta2: b2,
-            one_minus_beta2: one_minus_b2,
-            bias_correction2_sqrt: bc2,
-            eps,
-            neg_step_size: neg_step,
-        } = c.rounded();
-        let update = |out_p: &mut [f32], out_m: &mut [f32], out_v: &mut [f32], start: usize| {
-            for j in 0..out_p.len() {
-                let i = start + j;
-                let grad = g.map_or(0.0, |g| g[i]);
-                let mut param = p[i];
-                if let Some(decay) = decay {
-                    param = param * decay + 0.0;
-                }
-                let m = m[i] + ((grad - m[i]) * one_minus_b1 + 0.0);
-                let v = (v[i] * b2 + 0.0) + ((grad * grad) * one_minus_b2 + 0.0);
-                let denom = (v.sqrt() / bc2) * 1.0 + eps;
-                let update = (m / denom) * neg_step + 0.0;
-                out_p[j] = param + update;
-                out_m[j] = m;
-                out_v[j] = v;
+    let crate::cuda::AdamWScalars {
+        decay,
+        one_minus_beta1: one_minus_b1,
+        beta2: b2,
+        one_minus_beta2: one_minus_b2,
+        bias_correction2_sqrt: bc2,
+        eps,
+        neg_step_size: neg_step,
+    } = c.rounded();
+    let update = |p: &mut [f32], m: &mut [f32], v: &mut [f32], g: Option<&[f32]>| {
+        for i in 0..p.len() {
+            let grad = g.map_or(0.0, |g| g[i]);
+            let mut param = p[i];
+            if let Some(decay) = decay {
+                param = param * decay + 0.0;
             }
-        };
-        // Tasks on rayon's pool (the matmuls' too) only pay off for large tensors.
-        let chunk = n
-            .div_ceil(candle_core::utils::get_num_threads().max(1))
-            .max(PARALLEL_MIN_ELEMENTS);
-        if chunk >= n {
-            update(&mut new_param, &mut new_avg, &mut new_avg_sq, 0);
-        } else {
-            use rayon::prelude::*;
-            new_param
-                .par_chunks_mut(chunk)
-                .zip(new_avg.par_chunks_mut(chunk))
-                .zip(new_avg_sq.par_chunks_mut(chunk))
-                .enumerate()
-                .for_each(|(i, ((out_p, out_m), out_v))| update(out_p, out_m, out_v, i * chunk));
+            let new_m = m[i] + ((grad - m[i]) * one_minus_b1 + 0.0);
+            let new_v = (v[i] * b2 + 0.0) + ((grad * grad) * one_minus_b2 + 0.0);
+            let denom = (new_v.sqrt() / bc2) * 1.0 + eps;
+            let update = (new_m / denom) * neg_step + 0.0;
+            p[i] = param + update;
+            m[i] = new_m;
+            v[i] = new_v;
+        }
+    };
+    let in_place = |g: Option<&[f32]>| {
+        with_cpu_slice_mut(m, |m| {
+            with_cpu_slice_mut(v, |v| {
+                with_cpu_slice_mut(param, |p| {
+                    // Tasks on rayon's pool (the matmuls' too) only pay off for large tensors.
+                    let chunk = p
+                        .len()
+                        .div_ceil(candle_core::utils::get_num_threads().max(1))
+                        .max(PARALLEL_MIN_ELEMENTS);
+                    if chunk >= p.len() {
+                        update(p, m, v, g);
+                    } else {
+                        use rayon::prelude::*;
+                        p.par_chunks_mut(chunk)
+                            .zip(m.par_chunks_mut(chunk))
+                            .zip(v.par_chunks_mut(chunk))
+                            .enumerate()
+                            .for_each(|(i, ((p, m), v))| {
+                                let g = g.map(|g| &g[i * chunk..i * chunk + p.len()]);
+                                update(p, m, v, g)
+                            });
+                    }
+                    Ok(())
+                })
+            })
+        })
+    };
+    match &grad {
+        Some(g) => {
+            crate::ops::with_cpu_slice(g, |g: &[f32]| in_place(Some(g)))?.expect("a CPU tensor")?
+        }
+        None => in_place(None)?,
+    }
+    Ok(true)
+}
+
+/// Calls `f` with the elements of a contiguous CPU f32 tensor, writable in place (through
+/// candle's in-place op, which holds the storage's write lock meanwhile).
+fn with_cpu_slice_mut(tensor: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
+    struct InPlace<F>(std::sync::Mutex<Option<F>>);
+    impl<F: FnOnce(&mut [f32]) -> Result<()>> candle_core::InplaceOp1 for InPlace<F> {
+        fn name(&self) -> &'static str {
+            "adamw-in-place"
+        }
+        fn cpu_fwd(
+            &self,
+            storage: &mut candle_core::CpuStorage,
+            layout: &candle_core::Layout,
+        ) -> Result<()> {
+            let (candle_core::CpuStorage::F32(data), Some((start, end))) =
+                (storage, layout.contiguous_offsets())
+            else {
+                candle_core::bail!("the in-place AdamW update needs contiguous f32 tensors");
+            };
+            let f = self
+                .0
+                .lock()
+                .expect("not poisoned")
+                .take()
+                .expect("called once");
+            f(&mut data[start..end])
         }
     }
-    let device = param.device();
-    Ok(Some((
-        Tensor::from_vec(new_param, n, device)?,
-        Tensor::from_vec(new_avg, n, device)?,
-        Tensor::from_vec(new_avg_sq, n, device)?,
-    )))
+    tensor.inplace_op1(&InPlace(std::sync::Mutex::new(Some(f))))
 }
 
 /// Scales all gradients so that their global L2 norm is at most `max_norm` and returns the norm
@@ -636,8 +661,8 @@ mod tests {
                 (
                     "w".to_string(),
                     Var::from_vec(
-                        values(5000, 1).iter().map(|&v| v as f32).collect(),
-                        (50, 100),
+                        values(150_000, 1).iter().map(|&v| v as f32).collect(),
+                        (300, 500),
                         &Device::Cpu,
                     )
                     .unwrap(),
@@ -662,12 +687,12 @@ mod tests {
         plain.fused = false;
         for step in 0..4u64 {
             let mut grads = Gradients::empty(&fused_params);
-            let g: Vec<f32> = values(5000, 10 + step)
+            let g: Vec<f32> = values(150_000, 10 + step)
                 .iter()
                 .map(|&v| (v * 1e-3) as f32)
                 .collect();
-            // A transposed (non-contiguous) gradient too.
-            let g = Tensor::from_vec(g, (100, 50), &Device::Cpu)
+            // A transposed (non-contiguous) gradient too, large enough for the parallel path.
+            let g = Tensor::from_vec(g, (500, 300), &Device::Cpu)
                 .unwrap()
                 .t()
                 .unwrap();
