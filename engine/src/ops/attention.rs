@@ -198,19 +198,45 @@ impl<T> Shared<T> {
 }
 
 /// `dst = [dst +] alpha · a b` for an m × n `dst` with row stride `dst_rs`, `a` (m × k) and `b`
-/// (k × n) given by their row and column strides.
+/// (k × n) given by their row and column strides, on this thread (the op's tasks are the
+/// parallel part).
+///
+/// # Safety
+/// As [`gemm_into`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul<T: Real>(
+    dims: (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    a: (*const T, usize, usize),
+    b: (*const T, usize, usize),
+    alpha: T,
+) {
+    gemm_into(
+        dims,
+        (dst, dst_rs),
+        accumulate,
+        a,
+        b,
+        alpha,
+        gemm::Parallelism::None,
+    )
+}
+
+/// `dst = [dst +] alpha · a b` through the `gemm` crate (candle's CPU matmul): `dst` m × n with
+/// row stride `dst_rs`, `a` (m × k) and `b` (k × n) as (pointer, row stride, column stride).
 ///
 /// # Safety
 /// The pointers must cover the strided extents, and `dst` must not alias `a` or `b`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul<T: Real>(
+pub(super) unsafe fn gemm_into<T: Real>(
     (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    dst_rs: usize,
+    (dst, dst_rs): (*mut T, usize),
     accumulate: bool,
     (a, a_rs, a_cs): (*const T, usize, usize),
     (b, b_rs, b_cs): (*const T, usize, usize),
     alpha: T,
+    parallelism: gemm::Parallelism,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -242,7 +268,7 @@ unsafe fn matmul<T: Real>(
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        parallelism,
     );
 }
 
@@ -562,7 +588,7 @@ impl CustomOp3 for CausalAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::tests::{check_gradient, project, test_values};
+    use crate::ops::tests::{check_gradient, max_abs, project, test_values};
     use candle_core::{Device, Var};
 
     fn tensor(shape: &[usize], seed: u64) -> Tensor {
@@ -589,18 +615,7 @@ mod tests {
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        max_abs(&(a - b).unwrap())
     }
 
     /// Over more than one query block, with GQA and both kinds of padding: the fused op's

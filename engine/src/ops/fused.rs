@@ -383,20 +383,8 @@ mod tests {
         Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
     }
 
-    fn max_abs(t: &Tensor) -> f64 {
-        let t = t.abs().unwrap().flatten_all().unwrap();
-        t.max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
-    /// The largest difference relative to the reference's largest entry (at least 1): sums
-    /// over many rows (the weight's gradient) round differently in f32.
     fn max_abs_diff(a: &Tensor, reference: &Tensor) -> f64 {
-        max_abs(&(a - reference).unwrap()) / max_abs(reference).max(1.0)
+        crate::ops::tests::max_rel_diff(a, reference, 1.0)
     }
 
     /// The fused and composed forms agree on values and on the gradients of every input, over

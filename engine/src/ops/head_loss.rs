@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::attention::Real;
+use super::attention::{gemm_into, Real};
 use super::fused::elements;
 use super::{CrossEntropySum, HeadLoss, IGNORE_INDEX};
 
@@ -30,40 +30,20 @@ struct HeadCrossEntropy {
     correct: Arc<Mutex<Vec<bool>>>,
 }
 
-/// `dst = [dst +] a · b` (row-major, `a` (m × k) and `b` (k × n) by their strides), the
-/// threads of rayon's pool splitting it.
+/// `dst = [dst +] a · b` for a row-major m × n `dst`, `a` (m × k) and `b` (k × n) as (pointer,
+/// row stride, column stride), the threads of rayon's pool splitting it.
 ///
 /// # Safety
-/// The pointers must cover the strided extents; `dst` must not alias `a` or `b`.
-#[allow(clippy::too_many_arguments)]
+/// As [`gemm_into`].
 unsafe fn matmul<T: Real>(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: *mut T,
     accumulate: bool,
-    (a, a_rs, a_cs): (*const T, usize, usize),
-    (b, b_rs, b_cs): (*const T, usize, usize),
+    a: (*const T, usize, usize),
+    b: (*const T, usize, usize),
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        n as isize,
-        accumulate,
-        a,
-        a_cs as isize,
-        a_rs as isize,
-        b,
-        b_cs as isize,
-        b_rs as isize,
-        T::one(),
-        T::one(),
-        false,
-        false,
-        false,
-        gemm::Parallelism::Rayon(candle_core::utils::get_num_threads()),
-    );
+    let threads = gemm::Parallelism::Rayon(candle_core::utils::get_num_threads());
+    gemm_into(dims, (dst, dims.1), accumulate, a, b, T::one(), threads)
 }
 
 /// (dx, dW) of the summed loss for an upstream gradient of 1.
@@ -274,19 +254,7 @@ mod tests {
     use candle_core::{DType, Device, Var};
 
     fn max_rel_diff(a: &Tensor, reference: &Tensor) -> f64 {
-        let max = |t: &Tensor| {
-            t.abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        max(&(a - reference).unwrap()) / max(reference).max(1e-12)
+        crate::ops::tests::max_rel_diff(a, reference, 1e-12)
     }
 
     /// Over more than one row block, with ignored labels: the fused op's loss, metrics and

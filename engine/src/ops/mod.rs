@@ -598,6 +598,26 @@ pub(crate) mod tests {
         }
     }
 
+    /// The largest absolute entry of a tensor, as f64.
+    pub(crate) fn max_abs(t: &Tensor) -> f64 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// The largest entry of `a - reference`, relative to the reference's largest entry (at
+    /// least `floor`): sums over many rows round differently in f32.
+    pub(crate) fn max_rel_diff(a: &Tensor, reference: &Tensor, floor: f64) -> f64 {
+        max_abs(&(a - reference).unwrap()) / max_abs(reference).max(floor)
+    }
+
     /// A fixed random projection so that a tensor-valued op gets a generic upstream gradient.
     pub(crate) fn project(y: &Tensor, seed: u64) -> Result<Tensor> {
         let w = Tensor::from_vec(test_values(y.elem_count(), seed), y.shape(), y.device())?
@@ -729,18 +749,7 @@ pub(crate) mod tests {
                 (fused - composed).abs() <= tol * composed.abs(),
                 "{fused} vs {composed}"
             );
-            let diff = (g_fused - g_composed)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let diff = max_abs(&(g_fused - g_composed).unwrap());
             assert!(diff <= tol, "{dtype:?} gradient differs by {diff}");
         }
         // Large enough to run on several threads.
@@ -782,16 +791,7 @@ pub(crate) mod tests {
             (fused - composed).abs() <= 1e-5 * composed.abs(),
             "{fused} vs {composed}"
         );
-        let diff: f32 = (g_fused - g_composed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_abs(&(g_fused - g_composed).unwrap());
         assert!(diff <= 1e-6, "gradient differs by {diff}");
         let out_of_vocab = Tensor::new(&[[0i64, 9]], &Device::Cpu).unwrap();
         let logits = Tensor::zeros((1, 2, 9), DType::F32, &Device::Cpu).unwrap();
