@@ -252,22 +252,28 @@ impl AdamW {
             .transpose()?;
         let m = self.exp_avg.narrow(0, piece.at, len)?;
         let v = self.exp_avg_sq.narrow(0, piece.at, len)?;
-        // On the CPU the fused update writes param (a view of the variable or of the flat
-        // master) and the moments in place; not when param is a host copy (offloaded moments).
-        let param_in_place = flat_param.device().is_cpu();
-        if self.fused && param_in_place && fused_cpu_update(&param, grad.as_ref(), &m, &v, c)? {
+        // On the host the fused update writes param and the moments in place: param is a view
+        // of the variable (or of the flat master), or, with offloaded moments, a host copy of
+        // a device parameter that is copied back below.
+        let updated_on_host = self.fused && fused_cpu_update(&param, grad.as_ref(), &m, &v, c)?;
+        if updated_on_host && flat_param.device().is_cpu() {
             return Ok(());
         }
-        let fused = match (self.fused, param.device().is_cuda()) {
-            (true, true) => crate::cuda::adamw(&param, grad.as_ref(), &m, &v, &c.rounded())?,
-            _ => None,
+        let new_param = if updated_on_host {
+            param
+        } else {
+            let fused = match (self.fused, param.device().is_cuda()) {
+                (true, true) => crate::cuda::adamw(&param, grad.as_ref(), &m, &v, &c.rounded())?,
+                _ => None,
+            };
+            let (new_param, new_m, new_v) = match fused {
+                Some(updated) => updated,
+                None => tensor_update(&param, grad.as_ref(), &m, &v, c)?,
+            };
+            self.exp_avg.slice_set(&new_m, 0, piece.at)?;
+            self.exp_avg_sq.slice_set(&new_v, 0, piece.at)?;
+            new_param
         };
-        let (new_param, new_m, new_v) = match fused {
-            Some(updated) => updated,
-            None => tensor_update(&param, grad.as_ref(), &m, &v, c)?,
-        };
-        self.exp_avg.slice_set(&new_m, 0, piece.at)?;
-        self.exp_avg_sq.slice_set(&new_v, 0, piece.at)?;
         let new_param = new_param
             .to_dtype(var.dtype())?
             .to_device(flat_param.device())?;
