@@ -258,7 +258,6 @@ impl CustomOp1 for Rotary {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        // The storage is the input's; going through a tensor view keeps one code path.
         let dims = layout.shape().dims();
         let (seq, dim) = match dims {
             [.., seq, dim] => (*seq, *dim),
