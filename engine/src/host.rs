@@ -41,7 +41,13 @@ pub fn on_one_thread_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 pub fn matmul_kernel() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx512f") {
+        // pulp's x86-v4 level, which gemm's AVX-512 kernels need.
+        if std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512cd")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("avx512vl")
+        {
             return "gemm (AVX-512)";
         }
         if std::is_x86_feature_detected!("fma") {

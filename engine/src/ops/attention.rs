@@ -15,32 +15,42 @@ use rayon::prelude::*;
 
 use super::fused::{elements, with_elements};
 
-/// Which keys each query row may see: causal, with key padding. Built once per batch.
+/// Which keys each query row may see: causal, with key padding. Built once per batch; each
+/// form's view of it is made on first use (a GPU run never reads the mask back to the host).
 #[derive(Debug, Clone)]
 pub struct AttentionMask {
-    /// (batch, seq), row-major: whether each key is a real token (what the fused op reads).
-    real_keys: Arc<[bool]>,
-    /// (batch, seq) 0/1 mask on the model's device, for the composed form's bias.
+    /// (batch, seq) 0/1 mask on the model's device.
     attention_mask: Tensor,
-    /// The composed form's (batch, 1, seq, seq) bias, built on its first use.
+    /// (batch, seq), row-major: whether each key is a real token (what the fused op reads).
+    real_keys: Arc<OnceLock<Arc<[bool]>>>,
+    /// The composed form's (batch, 1, seq, seq) bias.
     bias: Arc<OnceLock<Tensor>>,
 }
 
 impl AttentionMask {
     /// `attention_mask` is (batch, seq) of any integer or float dtype, nonzero for real tokens.
     pub fn new(attention_mask: &Tensor) -> Result<Self> {
-        let real_keys: Vec<bool> = attention_mask
+        attention_mask.dims2()?;
+        Ok(Self {
+            attention_mask: attention_mask.clone(),
+            real_keys: Arc::default(),
+            bias: Arc::default(),
+        })
+    }
+
+    fn real_keys(&self) -> Result<Arc<[bool]>> {
+        if let Some(real) = self.real_keys.get() {
+            return Ok(real.clone());
+        }
+        let real: Arc<[bool]> = self
+            .attention_mask
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?
             .into_iter()
             .map(|m| m != 0.0)
             .collect();
-        Ok(Self {
-            real_keys: real_keys.into(),
-            attention_mask: attention_mask.clone(),
-            bias: Arc::default(),
-        })
+        Ok(self.real_keys.get_or_init(|| real).clone())
     }
 
     fn bias(&self) -> Result<&Tensor> {
@@ -64,7 +74,7 @@ pub fn causal_attention(
     let head_dim = q.dim(3)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
     if super::fused_on(q) {
-        let op = CausalAttention::new(mask.real_keys.clone(), scale);
+        let op = CausalAttention::new(mask.real_keys()?, scale);
         return q
             .contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
@@ -606,7 +616,7 @@ mod tests {
 
     fn fused(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
         let scale = 1.0 / (q.dim(3)? as f64).sqrt();
-        q.apply_op3(k, v, CausalAttention::new(mask.real_keys.clone(), scale))
+        q.apply_op3(k, v, CausalAttention::new(mask.real_keys()?, scale))
     }
 
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Tensor> {

@@ -231,16 +231,19 @@ impl Rotary {
         y
     }
 
-    fn run(&self, x: &Tensor, transpose: bool) -> Result<Tensor> {
-        let dim = x.dim(candle_core::D::Minus1)?;
-        let seq = x.dim(candle_core::D::Minus2)?;
-        if self.cos.dims() != [seq, dim] || self.sin.dims() != [seq, dim] || dim % 2 != 0 {
-            candle_core::bail!(
-                "rotary: tables {:?} for x {:?}",
-                self.cos.shape(),
-                x.shape()
-            );
+    /// x's head_dim, once the tables are checked to fit x (…, seq, head_dim).
+    fn head_dim(&self, dims: &[usize]) -> Result<usize> {
+        let [.., seq, dim] = dims else {
+            candle_core::bail!("rotary: x {dims:?} has no (seq, head_dim)");
+        };
+        if self.cos.dims() != [*seq, *dim] || self.sin.dims() != [*seq, *dim] || dim % 2 != 0 {
+            candle_core::bail!("rotary: tables {:?} for x {dims:?}", self.cos.shape());
         }
+        Ok(*dim)
+    }
+
+    fn run(&self, x: &Tensor, transpose: bool) -> Result<Tensor> {
+        let dim = self.head_dim(x.dims())?;
         by_tensor_dtype!("rotary", x, |T| with_elements::<T, _>(
             &[x, &self.cos, &self.sin],
             |s| Tensor::from_vec(
@@ -258,14 +261,7 @@ impl CustomOp1 for Rotary {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = layout.shape().dims();
-        let (seq, dim) = match dims {
-            [.., seq, dim] => (*seq, *dim),
-            _ => candle_core::bail!("rotary: x {dims:?} has no (seq, head_dim)"),
-        };
-        if self.cos.dims() != [seq, dim] || self.sin.dims() != [seq, dim] || dim % 2 != 0 {
-            candle_core::bail!("rotary: tables {:?} for x {dims:?}", self.cos.shape());
-        }
+        let dim = self.head_dim(layout.shape().dims())?;
         let out = by_dtype!("rotary", storage, |T| with_elements::<T, _>(
             &[&self.cos, &self.sin],
             |s| Ok(Self::rotate::<T>(

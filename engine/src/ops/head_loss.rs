@@ -85,17 +85,9 @@ impl HeadCrossEntropy {
                             row.fill(T::zero());
                             return (0.0, false);
                         };
-                        let (argmax, max) = row.iter().enumerate().fold(
-                            (0, T::neg_infinity()),
-                            |(i, m), (j, &v)| if v > m { (j, v) } else { (i, m) },
-                        );
-                        let sum_exp: f64 = row.iter().map(|&v| (v - max).exp().to_f64()).sum();
-                        let lse = max.to_f64() + sum_exp.ln();
+                        let (lse, argmax) = super::row_log_sum_exp(row);
                         let row_loss = lse - row[target].to_f64();
-                        let lse_t = T::from_f64(lse);
-                        let p_target = (row[target].to_f64() - lse).exp();
-                        row.iter_mut().for_each(|v| *v = (*v - lse_t).exp());
-                        row[target] = T::from_f64(p_target - 1.0);
+                        super::into_softmax_minus_onehot(row, target, lse, 1.0);
                         (row_loss, argmax == target)
                     })
                     .collect()
@@ -184,15 +176,14 @@ impl CustomOp2 for HeadCrossEntropy {
 
     fn bwd(
         &self,
-        x: &Tensor,
-        w: &Tensor,
+        _x: &Tensor,
+        _w: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let Some((dx, dw)) = self.grads.lock().expect("not poisoned").take() else {
             candle_core::bail!("head-cross-entropy: backward of a forward without gradients");
         };
-        let _ = (x, w);
         let upstream = grad_res.to_dtype(dx.dtype())?;
         Ok((
             Some(dx.broadcast_mul(&upstream)?),

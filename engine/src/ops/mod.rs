@@ -445,11 +445,7 @@ impl CrossEntropySumOp {
                     continue;
                 };
                 let row = &logits[r * vocab..(r + 1) * vocab];
-                let max = row
-                    .iter()
-                    .fold(T::neg_infinity(), |m, &v| num_traits::Float::max(m, v));
-                let sum_exp: f64 = row.iter().map(|&v| (v - max).exp().to_f64()).sum();
-                let log_sum_exp = max.to_f64() + sum_exp.ln();
+                let (log_sum_exp, _) = row_log_sum_exp(row);
                 *slot = (log_sum_exp, log_sum_exp - row[target].to_f64());
             }
         });
@@ -465,25 +461,45 @@ impl CrossEntropySumOp {
         upstream: f64,
     ) -> Vec<T> {
         let mut grad = vec![T::zero(); logits.len()];
-        let upstream_t = T::from_f64(upstream);
         for_row_blocks(&mut grad, vocab, vocab, |first, block| {
             for (i, out) in block.chunks_mut(vocab).enumerate() {
                 let r = first + i;
-                let target = self.targets[r];
-                if target < 0 {
+                let Ok(target) = usize::try_from(self.targets[r]) else {
                     continue;
-                }
-                let row = &logits[r * vocab..(r + 1) * vocab];
-                let row_lse = T::from_f64(lse[r]);
-                for (o, &v) in out.iter_mut().zip(row) {
-                    *o = (v - row_lse).exp() * upstream_t;
-                }
-                let t = target as usize;
-                out[t] = T::from_f64(((row[t].to_f64() - lse[r]).exp() - 1.0) * upstream);
+                };
+                out.copy_from_slice(&logits[r * vocab..(r + 1) * vocab]);
+                into_softmax_minus_onehot(out, target, lse[r], upstream);
             }
         });
         grad
     }
+}
+
+/// A row of logits' log-sum-exp (the exponentials in the logits' dtype, as PyTorch's; the sum
+/// in f64) and its argmax (the first largest entry, as torch's).
+pub(crate) fn row_log_sum_exp<T: attention::Real>(row: &[T]) -> (f64, usize) {
+    let (argmax, max) =
+        row.iter().enumerate().fold(
+            (0, T::neg_infinity()),
+            |(i, m), (j, &v)| if v > m { (j, v) } else { (i, m) },
+        );
+    let sum_exp: f64 = row.iter().map(|&v| (v - max).exp().to_f64()).sum();
+    (max.to_f64() + sum_exp.ln(), argmax)
+}
+
+/// Turns a row of logits into the cross-entropy's gradient, `(softmax(row) - onehot(target)) *
+/// upstream`, from the row's log-sum-exp.
+pub(crate) fn into_softmax_minus_onehot<T: attention::Real>(
+    row: &mut [T],
+    target: usize,
+    log_sum_exp: f64,
+    upstream: f64,
+) {
+    let at_target = ((row[target].to_f64() - log_sum_exp).exp() - 1.0) * upstream;
+    let (lse, upstream) = (T::from_f64(log_sum_exp), T::from_f64(upstream));
+    row.iter_mut()
+        .for_each(|v| *v = (*v - lse).exp() * upstream);
+    row[target] = T::from_f64(at_target);
 }
 
 impl candle_core::CustomOp1 for CrossEntropySumOp {
