@@ -24,6 +24,7 @@ pub mod lora;
 pub mod memory;
 pub mod models;
 pub mod presets;
+pub mod preview;
 pub mod report;
 pub mod schedule;
 pub mod share;
