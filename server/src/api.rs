@@ -15,21 +15,22 @@ use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::Value;
 use whet_shared::api::{
-    CancelAnswer, CancelState, Health, JobCreated, JobList, JobStatus, JobView, ShareCreated,
-    StatusEvent,
+    CancelAnswer, CancelState, ChatRequest, CheckpointList, Health, JobCreated, JobList, JobStatus,
+    JobView, ShareCreated, StatusEvent, MAX_CHAT_NEW_TOKENS,
 };
 use whet_shared::builder::ConfigBuilder;
 use whet_shared::report::FailedReport;
 use whet_shared::{CheckContext, Diagnostic, JobConfig};
 
 use crate::auth::{Authorized, BearerToken};
-use crate::commands::Commands;
+use crate::commands::{ChatModel, Commands};
 use crate::db::{JobRow, Store};
 use crate::error::{ApiError, ApiResult};
 use crate::events::{self, EventHub};
 use crate::executor::{CancelOutcome, Executor};
 use crate::ids::{self, now_ms, rfc3339};
 use crate::paths::AllowedRoots;
+use crate::runs;
 use crate::studio::{self, Studio};
 
 /// Largest request body accepted (413 above it).
@@ -62,6 +63,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/jobs/{id}", get(job))
         .route("/api/jobs/{id}/events", get(job_events))
         .route("/api/jobs/{id}/cancel", post(cancel_job))
+        .route("/api/jobs/{id}/checkpoints", get(job_checkpoints))
+        .route("/api/jobs/{id}/chat", post(chat))
+        .route("/api/jobs/{id}/chat/cancel", post(cancel_chat))
         .route("/api/datasets/preview", post(preview_dataset))
         .route("/api/shares", post(create_share))
         .route("/api/shares/{id}", get(share))
@@ -188,6 +192,127 @@ async fn cancel_job(
             "job {id} has already ended ({status}); there is nothing to cancel"
         ))),
         CancelOutcome::NotFound => Err(no_job(id)),
+    }
+}
+
+async fn job_checkpoints(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<CheckpointList>> {
+    let id = job_id(&id)?;
+    let job = state.store.job(id).await?.ok_or_else(|| no_job(id))?;
+    let checkpoints = match job.run_dir {
+        Some(run_dir) => {
+            blocking(move || runs::checkpoints(std::path::Path::new(&run_dir))).await?
+        }
+        None => Vec::new(),
+    };
+    Ok(Json(CheckpointList { checkpoints }))
+}
+
+/// A reply from one of the job's checkpoints (or the model it started from), streamed as
+/// `whet infer --stream` prints it.
+async fn chat(
+    _: Authorized,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let id = job_id(&id)?;
+    let request: ChatRequest = serde_json::from_value(body)
+        .map_err(|e| ApiError::BadRequest(format!("the chat request is not valid: {e}")))?;
+    check_chat_request(&request)?;
+    let job = state.store.job(id).await?.ok_or_else(|| no_job(id))?;
+    let config: JobConfig = serde_json::from_str(&job.config).map_err(anyhow::Error::from)?;
+    let model = if request.base {
+        ChatModel {
+            answered_by: "base".into(),
+            model: config.sft.model.clone().unwrap_or_default(),
+            adapters: config.sft.adapters.first().cloned(),
+        }
+    } else {
+        let run_dir = job.run_dir.clone().ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "job {id} has not started, so it has no checkpoint yet"
+            ))
+        })?;
+        let name = request.checkpoint.clone();
+        let found = blocking(move || {
+            runs::find_checkpoint(std::path::Path::new(&run_dir), name.as_deref())
+        })
+        .await?;
+        let checkpoint = match (found, &request.checkpoint) {
+            (Some(checkpoint), _) => checkpoint,
+            (None, Some(name)) => {
+                return Err(ApiError::NotFound(format!(
+                    "job {id} has no checkpoint `{name}`"
+                )))
+            }
+            (None, None) => {
+                return Err(ApiError::Conflict(format!(
+                    "job {id} has saved no checkpoint yet; chat once it has (save_steps)"
+                )))
+            }
+        };
+        match checkpoint.kind.as_str() {
+            "adapter" => ChatModel {
+                answered_by: checkpoint.name,
+                model: config.sft.model.clone().unwrap_or_default(),
+                adapters: Some(checkpoint.path),
+            },
+            _ => ChatModel {
+                answered_by: checkpoint.name,
+                model: checkpoint.path,
+                adapters: None,
+            },
+        }
+    };
+    let events = state.commands.chat(id, &config, model, &request).await?;
+    let events = events.map(|(kind, data)| Ok(Event::default().event(kind).data(data)));
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+fn check_chat_request(request: &ChatRequest) -> ApiResult<()> {
+    let bad = |message: String| Err(ApiError::BadRequest(message));
+    if let Some(m) = request
+        .messages
+        .iter()
+        .find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
+    {
+        return bad(format!(
+            "message role `{}` is not system, user or assistant",
+            m.role
+        ));
+    }
+    if request.messages.last().is_none_or(|m| m.role != "user") {
+        return bad("`messages` must end with the user's message the reply answers".into());
+    }
+    if !(1..=MAX_CHAT_NEW_TOKENS).contains(&request.max_new_tokens) {
+        return bad(format!(
+            "`max_new_tokens` must be from 1 to {MAX_CHAT_NEW_TOKENS}"
+        ));
+    }
+    if !(request.temperature.is_finite() && request.temperature >= 0.0) {
+        return bad("`temperature` must be 0 (greedy) or more".into());
+    }
+    if !(request.top_p > 0.0 && request.top_p <= 1.0) {
+        return bad("`top_p` must be above 0 and at most 1".into());
+    }
+    Ok(())
+}
+
+async fn cancel_chat(
+    _: Authorized,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = job_id(&id)?;
+    if state.commands.cancel_chat(id) {
+        Ok(Json(serde_json::json!({"id": id, "cancelled": true})))
+    } else {
+        Err(ApiError::Conflict(format!(
+            "job {id} is not answering a chat message"
+        )))
     }
 }
 

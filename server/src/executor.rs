@@ -425,7 +425,7 @@ impl Executor {
         cancel: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<(JobStatus, Option<i64>)> {
         let settings = &self.inner.settings;
-        let output_dir = run_dir.join("output");
+        let output_dir = crate::runs::output_dir(run_dir);
         tokio::fs::create_dir_all(&output_dir)
             .await
             .with_context(|| format!("creating {}", output_dir.display()))?;
@@ -674,26 +674,7 @@ impl JsonlTail {
 
 /// The run folder ms-swift's layout makes under output_dir (`v<N>-<timestamp>`), newest first.
 fn find_logging_jsonl(output_dir: &Path) -> Option<PathBuf> {
-    let mut versions: Vec<(u64, PathBuf)> = std::fs::read_dir(output_dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .filter_map(|entry| {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let number = name
-                .strip_prefix('v')?
-                .split_once('-')?
-                .0
-                .parse::<u64>()
-                .ok()?;
-            Some((number, entry.path()))
-        })
-        .collect();
-    versions.sort();
-    versions
-        .into_iter()
-        .rev()
-        .map(|(_, dir)| dir.join("logging.jsonl"))
-        .find(|file| file.is_file())
+    crate::runs::version_dir_with(output_dir, "logging.jsonl").map(|dir| dir.join("logging.jsonl"))
 }
 
 /// Whether the server picks the job's master_port: it has several ranks and its config keeps

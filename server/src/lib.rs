@@ -9,7 +9,7 @@
 //! Modules: `cli` (flags), `server` (start-up), `api` (router and handlers), `error` (the one
 //! error type), `auth` (token), `paths` (what jobs may read), `db` (storage), `events` (per-job
 //! event streams), `executor` (the run queue, devices and child processes), `commands` (the short
-//! `whet` commands beside jobs: dataset preview), `studio` (static pages), `ids` (random ids and
+//! `whet` commands beside jobs: dataset preview, chat), `runs` (a run folder's checkpoints), `studio` (static pages), `ids` (random ids and
 //! times).
 
 pub mod api;
@@ -22,6 +22,7 @@ pub mod events;
 pub mod executor;
 pub mod ids;
 pub mod paths;
+pub mod runs;
 pub mod server;
 pub mod studio;
 

@@ -236,3 +236,81 @@ mod tests {
         assert_eq!(JobStatus::parse("cancelling"), None);
     }
 }
+
+/// One message of a chat with a checkpoint: `system`, `user` or `assistant`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// `POST /api/jobs/{id}/chat`'s body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    /// The conversation so far, ending with the user's message the reply answers.
+    pub messages: Vec<ChatMessage>,
+    /// A checkpoint of the job by folder name (`checkpoint-250`); the latest when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    /// Answer with the model the job started from instead (its `--model`, with its
+    /// `--adapters` if any), to set beside the checkpoint's answer.
+    #[serde(default)]
+    pub base: bool,
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: u32,
+    /// 0 decodes greedily.
+    #[serde(default)]
+    pub temperature: f64,
+    #[serde(default = "default_top_p")]
+    pub top_p: f64,
+}
+
+fn default_max_new_tokens() -> u32 {
+    256
+}
+
+fn default_top_p() -> f64 {
+    1.0
+}
+
+/// The most tokens one chat reply may ask for.
+pub const MAX_CHAT_NEW_TOKENS: u32 = 4096;
+
+/// The names of the chat stream's SSE events: `text` pieces of the reply (each a JSON string),
+/// then one `done` ([`ChatDone`]) or one `error` (`{"message"}`).
+pub const CHAT_TEXT_EVENT: &str = "text";
+pub const CHAT_DONE_EVENT: &str = "done";
+pub const CHAT_ERROR_EVENT: &str = "error";
+
+/// The chat stream's last event when the reply is complete (or was cancelled).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatDone {
+    /// What answered: a checkpoint's folder name, or `base`.
+    pub answered_by: String,
+    #[serde(default)]
+    pub cancelled: bool,
+}
+
+/// `GET /api/jobs/{id}/checkpoints`: oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointList {
+    pub checkpoints: Vec<CheckpointInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    /// The folder's name, `checkpoint-<step>`.
+    pub name: String,
+    pub step: u64,
+    /// The folder's path on the server (what `--resume_from_checkpoint` takes).
+    pub path: String,
+    /// `full` (model weights) or `adapter` (a PEFT adapter).
+    pub kind: String,
+    pub size_bytes: u64,
+    /// It is trainer_state.json's best_model_checkpoint.
+    #[serde(default)]
+    pub best: bool,
+    /// The records trainer_state.json logged at this step (loss, eval_loss, ...), merged.
+    #[serde(default)]
+    pub metrics: MetricsRecord,
+}

@@ -11,7 +11,7 @@ use whet_shared::models::{default_template, Architecture};
 
 use crate::dataset::{self, Conversation, HubSettings, LoadOptions, Message, Role};
 use crate::generate::{generate, SamplingOptions};
-use crate::model::{Model, ModelConfig, ModelOptions, Trainable};
+use crate::model::{Model, ModelConfig, ModelOptions, Trainable, WeightSource};
 use crate::rng::SplitMix64;
 use crate::train::data::{
     generation_prefix, render_prompt, ChatTokenizer, RenderOptions, Template,
@@ -33,8 +33,12 @@ pub struct InferArgs {
     #[arg(long)]
     pub adapters: Option<PathBuf>,
     /// One question to answer.
-    #[arg(long, conflicts_with = "val_dataset")]
+    #[arg(long, conflicts_with_all = ["val_dataset", "messages"])]
     pub query: Option<String>,
+    /// A conversation to continue: a JSON file holding a list of `{"role", "content"}`
+    /// messages that ends with the user's; `-` reads standard input.
+    #[arg(long, value_name = "FILE", conflicts_with = "val_dataset")]
+    pub messages: Option<PathBuf>,
     /// A dataset whose rows' last user message is answered; answers go to --result_path.
     #[arg(long = "val_dataset", alias = "val-dataset")]
     pub val_dataset: Option<String>,
@@ -62,6 +66,8 @@ pub struct InferArgs {
     pub temperature: f64,
     #[arg(long = "top_p", alias = "top-p", default_value_t = 1.0)]
     pub top_p: f64,
+    /// The sampling seed; also the seed of the random base a model folder without weights
+    /// stands for (the demo's), as `whet sft --seed` initialises it.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Print tokens as they are generated.
@@ -103,10 +109,17 @@ fn template_for(
 }
 
 pub fn run(args: InferArgs) -> anyhow::Result<ExitCode> {
-    if args.query.is_none() && args.val_dataset.is_none() {
-        eprintln!("error: give --query TEXT or --val_dataset FILE");
+    if args.query.is_none() && args.val_dataset.is_none() && args.messages.is_none() {
+        eprintln!("error: give --query TEXT, --messages FILE or --val_dataset FILE");
         return Ok(ExitCode::from(2));
     }
+    let conversation = match (&args.query, &args.messages) {
+        (Some(query), _) => Some(Conversation {
+            messages: vec![Message::new(Role::User, query.clone())],
+        }),
+        (None, Some(path)) => Some(read_messages(path)?),
+        (None, None) => None,
+    };
     let hub = HubSettings::from_env(args.use_hf);
     let model_text = args.model.to_string_lossy();
     let model_dir = crate::hub::model_dir(&model_text, args.model_revision.as_deref(), &hub)?;
@@ -133,18 +146,23 @@ pub fn run(args: InferArgs) -> anyhow::Result<ExitCode> {
         trainable: Trainable::Nothing,
         ..ModelOptions::default()
     };
+    let base = WeightSource::of_model_dir(&model_dir, args.seed)?;
+    if let WeightSource::Random { seed } = base {
+        eprintln!(
+            "{} has no weights: the base is the random one whet sft starts from (seed {seed})",
+            model_dir.display()
+        );
+    }
     let model = match &args.adapters {
-        Some(adapter) => {
-            crate::model::adapter::from_pretrained_with_adapter(&model_dir, adapter, options)
-                .with_context(|| {
-                    format!(
-                        "loading {} with the adapter {}",
-                        model_dir.display(),
-                        adapter.display()
-                    )
-                })?
-        }
-        None => Model::from_pretrained(&model_dir, options)
+        Some(adapter) => crate::model::adapter::adapter_over(&model_dir, base, adapter, options)
+            .with_context(|| {
+                format!(
+                    "loading {} with the adapter {}",
+                    model_dir.display(),
+                    adapter.display()
+                )
+            })?,
+        None => Model::build(model_config.clone(), base, options)
             .with_context(|| format!("loading the model in {}", model_dir.display()))?,
     };
     let tokenizer = ChatTokenizer::from_model_dir(&model_dir)?;
@@ -193,11 +211,8 @@ pub fn run(args: InferArgs) -> anyhow::Result<ExitCode> {
         Ok(format!("{prefix}{}", tokenizer.decode(&tokens)?))
     };
 
-    if let Some(query) = &args.query {
-        let conversation = Conversation {
-            messages: vec![Message::new(Role::User, query.clone())],
-        };
-        let reply = answer(&conversation, args.stream)?;
+    if let Some(conversation) = &conversation {
+        let reply = answer(conversation, args.stream)?;
         if !args.stream {
             println!("{reply}");
         }
@@ -260,4 +275,30 @@ pub fn run(args: InferArgs) -> anyhow::Result<ExitCode> {
         result_path.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The conversation of `--messages`: a JSON list of messages ending with the user's turn.
+fn read_messages(path: &Path) -> anyhow::Result<Conversation> {
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin())
+            .context("reading --messages from standard input")?
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("--messages: cannot read {}", path.display()))?
+    };
+    let messages: Vec<Message> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--messages {}: not a JSON list of {{\"role\": \"system|user|assistant\", \"content\": \"...\"}} messages",
+            path.display()
+        )
+    })?;
+    match messages.last() {
+        Some(last) if last.role == Role::User => Ok(Conversation { messages }),
+        Some(_) => anyhow::bail!(
+            "--messages: the conversation must end with a user message, which the reply answers"
+        ),
+        None => {
+            anyhow::bail!("--messages: the conversation is empty; give at least one user message")
+        }
+    }
 }

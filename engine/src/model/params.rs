@@ -333,6 +333,28 @@ pub enum WeightSource {
     Files(Vec<MappedWeights>),
 }
 
+impl WeightSource {
+    /// Whether a model folder holds weights (`model.safetensors` or a sharded index).
+    pub fn has_weights(dir: &std::path::Path) -> bool {
+        dir.join("model.safetensors").exists() || dir.join("model.safetensors.index.json").exists()
+    }
+
+    /// A model folder's weights, memory-mapped; a folder with only config.json (the demo) stands
+    /// for the base `whet sft` initialises at random from `seed`.
+    pub fn of_model_dir(
+        dir: &std::path::Path,
+        seed: u64,
+    ) -> std::result::Result<WeightSource, crate::tensor_files::TensorFileError> {
+        if Self::has_weights(dir) {
+            Ok(WeightSource::Files(vec![MappedWeights::open_model_dir(
+                dir,
+            )?]))
+        } else {
+            Ok(WeightSource::Random { seed })
+        }
+    }
+}
+
 /// Hands out the model's parameters while it is built, in checkpoint order, giving each its
 /// role, and records which trainable ones each decoder layer owns.
 pub(super) struct ParamBuilder {

@@ -24,7 +24,6 @@ use crate::model::{
 use crate::optim::AdamWConfig;
 use crate::quant::{QuantOptions, QuantType};
 use crate::sync::ZeroStage;
-use crate::tensor_files::MappedWeights;
 
 /// What this version of the loop does not do yet, refused before any work.
 fn check_supported(config: &JobConfig) -> anyhow::Result<()> {
@@ -500,17 +499,13 @@ fn load_model(
     options: ModelOptions,
     console: &Console,
 ) -> anyhow::Result<Model> {
-    let has_weights = model_dir.join("model.safetensors").exists()
-        || model_dir.join("model.safetensors.index.json").exists();
-    let base = if has_weights {
-        WeightSource::Files(vec![MappedWeights::open_model_dir(model_dir)?])
-    } else {
+    let base = WeightSource::of_model_dir(model_dir, seed)?;
+    if let WeightSource::Random { .. } = base {
         console.line(&format!(
             "{} has no weights: initialising the base model at random (seed {seed})",
             model_dir.display()
         ));
-        WeightSource::Random { seed }
-    };
+    }
     if let Some(resume) = resume {
         return resume.load_model(model_dir, base, options);
     }

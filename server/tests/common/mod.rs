@@ -185,18 +185,25 @@ pub fn tiny_real_job(data: &Path) -> Value {
 pub fn write_fake_whet(dir: &Path) -> PathBuf {
     let path = dir.join("fake-whet.sh");
     let script = r#"#!/bin/sh
-[ "$1" = "sft" ] || { echo "fake whet: only sft" >&2; exit 2; }
+if [ "$1" = "infer" ]; then
+  # A reply in two pieces, 3 s apart, naming the model; `--max_new_tokens 1` fails.
+  model=$(echo "$@" | sed -n 's/.*--model \([^ ]*\).*/\1/p')
+  case " $* " in *" --max_new_tokens 1 "*) echo "error: fake whet: cannot" >&2; exit 1;; esac
+  printf 'hel'; sleep 3; printf 'lo from %s\n' "$(basename "$model")"; exit 0
+fi
+[ "$1" = "sft" ] || { echo "fake whet: only sft and infer" >&2; exit 2; }
 [ "$2" = "--help" ] && exit 0
 cfg="$3"
 out=$(sed -n 's/^ *"output_dir": "\(.*\)",\{0,1\}$/\1/p' "$cfg")
 spec=$(sed -n 's/^ *"system": "\(.*\)",\{0,1\}$/\1/p' "$cfg")
-steps=3; pause=0; code=0
+steps=3; pause=0; code=0; save=0
 for kv in $spec; do
   case "$kv" in
     steps=*) steps=${kv#steps=};;
     pause=*) pause=${kv#pause=};;
     exit=*) code=${kv#exit=};;
     ignore_term=1) trap '' TERM;;
+    save=1) save=1;;
   esac
 done
 echo "fake whet: config=$cfg devices=[$CUDA_VISIBLE_DEVICES] token=[$WHET_TOKEN] env=[$WHET_TEST_ENV]"
@@ -208,6 +215,10 @@ while [ "$i" -le "$steps" ]; do
   echo "{\"loss\": $i.5, \"global_step/max_steps\": \"$i/$steps\"}" >> "$dir/logging.jsonl"
   echo "note $i" >&2
   [ "$pause" = 0 ] || sleep "$pause"
+  if [ "$save" = 1 ]; then
+    mkdir -p "$dir/checkpoint-$i"
+    echo "{\"log_history\": [{\"step\": $i, \"loss\": $i.5}]}" > "$dir/checkpoint-$i/trainer_state.json"
+  fi
   i=$((i+1))
 done
 exit "$code"
@@ -262,9 +273,12 @@ impl SseReader {
                         }
                     }
                 }
-                let Some(id) = fields.get("id") else { continue }; // keep-alive comment
+                if !fields.contains_key("data") {
+                    continue; // a keep-alive comment
+                }
                 return Some(SseEvent {
-                    id: id.parse().unwrap(),
+                    // Job events carry ids; chat events do not.
+                    id: fields.get("id").map_or(0, |id| id.parse().unwrap()),
                     event: fields.get("event").cloned().unwrap_or_default(),
                     data: serde_json::from_str(fields.get("data").map_or("null", |s| s)).unwrap(),
                 });
