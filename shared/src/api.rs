@@ -314,3 +314,26 @@ pub struct CheckpointInfo {
     #[serde(default)]
     pub metrics: MetricsRecord,
 }
+
+/// `GET /api/jobs/{id}/metrics`: every logging.jsonl record the job's stream carried, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsHistory {
+    pub records: Vec<MetricsRecord>,
+}
+
+/// `POST /api/jobs/{id}/resume`'s and `POST /api/jobs/{id}/export`'s body: which checkpoint
+/// (a folder name); the latest when absent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointChoice {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+}
+
+/// `POST /api/jobs/{id}/export` (200): the adapter checkpoint merged into its base, as a full
+/// Hugging Face model folder in the job's run folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportAnswer {
+    pub checkpoint: String,
+    pub output_dir: String,
+    pub size_bytes: u64,
+}
