@@ -15,8 +15,9 @@ use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::Value;
 use whet_shared::api::{
-    CancelAnswer, CancelState, ChatRequest, CheckpointList, Health, JobCreated, JobList, JobStatus,
-    JobView, ShareCreated, StatusEvent, MAX_CHAT_NEW_TOKENS,
+    CancelAnswer, CancelState, ChatRequest, CheckpointChoice, CheckpointInfo, CheckpointList,
+    ExportAnswer, Health, JobCreated, JobList, JobStatus, JobView, MetricsHistory, ShareCreated,
+    StatusEvent, MAX_CHAT_NEW_TOKENS,
 };
 use whet_shared::builder::ConfigBuilder;
 use whet_shared::report::FailedReport;
@@ -64,6 +65,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/jobs/{id}/events", get(job_events))
         .route("/api/jobs/{id}/cancel", post(cancel_job))
         .route("/api/jobs/{id}/checkpoints", get(job_checkpoints))
+        .route("/api/jobs/{id}/metrics", get(job_metrics))
+        .route("/api/jobs/{id}/resume", post(resume_job))
+        .route("/api/jobs/{id}/export", post(export_job))
         .route("/api/jobs/{id}/chat", post(chat))
         .route("/api/jobs/{id}/chat/cancel", post(cancel_chat))
         .route("/api/datasets/preview", post(preview_dataset))
@@ -100,6 +104,14 @@ async fn submit_job(
     JsonBody(body): JsonBody,
 ) -> ApiResult<(StatusCode, Json<JobCreated>)> {
     let config = config_from_document(body).map_err(|d| ApiError::invalid(d.0))?;
+    queue_job(&state, config).await
+}
+
+/// Admits `config` (422 otherwise), stores it with its `queued` event and wakes the executor.
+async fn queue_job(
+    state: &AppState,
+    config: JobConfig,
+) -> ApiResult<(StatusCode, Json<JobCreated>)> {
     let config = {
         let state = state.clone();
         blocking(move || admit(&state, &config).map(|()| config)).await??
@@ -208,6 +220,106 @@ async fn job_checkpoints(
         None => Vec::new(),
     };
     Ok(Json(CheckpointList { checkpoints }))
+}
+
+/// Every metrics record the job's event stream carried.
+async fn job_metrics(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<MetricsHistory>> {
+    let id = job_id(&id)?;
+    state.store.job(id).await?.ok_or_else(|| no_job(id))?;
+    let records = state
+        .store
+        .events_of_kind(id, events::METRICS)
+        .await?
+        .iter()
+        .filter_map(|e| serde_json::from_str(&e.data).ok())
+        .collect();
+    Ok(Json(MetricsHistory { records }))
+}
+
+/// A finished job, its config and the checkpoint `choice` names (the latest by default).
+async fn finished_job_checkpoint(
+    state: &AppState,
+    id: i64,
+    choice: &CheckpointChoice,
+) -> ApiResult<(JobConfig, CheckpointInfo)> {
+    let job = state.store.job(id).await?.ok_or_else(|| no_job(id))?;
+    let status = JobStatus::parse(&job.status).unwrap_or(JobStatus::Failed);
+    if !status.is_terminal() {
+        return Err(ApiError::Conflict(format!(
+            "job {id} is {status}; wait until it has ended (or cancel it)"
+        )));
+    }
+    let config: JobConfig = serde_json::from_str(&job.config).map_err(anyhow::Error::from)?;
+    let run_dir = job.run_dir.unwrap_or_default();
+    let name = choice.checkpoint.clone();
+    let found =
+        blocking(move || runs::find_checkpoint(std::path::Path::new(&run_dir), name.as_deref()))
+            .await?;
+    match (found, &choice.checkpoint) {
+        (Some(checkpoint), _) => Ok((config, checkpoint)),
+        (None, Some(name)) => Err(ApiError::NotFound(format!(
+            "job {id} has no checkpoint `{name}`"
+        ))),
+        (None, None) => Err(ApiError::Conflict(format!(
+            "job {id} saved no checkpoint, so there is nothing to continue from"
+        ))),
+    }
+}
+
+/// A new job: the same config, resumed from one of this job's checkpoints.
+async fn resume_job(
+    _: Authorized,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> ApiResult<(StatusCode, Json<JobCreated>)> {
+    let id = job_id(&id)?;
+    let choice: CheckpointChoice = serde_json::from_value(body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not {{\"checkpoint\"?}}: {e}")))?;
+    let (mut config, checkpoint) = finished_job_checkpoint(&state, id, &choice).await?;
+    config.sft.resume_from_checkpoint = Some(checkpoint.path);
+    queue_job(&state, config).await
+}
+
+/// An adapter checkpoint merged into the job's base model, beside it in the run folder.
+async fn export_job(
+    _: Authorized,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Json<ExportAnswer>> {
+    let id = job_id(&id)?;
+    let choice: CheckpointChoice = serde_json::from_value(body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not {{\"checkpoint\"?}}: {e}")))?;
+    let (config, checkpoint) = finished_job_checkpoint(&state, id, &choice).await?;
+    if checkpoint.kind != "adapter" {
+        return Err(ApiError::Conflict(format!(
+            "{} of job {id} is a full model already (a full fine-tune); only an adapter run's checkpoint is merged",
+            checkpoint.name
+        )));
+    }
+    let adapters = std::path::PathBuf::from(&checkpoint.path);
+    let output_dir = adapters.with_file_name(format!("{}-merged", checkpoint.name));
+    // A finished export is whole (whet writes it under a temporary name): answer it again.
+    if !output_dir.join("config.json").is_file() {
+        let model = config.sft.model.clone().unwrap_or_default();
+        state
+            .commands
+            .export(&model, &adapters, &output_dir, config.sft.use_hf)
+            .await?;
+    }
+    let size_bytes = {
+        let dir = output_dir.clone();
+        blocking(move || runs::folder_size(&dir)).await?
+    };
+    Ok(Json(ExportAnswer {
+        checkpoint: checkpoint.name,
+        output_dir: output_dir.display().to_string(),
+        size_bytes,
+    }))
 }
 
 /// A reply from one of the job's checkpoints (or the model it started from), streamed as

@@ -30,6 +30,8 @@ const WAIT: Duration = Duration::from_secs(30);
 const PREVIEW_TIMEOUT: Duration = Duration::from_secs(120);
 /// A chat reply that takes longer is stopped (loading a large model on a CPU included).
 const CHAT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Merging a large model's adapter writes the whole model: minutes on a CPU.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(1800);
 
 #[derive(Clone)]
 pub struct Commands {
@@ -37,6 +39,8 @@ pub struct Commands {
     /// Where a command's config file is written for the length of the command.
     scratch: PathBuf,
     previews: Arc<Semaphore>,
+    /// One export at a time: each writes a whole model.
+    exports: Arc<Semaphore>,
     /// The job of each chat generating now, with what stops it: one per job at a time.
     chats: Arc<Mutex<HashMap<i64, Arc<Notify>>>>,
 }
@@ -61,8 +65,36 @@ impl Commands {
             whet_bin,
             scratch: data_dir.join("scratch"),
             previews: Arc::new(Semaphore::new(PREVIEWS_AT_ONCE)),
+            exports: Arc::new(Semaphore::new(1)),
             chats: Arc::default(),
         }
+    }
+
+    /// `whet export --merge_lora true`: `adapters` merged into `model`, written to `output_dir`.
+    pub async fn export(
+        &self,
+        model: &str,
+        adapters: &Path,
+        output_dir: &Path,
+        use_hf: bool,
+    ) -> Result<(), ApiError> {
+        let _turn = tokio::time::timeout(WAIT, self.exports.acquire())
+            .await
+            .map_err(|_| {
+                ApiError::Unavailable("another export is running; try again when it is done".into())
+            })?
+            .map_err(|e| ApiError::Internal(e.into()))?;
+        let mut command = Command::new(&self.whet_bin);
+        command
+            .args(["export", "--merge_lora", "true", "--model", model])
+            .args(["--use_hf", &use_hf.to_string()])
+            .arg("--adapters")
+            .arg(adapters)
+            .arg("--output_dir")
+            .arg(output_dir);
+        self.run(command, EXPORT_TIMEOUT, "adapters")
+            .await
+            .map(|_| ())
     }
 
     /// Starts `whet infer --stream` for the reply to `request` from `model`, with the job's

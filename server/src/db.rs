@@ -284,6 +284,17 @@ impl Store {
         .await
     }
 
+    /// The job's events of one kind, in order.
+    pub async fn events_of_kind(&self, job_id: i64, kind: &str) -> sqlx::Result<Vec<EventRow>> {
+        sqlx::query_as::<_, EventRow>(
+            "SELECT seq, kind, data FROM job_events WHERE job_id = $1 AND kind = $2 ORDER BY seq",
+        )
+        .bind(job_id)
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await
+    }
+
     pub async fn last_event_seq(&self, job_id: i64) -> sqlx::Result<i64> {
         let (last,): (i64,) =
             sqlx::query_as("SELECT COALESCE(MAX(seq), 0) FROM job_events WHERE job_id = $1")

@@ -103,7 +103,8 @@ fn describe(path: &Path, name: String, step: u64) -> CheckpointInfo {
     }
 }
 
-fn folder_size(path: &Path) -> u64 {
+/// Bytes of the files under `path`.
+pub fn folder_size(path: &Path) -> u64 {
     std::fs::read_dir(path)
         .into_iter()
         .flatten()

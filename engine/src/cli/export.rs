@@ -173,6 +173,12 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
     }
 
     let (base_dir, found_by) = base_model_dir(&args)?;
+    if !crate::model::WeightSource::has_weights(&base_dir) {
+        bail!(
+            "the base model {} has no weights (a folder with only config.json, such as the demo's, is initialised at random when training starts); merging needs the base's safetensors: pass --model with the folder or hub id the adapter was trained on",
+            base_dir.display()
+        );
+    }
     eprintln!(
         "Merging {} into the base model {} (from {found_by})",
         adapters.display(),
