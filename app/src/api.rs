@@ -23,6 +23,20 @@ pub async fn request(
     body: Option<String>,
     token: Option<String>,
 ) -> Result<(u16, String), String> {
+    let response = fetch(method, url, body, token).await?;
+    let text = JsFuture::from(response.text().map_err(js_error)?)
+        .await
+        .map_err(js_error)?;
+    Ok((response.status(), text.as_string().unwrap_or_default()))
+}
+
+/// Sends a request; answers the response, its body unread (a stream the caller reads).
+pub async fn fetch(
+    method: &str,
+    url: &str,
+    body: Option<String>,
+    token: Option<String>,
+) -> Result<Response, String> {
     let init = RequestInit::new();
     init.set_method(method);
     let headers = Headers::new().map_err(js_error)?;
@@ -42,11 +56,19 @@ pub async fn request(
     let response = JsFuture::from(window().fetch_with_request(&request))
         .await
         .map_err(js_error)?;
-    let response: Response = response.dyn_into().map_err(js_error)?;
-    let text = JsFuture::from(response.text().map_err(js_error)?)
-        .await
-        .map_err(js_error)?;
-    Ok((response.status(), text.as_string().unwrap_or_default()))
+    response.dyn_into().map_err(js_error)
+}
+
+/// The text of a response that is not the expected one.
+pub async fn text_of(response: &Response) -> String {
+    match response.text() {
+        Ok(promise) => JsFuture::from(promise)
+            .await
+            .ok()
+            .and_then(|t| t.as_string())
+            .unwrap_or_default(),
+        Err(_) => String::new(),
+    }
 }
 
 /// Sets `studio.backend` when /api/health answers `{"status": "ok"}`.
@@ -67,15 +89,23 @@ pub fn detect_backend(studio: Studio) {
 /// that quotes the answer.
 pub fn diagnostics_of(status: u16, body: &str) -> Vec<Diagnostic> {
     let value: Value = serde_json::from_str(body).unwrap_or(Value::Null);
-    let list = value.get("diagnostics").cloned().unwrap_or(value.clone());
+    // whet-server writes `{"error": {"code", "message", "diagnostics"?}}`.
+    let error = value.get("error");
+    let list = value
+        .get("diagnostics")
+        .or_else(|| error.and_then(|e| e.get("diagnostics")))
+        .cloned()
+        .unwrap_or(value.clone());
     if let Ok(diagnostics) = serde_json::from_value::<Vec<Diagnostic>>(list) {
         if !diagnostics.is_empty() {
             return diagnostics;
         }
     }
-    let message = value
-        .get("error")
-        .and_then(|e| e.as_str())
+    let message = error
+        .and_then(|e| {
+            e.as_str()
+                .or_else(|| e.get("message").and_then(Value::as_str))
+        })
         .map(String::from)
         .unwrap_or_else(|| body.chars().take(300).collect());
     vec![Diagnostic::error(

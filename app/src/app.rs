@@ -5,6 +5,7 @@ use whet_shared::fields::Group;
 use whet_shared::{presets, share};
 
 use crate::command::{CommandPanel, ImportBox, SharePanel, SubmitPanel};
+use crate::compare::CompareView;
 use crate::derived::DerivedPanel;
 use crate::form::GroupSection;
 use crate::i18n::{t, Lang};
@@ -47,6 +48,7 @@ pub fn App() -> impl IntoView {
             Route::Editor => view! { <Editor /> }.into_any(),
             Route::Jobs => view! { <JobList /> }.into_any(),
             Route::Job(id) => view! { <JobView id /> }.into_any(),
+            Route::Compare(ids) => view! { <CompareView ids /> }.into_any(),
         }}
     }
 }

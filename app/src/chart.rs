@@ -139,3 +139,88 @@ pub fn LineChart(
         </figure>
     }
 }
+
+/// The colours of overlaid series, in order (a run's colour is the same on every chart).
+pub const PALETTE: [&str; 8] = [
+    "#2f6fdd", "#d9480f", "#2b8a3e", "#9c36b5", "#e67700", "#0b7285", "#c2255c", "#5c940d",
+];
+
+pub fn colour(index: usize) -> &'static str {
+    PALETTE[index % PALETTE.len()]
+}
+
+/// One line of a chart that overlays several (one run of a comparison).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// Its place in the comparison, which picks its colour.
+    pub index: usize,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A line chart of several series, each in its colour; `data-series` is how many have points.
+#[component]
+pub fn MultiChart(
+    id: &'static str,
+    #[prop(into)] title: Signal<String>,
+    #[prop(into)] series: Signal<Vec<Series>>,
+    #[prop(optional)] from_zero: bool,
+) -> impl IntoView {
+    let drawn = Memo::new(move |_| {
+        series
+            .get()
+            .into_iter()
+            .filter(|s| !s.points.is_empty())
+            .collect::<Vec<_>>()
+    });
+    let frame = Memo::new(move |_| {
+        let drawn = drawn.get();
+        let all: Vec<&[(f64, f64)]> = drawn.iter().map(|s| s.points.as_slice()).collect();
+        let f = Frame::fit(&all, from_zero);
+        (f.x0, f.x1, f.y0, f.y1)
+    });
+    let frame = move || {
+        let (x0, x1, y0, y1) = frame.get();
+        Frame { x0, x1, y0, y1 }
+    };
+    view! {
+        <figure class="chart">
+            <figcaption>{move || title.get()}</figcaption>
+            <svg
+                id=id
+                viewBox=format!("0 0 {WIDTH} {HEIGHT}")
+                data-series=move || drawn.with(Vec::len).to_string()
+                role="img"
+            >
+                <rect class="plot-bg" x=LEFT y=TOP width=WIDTH - LEFT - RIGHT height=HEIGHT - TOP - BOTTOM />
+                <text class="axis" x=LEFT - 4.0 y=TOP + 8.0 text-anchor="end">{move || short(frame().y1)}</text>
+                <text class="axis" x=LEFT - 4.0 y=HEIGHT - BOTTOM text-anchor="end">{move || short(frame().y0)}</text>
+                <text class="axis" x=LEFT y=HEIGHT - 4.0>{move || short(frame().x0)}</text>
+                <text class="axis" x=WIDTH - RIGHT y=HEIGHT - 4.0 text-anchor="end">{move || short(frame().x1)}</text>
+                {move || {
+                    let f = frame();
+                    drawn
+                        .get()
+                        .into_iter()
+                        .map(|s| {
+                            let style = format!("stroke: {}; fill: {}", colour(s.index), colour(s.index));
+                            // A lone point draws no line: mark it.
+                            let dot = (s.points.len() == 1).then(|| {
+                                let (x, y) = s.points[0];
+                                view! { <circle class="dot" cx=f.x(x) cy=f.y(y) r=2.5 style=style.clone() /> }
+                            });
+                            view! {
+                                <polyline
+                                    class="line series"
+                                    data-run=s.index
+                                    style=format!("stroke: {}", colour(s.index))
+                                    points=f.polyline(&s.points)
+                                />
+                                {dot}
+                            }
+                        })
+                        .collect_view()
+                }}
+            </svg>
+        </figure>
+    }
+}

@@ -1,6 +1,7 @@
 //! The jobs views: the list from `GET /api/jobs`, and one job streamed from
 //! `GET /api/jobs/{id}/events` (Server-Sent Events `log`, `metrics`, `status`) with its log,
-//! live charts of loss, learning rate and token accuracy, and a cancel button.
+//! live charts of loss, learning rate and token accuracy, and a cancel button; its checkpoints
+//! (`checkpoints.rs`) and chat (`chat.rs`). The list picks runs to compare (`compare.rs`).
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -14,11 +15,13 @@ use whet_shared::api::{
 };
 use whet_shared::Diagnostic;
 
-use crate::api;
 use crate::chart::LineChart;
+use crate::chat::ChatBox;
+use crate::checkpoints::{self, CheckpointsPanel};
 use crate::form::diagnostic_list;
 use crate::i18n::t;
 use crate::studio::use_studio;
+use crate::{api, route};
 
 #[derive(Debug, Clone, PartialEq)]
 struct JobRow {
@@ -46,6 +49,11 @@ pub fn JobList() -> impl IntoView {
     let lang = studio.lang;
     let rows = RwSignal::new(Vec::<JobRow>::new());
     let errors = RwSignal::new(Vec::<Diagnostic>::new());
+    let picked = RwSignal::new(std::collections::BTreeSet::<i64>::new());
+    let compare = move |_| {
+        let ids: Vec<String> = picked.get_untracked().iter().map(i64::to_string).collect();
+        route::go(&format!("#/compare/{}", ids.join(",")));
+    };
     let load = move || {
         spawn_local(async move {
             match api::request("GET", "/api/jobs", None, None).await {
@@ -72,6 +80,10 @@ pub fn JobList() -> impl IntoView {
         <main class="jobs" id="jobs">
             <h2>{t(lang, "Jobs", "任务")}</h2>
             <button id="refresh-jobs" on:click=move |_| load()>{t(lang, "Refresh", "刷新")}</button>
+            " "
+            <button id="compare-jobs" disabled=move || picked.with(|p| p.len() < 2) on:click=compare>
+                {t(lang, "Compare picked runs", "对比所选运行")}
+            </button>
             <Show when=move || !studio.backend.get()>
                 <p class="note">{t(
                     lang,
@@ -82,6 +94,7 @@ pub fn JobList() -> impl IntoView {
             <div>{move || diagnostic_list(errors.get(), lang.get())}</div>
             <table class="job-table">
                 <thead><tr>
+                    <th>{t(lang, "compare", "对比")}</th>
                     <th>"id"</th>
                     <th>{t(lang, "status", "状态")}</th>
                     <th>{t(lang, "model", "模型")}</th>
@@ -89,7 +102,19 @@ pub fn JobList() -> impl IntoView {
                 </tr></thead>
                 <tbody>
                     {move || rows.get().into_iter().map(|row| view! {
-                        <tr class="job-row" data-status=row.status>
+                        <tr class="job-row" data-status=row.status data-job=row.id>
+                            <td><input
+                                type="checkbox"
+                                class="compare-pick"
+                                data-job=row.id
+                                prop:checked=move || picked.with(|p| p.contains(&row.id))
+                                on:change=move |ev| {
+                                    let on = event_target_checked(&ev);
+                                    picked.update(|p| {
+                                        if on { p.insert(row.id); } else { p.remove(&row.id); }
+                                    });
+                                }
+                            /></td>
                             <td><a href=format!("#/jobs/{}", row.id)>{row.id}</a></td>
                             <td class=format!("status {}", row.status)>{row.status}</td>
                             <td>{row.model.clone()}</td>
@@ -104,15 +129,16 @@ pub fn JobList() -> impl IntoView {
 
 /// One logging.jsonl record, as far as the charts need it.
 #[derive(Debug, Clone, Default, PartialEq)]
-struct Point {
-    step: f64,
-    loss: Option<f64>,
-    learning_rate: Option<f64>,
-    token_acc: Option<f64>,
-    eval_loss: Option<f64>,
+pub(crate) struct Point {
+    pub step: f64,
+    pub epoch: Option<f64>,
+    pub loss: Option<f64>,
+    pub learning_rate: Option<f64>,
+    pub token_acc: Option<f64>,
+    pub eval_loss: Option<f64>,
 }
 
-fn point_of(record: &MetricsRecord, fallback_step: f64) -> Point {
+pub(crate) fn point_of(record: &MetricsRecord, fallback_step: f64) -> Point {
     let number = |key: &str| record.get(key).and_then(Value::as_f64);
     // `global_step/max_steps` is "3/60".
     let step = record
@@ -125,6 +151,7 @@ fn point_of(record: &MetricsRecord, fallback_step: f64) -> Point {
         .unwrap_or(fallback_step);
     Point {
         step,
+        epoch: number("epoch"),
         loss: number("loss"),
         learning_rate: number("learning_rate"),
         token_acc: number("token_acc"),
@@ -142,6 +169,21 @@ pub fn JobView(id: String) -> impl IntoView {
     let log = RwSignal::new(Vec::<String>::new());
     let points = RwSignal::new(Vec::<Point>::new());
     let errors = RwSignal::new(Vec::<Diagnostic>::new());
+    let saved = RwSignal::new(Vec::new());
+    let saved_errors = RwSignal::new(Vec::<Diagnostic>::new());
+    checkpoints::load(id.clone(), saved, saved_errors);
+    // Again when the run saves one (its `Saved <dir>` line) and when it ends.
+    {
+        let id = id.clone();
+        Effect::new(move |was_final: Option<bool>| {
+            let now = status.get().is_some_and(JobStatus::is_terminal);
+            if now && was_final == Some(false) {
+                checkpoints::load(id.clone(), saved, saved_errors);
+            }
+            now
+        });
+    }
+    let log_id = id.clone();
 
     // The job's current state, then its event stream.
     {
@@ -173,6 +215,11 @@ pub fn JobView(id: String) -> impl IntoView {
             let data = event.data().as_string().unwrap_or_default();
             // A line that is not a LogEvent is shown as it came.
             let line = serde_json::from_str::<LogEvent>(&data).map_or(data, |e| e.line);
+            // (An ended job's replayed lines need none: it loaded them when it ended.)
+            let ended = status.get_untracked().is_some_and(JobStatus::is_terminal);
+            if line.starts_with("Saved ") && !ended {
+                checkpoints::load(log_id.clone(), saved, saved_errors);
+            }
             let _ = log.try_update(|log| {
                 log.push(line);
                 if log.len() > MAX_LOG_LINES {
@@ -263,6 +310,13 @@ pub fn JobView(id: String) -> impl IntoView {
                 <LineChart id="chart-loss" title=title("Loss (eval dotted)", "损失（虚线为评估）") main=loss extra=eval_loss />
                 <LineChart id="chart-lr" title=title("Learning rate", "学习率") main=learning_rate from_zero=true />
                 <LineChart id="chart-acc" title=title("Token accuracy", "Token 准确率") main=token_acc from_zero=true />
+            </div>
+            <div class="job-tools">
+                <div>
+                    <CheckpointsPanel id=id.clone() status=status checkpoints=saved />
+                    <div>{move || diagnostic_list(saved_errors.get(), lang.get())}</div>
+                </div>
+                <ChatBox id=id.clone() checkpoints=saved />
             </div>
             <h3>{t(lang, "Log", "日志")}</h3>
             <pre class="log" id="job-log">{move || log.with(|l| l.join("\n"))}</pre>

@@ -6,7 +6,10 @@
 mod api;
 mod app;
 mod chart;
+mod chat;
+mod checkpoints;
 mod command;
+mod compare;
 mod derived;
 mod form;
 mod i18n;

@@ -1,5 +1,5 @@
-//! Routing by URL: `#/jobs`, `#/jobs/<id>` and the editor (also under `/s/<id>`, a short share
-//! link the server answers with the page).
+//! Routing by URL: `#/jobs`, `#/jobs/<id>`, `#/compare/<id>,<id>,...` and the editor (also
+//! under `/s/<id>`, a short share link the server answers with the page).
 
 use leptos::prelude::*;
 
@@ -8,6 +8,8 @@ pub enum Route {
     Editor,
     Jobs,
     Job(String),
+    /// Runs compared side by side (`#/compare/1,2,3`).
+    Compare(Vec<i64>),
 }
 
 pub fn hash() -> String {
@@ -20,6 +22,9 @@ pub fn pathname() -> String {
 
 pub fn current() -> Route {
     let hash = hash();
+    if let Some(ids) = hash.strip_prefix("#/compare/") {
+        return Route::Compare(compare_ids(ids));
+    }
     match hash.strip_prefix("#/jobs") {
         Some(rest) => match rest.strip_prefix('/') {
             Some(id) if !id.is_empty() => Route::Job(id.to_string()),
@@ -27,6 +32,13 @@ pub fn current() -> Route {
         },
         None => Route::Editor,
     }
+}
+
+/// `1,2,3` as job ids (what does not read as one is left out).
+pub fn compare_ids(text: &str) -> Vec<i64> {
+    text.split(',')
+        .filter_map(|id| id.trim().parse().ok())
+        .collect()
 }
 
 /// The id of a short share link's path (`/s/<id>`).

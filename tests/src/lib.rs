@@ -1,10 +1,12 @@
 //! Helpers for whet's end-to-end tests: where the workspace's build outputs are, the binaries
 //! and tools a test needs (`prerequisites`), a tiny static file server for the studio's
-//! `app/dist`, and a headless Chromium driven through chromedriver.
+//! `app/dist`, a real whet-server with the `whet` binary (`whet_server`), and a headless
+//! Chromium driven through chromedriver.
 
 pub mod browser;
 pub mod prerequisites;
 pub mod static_server;
+pub mod whet_server;
 
 use std::path::{Path, PathBuf};
 

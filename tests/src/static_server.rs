@@ -154,6 +154,18 @@ pub struct FakeApi {
     /// Every API request received, in order.
     pub requests: Mutex<Vec<ApiRequest>>,
     shares: Mutex<Vec<String>>,
+    /// Answers a test set with `answer_with`, tried before the built-in routes.
+    canned: Mutex<Vec<Canned>>,
+}
+
+/// One canned answer: method, path, status line, content type, body.
+#[derive(Debug, Clone)]
+struct Canned {
+    method: String,
+    path: String,
+    status: String,
+    kind: String,
+    body: String,
 }
 
 async fn send(mut stream: TcpStream, status: &str, kind: &str, body: &str) -> std::io::Result<()> {
@@ -172,7 +184,32 @@ impl FakeApi {
             token: token.to_string(),
             requests: Mutex::new(Vec::new()),
             shares: Mutex::new(Vec::new()),
+            canned: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Answers `method path` with `status` (`200 OK`), `kind` and `body`. Several answers to
+    /// one route are given in order, the last one again and again.
+    pub fn answer_with(&self, method: &str, path: &str, status: &str, kind: &str, body: &str) {
+        self.canned.lock().unwrap().push(Canned {
+            method: method.into(),
+            path: path.into(),
+            status: status.into(),
+            kind: kind.into(),
+            body: body.into(),
+        });
+    }
+
+    fn canned_answer(&self, request: &ApiRequest) -> Option<Canned> {
+        let mut canned = self.canned.lock().unwrap();
+        let matching: Vec<usize> = (0..canned.len())
+            .filter(|&i| canned[i].method == request.method && canned[i].path == request.path)
+            .collect();
+        match matching.as_slice() {
+            [] => None,
+            [only] => Some(canned[*only].clone()),
+            [first, ..] => Some(canned.remove(*first)),
+        }
     }
 
     pub fn received(&self, method: &str, path: &str) -> Vec<ApiRequest> {
@@ -187,6 +224,9 @@ impl FakeApi {
 
     async fn answer(&self, mut stream: TcpStream, request: ApiRequest) -> std::io::Result<()> {
         self.requests.lock().unwrap().push(request.clone());
+        if let Some(canned) = self.canned_answer(&request) {
+            return send(stream, &canned.status, &canned.kind, &canned.body).await;
+        }
         let json = "application/json";
         let authorised =
             request.authorization.as_deref() == Some(&format!("Bearer {}", self.token));
