@@ -246,8 +246,9 @@ async fn checkpoints_resume_chat_and_compare_with_whet_server() {
         || async {
             let errors = browser.text_of("#chat-errors").await.unwrap_or_default();
             assert!(errors.is_empty(), "chat errors: {errors}");
+            // The answer after the think block (the block's own sums are not it).
             browser
-                .text_of("#chat-reply")
+                .text_of("#chat-reply .answer")
                 .await
                 .filter(|r| r.contains("81"))
         },
