@@ -7,6 +7,7 @@ mod api;
 mod app;
 mod chart;
 mod command;
+mod data;
 mod derived;
 mod form;
 mod i18n;
