@@ -17,6 +17,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod plot;
+pub mod preview;
 pub mod quant;
 pub mod rng;
 pub mod sync;

@@ -444,3 +444,61 @@ fn check_shows_what_lora_and_qlora_train_and_hold() {
     assert_eq!(refusal["field"], "quant_bits");
     assert!(refusal["fix"].as_str().unwrap().contains("--quant_bits 4"));
 }
+
+/// `whet dataset preview` on the demo, as the server runs it: flags after `--config` win, and
+/// `--json` is recognised among them.
+#[test]
+fn dataset_preview_renders_the_demo_rows_with_their_trained_tokens() {
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let output = whet()
+        .current_dir(&root)
+        .args(["dataset", "preview", "--config", "examples/demo.yaml"])
+        .args(["--max_length", "40", "--json", "--rows", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let preview: whet_shared::preview::DatasetPreview =
+        serde_json::from_slice(&output.stdout).expect("a DatasetPreview");
+    assert_eq!((preview.rows.len(), preview.max_length), (3, 40));
+    assert!(preview.lengths.over_max_length > 0);
+    assert!(preview.rows[0].tokens.iter().any(|t| t.trained));
+
+    // For a person: the trained text between ⟦ ⟧ when not on a terminal.
+    let output = whet()
+        .current_dir(&root)
+        .args([
+            "dataset",
+            "preview",
+            "--config",
+            "examples/demo.yaml",
+            "--rows",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success());
+    assert!(
+        text.contains("⟦<think>") && text.contains("<|im_end|>⟧"),
+        "{text}"
+    );
+
+    // A missing dataset fails with its name; --rows 0 is a usage error.
+    let output = whet()
+        .current_dir(&root)
+        .args(["dataset", "preview", "--config", "examples/demo.yaml"])
+        .args(["--dataset", "no/such.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no/such.jsonl"));
+    let output = whet()
+        .args(["dataset", "preview", "--rows", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}

@@ -4,6 +4,7 @@
 mod bench;
 mod check;
 mod convert;
+mod dataset;
 mod export;
 mod infer;
 mod input;
@@ -41,6 +42,8 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Answer a query, or a validation file, with a model folder or checkpoint.
     Infer(infer::InferArgs),
+    /// Look at datasets as training sees them: `whet dataset preview [--config FILE | flags]`.
+    Dataset(dataset::DatasetArgs),
     /// Merge a LoRA adapter into its base model and write a full Hugging Face model folder.
     Export(export::ExportArgs),
     /// Benchmarks: `whet bench train --size tiny|small|medium`.
@@ -85,14 +88,18 @@ impl Cli {
 pub fn own_options_first(args: Vec<OsString>) -> Vec<OsString> {
     let mut command = Cli::command();
     command.build();
-    let Some(sub) = args
-        .get(1)
+    // The innermost subcommand named (`whet dataset preview` has two levels).
+    let mut sub = &command;
+    let mut depth = 1;
+    while let Some(inner) = args
+        .get(depth)
         .and_then(|a| a.to_str())
-        .and_then(|name| command.get_subcommands().find(|s| s.get_name() == name))
-    else {
-        return args;
-    };
-    if !sub.get_positionals().any(|a| a.is_trailing_var_arg_set()) {
+        .and_then(|name| sub.get_subcommands().find(|s| s.get_name() == name))
+    {
+        sub = inner;
+        depth += 1;
+    }
+    if depth == 1 || !sub.get_positionals().any(|a| a.is_trailing_var_arg_set()) {
         return args;
     }
     // Each own option's spellings, and whether a value follows it.
@@ -106,8 +113,8 @@ pub fn own_options_first(args: Vec<OsString>) -> Vec<OsString> {
             long.into_iter().chain(short).map(move |w| (w, takes_value))
         })
         .collect();
-    let (mut front, mut flags) = (args[..2].to_vec(), Vec::new());
-    let mut words = args.into_iter().skip(2);
+    let (mut front, mut flags) = (args[..depth].to_vec(), Vec::new());
+    let mut words = args.into_iter().skip(depth);
     while let Some(word) = words.next() {
         let text = word.to_string_lossy();
         let spelled = text.split_once('=').map_or(&*text, |(name, _)| name);
@@ -133,6 +140,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Infer(args) => infer::run(args),
+        Command::Dataset(args) => dataset::run(args),
         Command::Export(args) => export::run(args),
         Command::Bench(args) => bench::run(args),
     };

@@ -94,24 +94,69 @@ fn role_of(name: &str) -> Option<Role> {
     }
 }
 
+/// Which of the formats a row is in, as ms-swift's AutoPreprocessor tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RowKind {
+    /// `messages` (also `conversation(s)`, sharegpt pairs, `from`/`value` keys).
+    Messages,
+    /// instruction/input/output.
+    Alpaca,
+    /// query/response (and their aliases), with an optional history.
+    QueryResponse,
+    /// `liucong/Chinese-DeepSeek-R1-Distill-data-110k`'s input, content, reasoning_content.
+    R1Distill,
+}
+
+impl RowKind {
+    /// The name the dataset preview reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            RowKind::Messages => "messages",
+            RowKind::Alpaca => "alpaca",
+            RowKind::QueryResponse => "query_response",
+            RowKind::R1Distill => "r1_distill",
+        }
+    }
+}
+
+const MESSAGES_KEYS: [&str; 3] = ["messages", "conversation", "conversations"];
+
+/// The row's format: the dataset's registration decides, else the row's columns.
+pub fn row_kind(row: &Map<String, Value>, format: RowFormat) -> RowKind {
+    match format {
+        RowFormat::R1Distill => RowKind::R1Distill,
+        RowFormat::Auto if MESSAGES_KEYS.iter().any(|k| row.contains_key(*k)) => RowKind::Messages,
+        RowFormat::Auto if row.contains_key("instruction") && row.contains_key("input") => {
+            RowKind::Alpaca
+        }
+        RowFormat::Auto => RowKind::QueryResponse,
+    }
+}
+
 /// Converts one row.
 pub fn row_to_conversation(row: &Value, format: RowFormat) -> Result<Conversation, RowError> {
+    row_to_conversation_of_kind(row, format).map(|(conversation, _)| conversation)
+}
+
+/// Converts one row; also answers the format it was read in.
+pub fn row_to_conversation_of_kind(
+    row: &Value,
+    format: RowFormat,
+) -> Result<(Conversation, RowKind), RowError> {
     let row = row.as_object().ok_or(RowError::NotAnObject)?;
-    let conversation = match format {
-        RowFormat::R1Distill => r1_distill(row)?,
-        RowFormat::Auto => {
-            if let Some(messages) = ["messages", "conversation", "conversations"]
+    let kind = row_kind(row, format);
+    let conversation = match kind {
+        RowKind::R1Distill => r1_distill(row)?,
+        RowKind::Messages => {
+            let messages = MESSAGES_KEYS
                 .iter()
                 .find_map(|k| row.get(*k))
-            {
-                let system = unique_alias(row, SYSTEM_ALIASES).and_then(text_of);
-                messages_format(messages, system)?
-            } else if row.contains_key("instruction") && row.contains_key("input") {
-                alpaca(row)?
-            } else {
-                query_response(row)?
-            }
+                .ok_or(RowError::NoConversation)?;
+            let system = unique_alias(row, SYSTEM_ALIASES).and_then(text_of);
+            messages_format(messages, system)?
         }
+        RowKind::Alpaca => alpaca(row)?,
+        RowKind::QueryResponse => query_response(row)?,
     };
     if !conversation
         .messages
@@ -120,7 +165,7 @@ pub fn row_to_conversation(row: &Value, format: RowFormat) -> Result<Conversatio
     {
         return Err(RowError::NoAssistant);
     }
-    Ok(conversation)
+    Ok((conversation, kind))
 }
 
 fn messages_format(messages: &Value, system: Option<String>) -> Result<Conversation, RowError> {

@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use whet_shared::dataset_spec::{DatasetSpec, Hub};
+use whet_shared::preview::{BadRow, FormatCount, RowOrigin, MAX_BAD_ROWS_LISTED};
 
 use crate::rng::SplitMix64;
 
 pub use crate::hub::HubSettings;
-pub use formats::{row_to_conversation, RowError, RowFormat};
+pub use formats::{row_to_conversation, row_to_conversation_of_kind, RowError, RowFormat, RowKind};
 pub use sampling::{data_rng, sample_indices};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -104,6 +105,40 @@ pub struct LoadedDataset {
     pub rows: Vec<Conversation>,
     /// Malformed rows dropped (not counting `#N` sampling).
     pub dropped: usize,
+    /// Where each row came from, beside `rows`: an index into `files` and the 1-based row number.
+    pub origins: Vec<(u32, u64)>,
+    pub files: Vec<String>,
+    /// The first malformed rows, with where they are and what is wrong.
+    pub bad_rows: Vec<BadRow>,
+    /// Rows read in each format (before `#N` sampling), most first.
+    pub formats: Vec<FormatCount>,
+}
+
+impl LoadedDataset {
+    /// Where row `index` came from.
+    pub fn origin(&self, index: usize) -> RowOrigin {
+        let (file, row) = self.origins[index];
+        RowOrigin {
+            spec: self.spec.clone(),
+            file: self.files[file as usize].clone(),
+            row,
+        }
+    }
+}
+
+const SELF_COGNITION_FILE: &str = "self-cognition (built in)";
+
+/// Counts per format, most first (ties by name).
+fn format_counts(counts: std::collections::BTreeMap<&'static str, u64>) -> Vec<FormatCount> {
+    let mut formats: Vec<FormatCount> = counts
+        .into_iter()
+        .map(|(format, rows)| FormatCount {
+            format: format.to_string(),
+            rows,
+        })
+        .collect();
+    formats.sort_by(|a, b| b.rows.cmp(&a.rows));
+    formats
 }
 
 /// Registered datasets whose rows need their own rules; `id` is ms-swift's (ModelScope's),
@@ -163,11 +198,23 @@ pub fn load(
         spec: spec_text.to_string(),
         message,
     };
-    let (mut rows, dropped) = if self_cognition::is_self_cognition(&spec.id) {
+    let mut loaded = LoadedDataset {
+        spec: spec_text.to_string(),
+        rows: Vec::new(),
+        dropped: 0,
+        origins: Vec::new(),
+        files: Vec::new(),
+        bad_rows: Vec::new(),
+        formats: Vec::new(),
+    };
+    let mut formats = std::collections::BTreeMap::new();
+    if self_cognition::is_self_cognition(&spec.id) {
         let subset = spec.subsets.first().map_or("default", String::as_str);
-        let rows = self_cognition::rows(subset, &options.model_name, &options.model_author)
+        loaded.rows = self_cognition::rows(subset, &options.model_name, &options.model_author)
             .map_err(spec_error)?;
-        (rows, 0)
+        loaded.files.push(SELF_COGNITION_FILE.to_string());
+        loaded.origins = (1..=loaded.rows.len() as u64).map(|row| (0, row)).collect();
+        formats.insert("self_cognition", loaded.rows.len() as u64);
     } else {
         let format = registration(&spec.id).map_or(RowFormat::Auto, |r| r.format);
         let local = Path::new(&spec.id);
@@ -188,9 +235,9 @@ pub fn load(
                 .map_err(|e| spec_error(e.to_string()))?
         };
         let files = data_files(&root, &spec.subsets).map_err(spec_error)?;
-        let mut rows = Vec::new();
-        let mut dropped = 0;
         for file in files {
+            let file_index = loaded.files.len() as u32;
+            loaded.files.push(file.display().to_string());
             for (index, row) in read_rows(&file)
                 .map_err(|message| DatasetError::Read {
                     spec: spec_text.to_string(),
@@ -201,11 +248,15 @@ pub fn load(
                 .enumerate()
             {
                 let converted = match row {
-                    Ok(value) => row_to_conversation(&value, format),
+                    Ok(value) => row_to_conversation_of_kind(&value, format),
                     Err(message) => Err(RowError::BadColumn("row", message)),
                 };
                 match converted {
-                    Ok(c) => rows.push(c),
+                    Ok((conversation, kind)) => {
+                        loaded.rows.push(conversation);
+                        loaded.origins.push((file_index, index as u64 + 1));
+                        *formats.entry(kind.name()).or_insert(0) += 1;
+                    }
                     Err(error) if options.strict => {
                         return Err(DatasetError::StrictRow {
                             spec: spec_text.to_string(),
@@ -213,24 +264,39 @@ pub fn load(
                             error,
                         })
                     }
-                    Err(_) => dropped += 1,
+                    Err(error) => {
+                        loaded.dropped += 1;
+                        if loaded.bad_rows.len() < MAX_BAD_ROWS_LISTED {
+                            loaded.bad_rows.push(BadRow {
+                                origin: RowOrigin {
+                                    spec: spec_text.to_string(),
+                                    file: file.display().to_string(),
+                                    row: index as u64 + 1,
+                                },
+                                error: error.to_string(),
+                            });
+                        }
+                    }
                 }
             }
         }
-        (rows, dropped)
-    };
-    if rows.is_empty() {
-        return Err(spec_error("no usable rows".into()));
+    }
+    loaded.formats = format_counts(formats);
+    if loaded.rows.is_empty() {
+        let first_bad = loaded.bad_rows.first().map_or(String::new(), |bad| {
+            format!(
+                " ({} malformed; the first, {} row {}: {})",
+                loaded.dropped, bad.origin.file, bad.origin.row, bad.error
+            )
+        });
+        return Err(spec_error(format!("no usable rows{first_bad}")));
     }
     if let Some(n) = spec.sample {
-        let indices = sample_indices(rows.len(), n as usize, options.dataset_shuffle, rng);
-        rows = indices.into_iter().map(|i| rows[i].clone()).collect();
+        let indices = sample_indices(loaded.rows.len(), n as usize, options.dataset_shuffle, rng);
+        loaded.rows = indices.iter().map(|&i| loaded.rows[i].clone()).collect();
+        loaded.origins = indices.iter().map(|&i| loaded.origins[i]).collect();
     }
-    Ok(LoadedDataset {
-        spec: spec_text.to_string(),
-        rows,
-        dropped,
-    })
+    Ok(loaded)
 }
 
 const DATA_EXTENSIONS: &[&str] = &["jsonl", "json", "csv", "parquet"];

@@ -94,7 +94,7 @@ pub struct Segment {
 
 /// The reasoning and answer of an assistant message, as the Qwen3 chat template splits them:
 /// `reasoning_content` if given, else an inline `<think>...</think>` prefix of the content.
-fn split_reasoning(message: &Message) -> (String, String) {
+pub(crate) fn split_reasoning(message: &Message) -> (String, String) {
     let (reasoning, content) = match &message.reasoning_content {
         Some(reasoning) => (reasoning.clone(), message.content.clone()),
         None => match message.content.split_once("</think>") {
@@ -208,9 +208,10 @@ pub fn rows_training_think_opener(rows: &[Conversation], options: &RenderOptions
 
 /// The console's warning for [`rows_training_think_opener`]'s count, if any.
 pub fn think_opener_warning(rows: usize, total: usize) -> Option<String> {
-    (rows > 0).then(|| format!(
-        "Warning: {rows} of {total} training row(s) start the assistant reply with `<think>` in their content, for template qwen3_thinking. Qwen3-*-Thinking-2507 chat templates already put `<think>\\n` in the prompt at inference, so clients may show replies without the opener or with it twice (ms-swift #8130). Put the reasoning in `reasoning_content` (whet renders it as the think block) so the data says what the template adds, and prepend `<think>\\n` when displaying generated text (whet infer does)."
-    ))
+    (rows > 0).then(|| {
+        let d = whet_shared::preview::think_opener(rows as u64, total as u64);
+        format!("Warning: {} Fix: {}; prepend `<think>\\n` when displaying generated text (whet infer does).", d.message_en, d.fix)
+    })
 }
 
 /// Token ids and labels of one rendered conversation (before padding).
@@ -272,14 +273,16 @@ impl ChatTokenizer {
 
     /// Ids of `text` without any added BOS/EOS.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {
-        let encoding = self
-            .tokenizer
+        Ok(self.encoding(text)?.get_ids().to_vec())
+    }
+
+    fn encoding(&self, text: &str) -> Result<tokenizers::Encoding, DataError> {
+        self.tokenizer
             .encode(text, false)
             .map_err(|e| DataError::Tokenizer {
                 path: "tokenizer.json".into(),
                 message: e.to_string(),
-            })?;
-        Ok(encoding.get_ids().to_vec())
+            })
     }
 
     /// Renders and tokenizes a conversation; each segment is encoded on its own (segments end
@@ -289,12 +292,34 @@ impl ChatTokenizer {
         conversation: &Conversation,
         options: &RenderOptions,
     ) -> Result<Sample, DataError> {
+        self.encode_rendered(conversation, options, None)
+    }
+
+    /// [`Self::encode_conversation`], with each token's share of the rendered text beside it
+    /// (the shares join to the whole text).
+    pub fn encode_conversation_with_text(
+        &self,
+        conversation: &Conversation,
+        options: &RenderOptions,
+    ) -> Result<(Sample, Vec<String>), DataError> {
+        let mut texts = Vec::new();
+        let sample = self.encode_rendered(conversation, options, Some(&mut texts))?;
+        Ok((sample, texts))
+    }
+
+    fn encode_rendered(
+        &self,
+        conversation: &Conversation,
+        options: &RenderOptions,
+        mut texts: Option<&mut Vec<String>>,
+    ) -> Result<Sample, DataError> {
         let mut sample = Sample {
             input_ids: Vec::new(),
             labels: Vec::new(),
         };
         for segment in render(conversation, options) {
-            let ids = self.encode(&segment.text)?;
+            let encoding = self.encoding(&segment.text)?;
+            let ids = encoding.get_ids();
             sample.labels.extend(ids.iter().map(|&id| {
                 if segment.trained {
                     id as i64
@@ -303,12 +328,36 @@ impl ChatTokenizer {
                 }
             }));
             sample.input_ids.extend(ids);
+            if let Some(texts) = texts.as_deref_mut() {
+                texts.extend(token_texts(&segment.text, encoding.get_offsets()));
+            }
         }
         if let Some(first) = sample.labels.first_mut() {
             *first = IGNORE_INDEX;
         }
         Ok(sample)
     }
+}
+
+/// Each token's share of `text` from the tokenizer's byte offsets: from where the previous token
+/// ended to where this one ends, widened to whole characters (a byte-level token may hold part
+/// of one), the last taking the rest — so the shares join to `text` exactly.
+fn token_texts(text: &str, offsets: &[(usize, usize)]) -> Vec<String> {
+    let mut shares = Vec::with_capacity(offsets.len());
+    let mut from = 0;
+    for (index, &(_, end)) in offsets.iter().enumerate() {
+        let mut to = if index + 1 == offsets.len() {
+            text.len()
+        } else {
+            end.clamp(from, text.len())
+        };
+        while !text.is_char_boundary(to) {
+            to += 1;
+        }
+        shares.push(text[from..to].to_string());
+        from = to;
+    }
+    shares
 }
 
 /// Loads the rows of dataset specs (any source and format `crate::dataset` reads), with `#N`
@@ -319,20 +368,24 @@ pub fn load_specs(
     sft: &whet_shared::SftConfig,
     rng: &mut SplitMix64,
 ) -> Result<(Vec<Conversation>, usize), DataError> {
-    let options = LoadOptions {
+    let mut rows = Vec::new();
+    let mut dropped = 0;
+    for loaded in dataset::load_all(specs, field, &load_options(sft), rng)? {
+        dropped += loaded.dropped;
+        rows.extend(loaded.rows);
+    }
+    Ok((rows, dropped))
+}
+
+/// What the dataset loader takes from the config.
+pub fn load_options(sft: &whet_shared::SftConfig) -> LoadOptions {
+    LoadOptions {
         dataset_shuffle: sft.dataset_shuffle,
         strict: sft.strict,
         model_name: sft.model_name.clone(),
         model_author: sft.model_author.clone(),
         hub: HubSettings::from_env(sft.use_hf),
-    };
-    let mut rows = Vec::new();
-    let mut dropped = 0;
-    for loaded in dataset::load_all(specs, field, &options, rng)? {
-        dropped += loaded.dropped;
-        rows.extend(loaded.rows);
     }
-    Ok((rows, dropped))
 }
 
 /// Splits off `max(int(rows * ratio), 1)` random rows for validation (datasets'

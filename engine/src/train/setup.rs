@@ -177,6 +177,54 @@ pub fn sharding(config: &JobConfig) -> anyhow::Result<Sharding> {
     })
 }
 
+/// What turns a config's datasets into samples, as training resolves it: the model's tokenizer,
+/// the template and max_length. `whet dataset preview` renders with the same.
+pub struct DataSettings {
+    pub model_id: String,
+    pub model_dir: PathBuf,
+    pub model_config: ModelConfig,
+    pub template_name: String,
+    pub tokenizer: ChatTokenizer,
+    pub max_length: usize,
+    pub render: RenderOptions,
+}
+
+impl DataSettings {
+    pub fn resolve(config: &JobConfig) -> anyhow::Result<Self> {
+        let sft = &config.sft;
+        let model_id = sft.model.clone().context(
+            "--model is required: a local model folder or a hub id such as Qwen/Qwen3-0.6B",
+        )?;
+        let model_dir = crate::hub::resolve_model_dir(&model_id, sft)?;
+        let model_config = ModelConfig::from_model_dir(&model_dir)?;
+        let config_text = std::fs::read_to_string(model_dir.join("config.json"))?;
+        let facts = ModelFacts::from_config_json(&model_id, &config_text).ok();
+        let template_name = sft
+            .template
+            .clone()
+            .or_else(|| facts.as_ref().map(|f| f.template.clone()))
+            .unwrap_or_else(|| "qwen3".into());
+        let tokenizer = ChatTokenizer::from_model_dir(&model_dir)?;
+        let max_length = sft
+            .max_length
+            .map_or(model_config.max_position_embeddings, |m| m.max(1) as usize);
+        let render = RenderOptions {
+            template: Template::parse(&template_name)?,
+            default_system: sft.system.clone(),
+            disable_ignore_empty_think: sft.disable_ignore_empty_think,
+        };
+        Ok(Self {
+            model_id,
+            model_dir,
+            model_config,
+            template_name,
+            tokenizer,
+            max_length,
+            render,
+        })
+    }
+}
+
 pub struct Setup {
     pub sharding: Sharding,
     pub model_id: String,
@@ -210,29 +258,21 @@ impl Setup {
                 .map_err(|d| anyhow::anyhow!("{}: {} ({})", d.field, d.message_en, d.fix))?,
         };
 
-        let model_id = sft.model.clone().context(
-            "--model is required: a local model folder or a hub id such as Qwen/Qwen3-0.6B",
-        )?;
-        let model_dir = crate::hub::resolve_model_dir(&model_id, sft)?;
-        let model_config = ModelConfig::from_model_dir(&model_dir)?;
+        let DataSettings {
+            model_id,
+            model_dir,
+            model_config,
+            template_name,
+            tokenizer,
+            max_length,
+            render,
+        } = DataSettings::resolve(config)?;
         let dtype = sft
             .torch_dtype
             .map(crate::dtype::to_candle)
             .or(model_config.torch_dtype)
             .unwrap_or(DType::F32);
-
-        let config_text = std::fs::read_to_string(model_dir.join("config.json"))?;
-        let facts = ModelFacts::from_config_json(&model_id, &config_text).ok();
-        let template_name = sft
-            .template
-            .clone()
-            .or_else(|| facts.as_ref().map(|f| f.template.clone()))
-            .unwrap_or_else(|| "qwen3".into());
-        let tokenizer = ChatTokenizer::from_model_dir(&model_dir)?;
-        let max_length = sft
-            .max_length
-            .map_or(model_config.max_position_embeddings, |m| m.max(1) as usize);
-        let data = prepare_data(config, &template_name, &tokenizer, max_length, console)?;
+        let data = prepare_data(config, &render, &tokenizer, max_length, console)?;
         let plan = Plan::new(config, data.train.len() as u64)?;
         if plan.evaluates() && data.val.is_empty() {
             bail!("evaluation is on but no validation sample is left; check --val_dataset, --split_dataset_ratio and --max_length");
@@ -415,18 +455,13 @@ pub fn adamw_config(config: &JobConfig) -> AdamWConfig {
 /// Loads, renders and tokenizes the datasets, saying on the console what was dropped.
 fn prepare_data(
     config: &JobConfig,
-    template_name: &str,
+    render_options: &RenderOptions,
     tokenizer: &ChatTokenizer,
     max_length: usize,
     console: &Console,
 ) -> anyhow::Result<PreparedData> {
     let sft = &config.sft;
-    let render_options = RenderOptions {
-        template: Template::parse(template_name)?,
-        default_system: sft.system.clone(),
-        disable_ignore_empty_think: sft.disable_ignore_empty_think,
-    };
-    let prepared = data::prepare(sft, tokenizer, &render_options, max_length)?;
+    let prepared = data::prepare(sft, tokenizer, render_options, max_length)?;
     if prepared.dropped_rows > 0 {
         console.line(&format!(
             "Dataset rows dropped: {} malformed row(s) (use --strict true to stop at the first one instead)",
