@@ -23,6 +23,7 @@ use whet_shared::report::FailedReport;
 use whet_shared::{CheckContext, Diagnostic, JobConfig};
 
 use crate::auth::{Authorized, BearerToken};
+use crate::commands::Commands;
 use crate::db::{JobRow, Store};
 use crate::error::{ApiError, ApiResult};
 use crate::events::{self, EventHub};
@@ -38,6 +39,7 @@ pub const SHARE_ID_LEN: usize = 12;
 
 #[derive(Clone)]
 pub struct AppState {
+    pub commands: Commands,
     pub store: Store,
     pub token: Arc<BearerToken>,
     pub roots: Arc<AllowedRoots>,
@@ -60,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/jobs/{id}", get(job))
         .route("/api/jobs/{id}/events", get(job_events))
         .route("/api/jobs/{id}/cancel", post(cancel_job))
+        .route("/api/datasets/preview", post(preview_dataset))
         .route("/api/shares", post(create_share))
         .route("/api/shares/{id}", get(share))
         .route("/", get(studio::index))
@@ -187,6 +190,50 @@ async fn cancel_job(
         CancelOutcome::NotFound => Err(no_job(id)),
     }
 }
+
+#[derive(Debug, Deserialize)]
+struct PreviewQuery {
+    rows: Option<String>,
+}
+
+/// Rows a preview may render in full.
+const MAX_PREVIEW_ROWS: u32 = 50;
+
+/// What `whet dataset preview --json` prints for the config, run as a child process. Only the
+/// paths it reads are judged (the model, adapters and datasets), so a config still being
+/// edited can be previewed.
+async fn preview_dataset(
+    State(state): State<AppState>,
+    Query(query): Query<PreviewQuery>,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Json<whet_shared::preview::DatasetPreview>> {
+    let rows = match query.rows.as_deref() {
+        None => whet_shared::preview::DEFAULT_ROWS as u32,
+        Some(text) => text
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_PREVIEW_ROWS).contains(n))
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "`rows` must be a whole number from 1 to {MAX_PREVIEW_ROWS}, not `{text}`"
+                ))
+            })?,
+    };
+    let config = config_from_document(body).map_err(|d| ApiError::invalid(d.0))?;
+    let refused: Vec<Diagnostic> = state
+        .roots
+        .check_job(&config)
+        .into_iter()
+        .filter(|d| d.is_error() && PREVIEW_READS.contains(&d.field.as_str()))
+        .collect();
+    if !refused.is_empty() {
+        return Err(ApiError::invalid(refused));
+    }
+    Ok(Json(state.commands.dataset_preview(&config, rows).await?))
+}
+
+/// The fields whose paths a dataset preview reads.
+const PREVIEW_READS: [&str; 4] = ["model", "adapters", "dataset", "val_dataset"];
 
 async fn create_share(
     _: Authorized,

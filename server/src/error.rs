@@ -1,7 +1,8 @@
 //! The one error type of the HTTP API. Every failure a client sees has the same JSON shape,
 //! `{"error": {"code", "message", "diagnostics"?}}`, and the status code that says what went
 //! wrong: 400 bad JSON, 401 no or wrong token, 404, 409, 413 body over the limit, 422 invalid
-//! config (with the diagnostics that say why), 500 for our own failures.
+//! config (with the diagnostics that say why), 500 for our own failures, 503 when a helper command
+//! cannot run now.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -28,6 +29,9 @@ pub enum ApiError {
         message: String,
         diagnostics: Vec<Diagnostic>,
     },
+    /// A helper command could not run now (all slots busy, or it ran past its time).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error: {0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -56,6 +60,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -70,6 +75,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::Invalid { .. } => "invalid_config",
+            ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
     }

@@ -8,12 +8,14 @@
 //!
 //! Modules: `cli` (flags), `server` (start-up), `api` (router and handlers), `error` (the one
 //! error type), `auth` (token), `paths` (what jobs may read), `db` (storage), `events` (per-job
-//! event streams), `executor` (the run queue, devices and child processes), `studio` (static
-//! pages), `ids` (random ids and times).
+//! event streams), `executor` (the run queue, devices and child processes), `commands` (the short
+//! `whet` commands beside jobs: dataset preview), `studio` (static pages), `ids` (random ids and
+//! times).
 
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod commands;
 pub mod db;
 pub mod error;
 pub mod events;

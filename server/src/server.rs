@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use crate::api::{self, AppState};
 use crate::auth::{BearerToken, TokenSource};
 use crate::cli::Args;
+use crate::commands::Commands;
 use crate::db::Store;
 use crate::events::EventHub;
 use crate::executor::{Executor, ExecutorSettings};
@@ -77,7 +78,9 @@ impl App {
             events.clone(),
         );
         let interrupted = executor.recover().await?;
+        let commands = Commands::new(args.whet_bin(), &data_dir);
         let state = AppState {
+            commands,
             store,
             token: Arc::new(token),
             roots: Arc::new(roots),
