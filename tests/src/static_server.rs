@@ -210,7 +210,10 @@ impl FakeApi {
             return ("422 Unprocessable Entity", diagnostics.to_string());
         }
         let Some(preview) = self.preview.lock().unwrap().clone() else {
-            return ("500 Internal Server Error", r#"{"error":"no preview set"}"#.into());
+            return (
+                "500 Internal Server Error",
+                r#"{"error":"no preview set"}"#.into(),
+            );
         };
         let rows: usize = request
             .query

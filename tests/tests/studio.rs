@@ -465,7 +465,6 @@ async fn with_a_backend_short_links_submit_and_the_live_job_view_work() {
 /// A whet-server on a free port running the real `whet`, serving app/dist, with its database
 /// and jobs in a fresh folder (removed on drop, with the server).
 struct WhetServer {
-    base: String,
     token: &'static str,
     data: std::path::PathBuf,
     child: tokio::process::Child,
@@ -520,12 +519,7 @@ impl WhetServer {
             .await;
         browser.goto(&format!("{base}/")).await;
         set_language(browser, "en").await;
-        WhetServer {
-            base,
-            token,
-            data,
-            child,
-        }
+        WhetServer { token, data, child }
     }
 }
 
@@ -608,6 +602,18 @@ async fn wait_rows(browser: &Browser, rows: usize) {
 async fn data_tab_previews_the_demo_through_whet_server() {
     let browser = Browser::start().await;
     let server = WhetServer::start(&browser).await;
+    // The empty config has no dataset: the server's 422 names the field.
+    browser.click("#nav-data").await;
+    browser
+        .wait_text("#preview-errors .diag.error[data-field=dataset]")
+        .await;
+    assert_eq!(
+        browser
+            .count("#preview-errors .diag[data-code=server_error]")
+            .await,
+        0
+    );
+    browser.click("#nav-editor").await;
     browser.click("button[data-preset=demo]").await;
     browser.click("#nav-data").await;
     wait_rows(&browser, preview::DEFAULT_ROWS).await;
@@ -630,8 +636,15 @@ async fn data_tab_previews_the_demo_through_whet_server() {
     let reasoning = said("assistant", "reasoning_content");
 
     assert!(browser.count("#preview-rowlist span.tok.trained").await > 0);
-    assert!(browser.count("#preview-rowlist span.tok:not(.trained)").await > 0);
-    let origin = browser.wait_text("#preview-rowlist .preview-row .origin").await;
+    assert!(
+        browser
+            .count("#preview-rowlist span.tok:not(.trained)")
+            .await
+            > 0
+    );
+    let origin = browser
+        .wait_text("#preview-rowlist .preview-row .origin")
+        .await;
     assert!(origin.ends_with("train.jsonl"), "{origin}");
     assert_eq!(
         attribute(&browser, "#preview-rowlist .preview-row", "data-row")
@@ -654,7 +667,12 @@ async fn data_tab_previews_the_demo_through_whet_server() {
         "{think:?}"
     );
     assert!(think.contains(&reasoning), "{think:?}");
-    assert!(browser.count("#preview-rowlist span.tok.think.trained").await > 0);
+    assert!(
+        browser
+            .count("#preview-rowlist span.tok.think.trained")
+            .await
+            > 0
+    );
     // Every token says its id.
     let id = attribute(&browser, "#preview-rowlist span.tok", "title")
         .await
@@ -875,8 +893,16 @@ async fn data_tab_draws_every_part_of_a_preview() {
     );
 
     // The rows: origin, lengths, badges, and the tokens with their marks.
-    let head = browser.wait_text("#preview-rowlist .preview-row .row-head").await;
-    for part in ["data/train.jsonl", "row 1", "15 / 16 tokens", "6 trained", "fits"] {
+    let head = browser
+        .wait_text("#preview-rowlist .preview-row .row-head")
+        .await;
+    for part in [
+        "data/train.jsonl",
+        "row 1",
+        "15 / 16 tokens",
+        "6 trained",
+        "fits",
+    ] {
         assert!(head.contains(part), "{head}");
     }
     assert_eq!(
@@ -891,10 +917,7 @@ async fn data_tab_draws_every_part_of_a_preview() {
         .await
         .contains("What is 1 + 2?"));
     // The whole text, whitespace and all (the line-break marks are not text).
-    assert_eq!(
-        row_tokens(&browser, 0, "span.tok").await,
-        fake.rows[0].text
-    );
+    assert_eq!(row_tokens(&browser, 0, "span.tok").await, fake.rows[0].text);
     assert_eq!(
         attribute(&browser, "#preview-rowlist span.tok", "title").await,
         Some("100".into())
