@@ -63,19 +63,29 @@ pub fn detect_backend(studio: Studio) {
     });
 }
 
-/// Diagnostics in an error answer (`{"diagnostics": [...]}` or a bare list), else a diagnostic
-/// that quotes the answer.
+/// Diagnostics in an error answer — whet-server's `{"error": {"code", "message", "diagnostics"}}`,
+/// or `{"diagnostics": [...]}`, or a bare list — else a diagnostic that quotes the answer's
+/// message (or the answer).
 pub fn diagnostics_of(status: u16, body: &str) -> Vec<Diagnostic> {
     let value: Value = serde_json::from_str(body).unwrap_or(Value::Null);
-    let list = value.get("diagnostics").cloned().unwrap_or(value.clone());
-    if let Ok(diagnostics) = serde_json::from_value::<Vec<Diagnostic>>(list) {
-        if !diagnostics.is_empty() {
-            return diagnostics;
+    let lists = [
+        value.pointer("/error/diagnostics"),
+        value.get("diagnostics"),
+        Some(&value),
+    ];
+    for list in lists.into_iter().flatten() {
+        if let Ok(diagnostics) = serde_json::from_value::<Vec<Diagnostic>>(list.clone()) {
+            if !diagnostics.is_empty() {
+                return diagnostics;
+            }
         }
     }
     let message = value
         .get("error")
-        .and_then(|e| e.as_str())
+        .and_then(|e| {
+            e.as_str()
+                .or_else(|| e.get("message").and_then(Value::as_str))
+        })
         .map(String::from)
         .unwrap_or_else(|| body.chars().take(300).collect());
     vec![Diagnostic::error(

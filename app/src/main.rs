@@ -1,5 +1,6 @@
 //! whet studio: a form over every `swift sft` / `whet sft` field with live diagnostics, derived
-//! figures, the command in both dialects, share links and (with a whet-server behind it) jobs.
+//! figures, the command in both dialects, share links and (with a whet-server behind it) jobs
+//! and the dataset preview.
 //! The page only wires signals to views: validation, derived figures, schedules, share codes
 //! and shell import/export all come from whet-shared.
 
@@ -7,6 +8,7 @@ mod api;
 mod app;
 mod chart;
 mod command;
+mod data;
 mod derived;
 mod form;
 mod i18n;

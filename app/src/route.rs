@@ -1,4 +1,4 @@
-//! Routing by URL: `#/jobs`, `#/jobs/<id>` and the editor (also under `/s/<id>`, a short share
+//! Routing by URL: `#/jobs`, `#/jobs/<id>`, `#/data` (the dataset preview) and the editor (also under `/s/<id>`, a short share
 //! link the server answers with the page).
 
 use leptos::prelude::*;
@@ -6,6 +6,8 @@ use leptos::prelude::*;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Route {
     Editor,
+    /// The dataset preview of the config in the editor.
+    Data,
     Jobs,
     Job(String),
 }
@@ -20,6 +22,9 @@ pub fn pathname() -> String {
 
 pub fn current() -> Route {
     let hash = hash();
+    if hash == "#/data" || hash.starts_with("#/data?") || hash.starts_with("#/data/") {
+        return Route::Data;
+    }
     match hash.strip_prefix("#/jobs") {
         Some(rest) => match rest.strip_prefix('/') {
             Some(id) if !id.is_empty() => Route::Job(id.to_string()),
