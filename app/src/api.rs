@@ -85,23 +85,25 @@ pub fn detect_backend(studio: Studio) {
     });
 }
 
-/// Diagnostics in an error answer (`{"diagnostics": [...]}` or a bare list), else a diagnostic
-/// that quotes the answer.
+/// Diagnostics in an error answer — whet-server's `{"error": {"code", "message", "diagnostics"}}`,
+/// or `{"diagnostics": [...]}`, or a bare list — else a diagnostic that quotes the answer's
+/// message (or the answer).
 pub fn diagnostics_of(status: u16, body: &str) -> Vec<Diagnostic> {
     let value: Value = serde_json::from_str(body).unwrap_or(Value::Null);
-    // whet-server writes `{"error": {"code", "message", "diagnostics"?}}`.
-    let error = value.get("error");
-    let list = value
-        .get("diagnostics")
-        .or_else(|| error.and_then(|e| e.get("diagnostics")))
-        .cloned()
-        .unwrap_or(value.clone());
-    if let Ok(diagnostics) = serde_json::from_value::<Vec<Diagnostic>>(list) {
-        if !diagnostics.is_empty() {
-            return diagnostics;
+    let lists = [
+        value.pointer("/error/diagnostics"),
+        value.get("diagnostics"),
+        Some(&value),
+    ];
+    for list in lists.into_iter().flatten() {
+        if let Ok(diagnostics) = serde_json::from_value::<Vec<Diagnostic>>(list.clone()) {
+            if !diagnostics.is_empty() {
+                return diagnostics;
+            }
         }
     }
-    let message = error
+    let message = value
+        .get("error")
         .and_then(|e| {
             e.as_str()
                 .or_else(|| e.get("message").and_then(Value::as_str))

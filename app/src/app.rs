@@ -1,4 +1,5 @@
-//! The page: a header (presets, language, navigation) over the editor or the jobs views.
+//! The page: a header (presets, language, navigation) over the editor, the data preview or the
+//! jobs views.
 
 use leptos::prelude::*;
 use whet_shared::fields::Group;
@@ -6,6 +7,7 @@ use whet_shared::{presets, share};
 
 use crate::command::{CommandPanel, ImportBox, SharePanel, SubmitPanel};
 use crate::compare::CompareView;
+use crate::data::DataView;
 use crate::derived::DerivedPanel;
 use crate::form::GroupSection;
 use crate::i18n::{t, Lang};
@@ -38,7 +40,16 @@ pub fn App() -> impl IntoView {
                 <a href="#/" id="nav-editor" class:active=move || route.get() == Route::Editor>
                     {t(lang, "Editor", "编辑")}
                 </a>
-                <a href="#/jobs" id="nav-jobs" class:active=move || route.get() != Route::Editor>
+                <Show when=move || studio.backend.get()>
+                    <a href="#/data" id="nav-data" class:active=move || route.get() == Route::Data>
+                        {t(lang, "Data", "数据")}
+                    </a>
+                </Show>
+                <a
+                    href="#/jobs"
+                    id="nav-jobs"
+                    class:active=move || matches!(route.get(), Route::Jobs | Route::Job(_) | Route::Compare(_))
+                >
                     {t(lang, "Jobs", "任务")}
                 </a>
             </nav>
@@ -46,6 +57,7 @@ pub fn App() -> impl IntoView {
         </header>
         {move || match route.get() {
             Route::Editor => view! { <Editor /> }.into_any(),
+            Route::Data => view! { <DataView /> }.into_any(),
             Route::Jobs => view! { <JobList /> }.into_any(),
             Route::Job(id) => view! { <JobView id /> }.into_any(),
             Route::Compare(ids) => view! { <CompareView ids /> }.into_any(),

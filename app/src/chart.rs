@@ -1,4 +1,5 @@
-//! Small SVG line charts: points scaled into a box, with the axis extremes written out.
+//! Small SVG charts: line charts (points scaled into a box, with the axis extremes written out)
+//! and histograms with an optional limit line.
 
 use leptos::prelude::*;
 
@@ -222,5 +223,97 @@ pub fn MultiChart(
                 }}
             </svg>
         </figure>
+    }
+}
+
+/// One bar of a histogram: the values `from <= x < to`, how many there are, and its tooltip.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bar {
+    pub from: f64,
+    pub to: f64,
+    pub count: f64,
+    pub tip: String,
+}
+
+/// A vertical line across a histogram (a limit), with its label; bars that lie wholly past it
+/// are drawn `over`, a bar it crosses `straddle`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Marker {
+    pub x: f64,
+    pub label: String,
+}
+
+/// A bar chart of equal or unequal bins from `bars[0].from` to the last bar's `to`. The `<svg>`
+/// is the whole view, so a caller's attributes (`{..} id=… data-…=…`) land on it.
+#[component]
+pub fn Histogram(
+    #[prop(into)] bars: Signal<Vec<Bar>>,
+    #[prop(optional, into)] marker: Option<Signal<Option<Marker>>>,
+) -> impl IntoView {
+    let marker = marker.unwrap_or_else(|| Signal::stored(None));
+    let frame = move || {
+        bars.with(|bars| {
+            let x0 = bars.first().map_or(0.0, |b| b.from);
+            let x1 = bars.last().map_or(1.0, |b| b.to);
+            let x1 = marker.with(|m| m.as_ref().map_or(x1, |m| x1.max(m.x)));
+            let y1 = bars.iter().map(|b| b.count).fold(0.0, f64::max);
+            Frame {
+                x0,
+                x1: if x1 > x0 { x1 } else { x0 + 1.0 },
+                y0: 0.0,
+                y1: if y1 > 0.0 { y1 } else { 1.0 },
+            }
+        })
+    };
+    let rects = move || {
+        let f = frame();
+        let limit = marker.with(|m| m.as_ref().map(|m| m.x));
+        bars.get()
+            .into_iter()
+            .map(|bar| {
+                let class = match limit {
+                    Some(x) if bar.from >= x => "bar over",
+                    Some(x) if bar.to > x => "bar straddle",
+                    _ => "bar",
+                };
+                let (left, right) = (f.x(bar.from), f.x(bar.to));
+                let (top, bottom) = (f.y(bar.count), f.y(0.0));
+                view! {
+                    <rect
+                        class=class
+                        x=format!("{:.2}", left + 0.5)
+                        y=format!("{top:.2}")
+                        width=format!("{:.2}", (right - left - 1.0).max(0.5))
+                        height=format!("{:.2}", bottom - top)
+                    >
+                        <title>{bar.tip}</title>
+                    </rect>
+                }
+            })
+            .collect_view()
+    };
+    let limit = move || {
+        let f = frame();
+        marker.get().map(|m| {
+            let x = f.x(m.x);
+            // The label on the side of the line with room for it.
+            let anchor = if x > WIDTH * 0.7 { "end" } else { "start" };
+            let dx = if anchor == "end" { -3.0 } else { 3.0 };
+            view! {
+                <line class="max-length" x1=x x2=x y1=f.y(f.y1) y2=f.y(0.0) />
+                <text class="axis marker" x=x + dx y=f.y(f.y1) + 8.0 text-anchor=anchor>{m.label}</text>
+            }
+        })
+    };
+    view! {
+        <svg viewBox=format!("0 0 {WIDTH} {HEIGHT}") class="histogram" role="img">
+            <rect class="plot-bg" x=LEFT y=TOP width=WIDTH - LEFT - RIGHT height=HEIGHT - TOP - BOTTOM />
+            <text class="axis" x=LEFT - 4.0 y=TOP + 8.0 text-anchor="end">{move || short(frame().y1)}</text>
+            <text class="axis" x=LEFT - 4.0 y=HEIGHT - BOTTOM text-anchor="end">"0"</text>
+            <text class="axis" x=LEFT y=HEIGHT - 4.0>{move || short(frame().x0)}</text>
+            <text class="axis" x=WIDTH - RIGHT y=HEIGHT - 4.0 text-anchor="end">{move || short(frame().x1)}</text>
+            {rects}
+            {limit}
+        </svg>
     }
 }

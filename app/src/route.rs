@@ -1,11 +1,14 @@
-//! Routing by URL: `#/jobs`, `#/jobs/<id>`, `#/compare/<id>,<id>,...` and the editor (also
-//! under `/s/<id>`, a short share link the server answers with the page).
+//! Routing by URL: `#/jobs`, `#/jobs/<id>`, `#/compare/<id>,<id>,...`, `#/data` (the dataset
+//! preview) and the editor (also under `/s/<id>`, a short share link the server answers with
+//! the page).
 
 use leptos::prelude::*;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Route {
     Editor,
+    /// The dataset preview of the config in the editor.
+    Data,
     Jobs,
     Job(String),
     /// Runs compared side by side (`#/compare/1,2,3`).
@@ -24,6 +27,9 @@ pub fn current() -> Route {
     let hash = hash();
     if let Some(ids) = hash.strip_prefix("#/compare/") {
         return Route::Compare(compare_ids(ids));
+    }
+    if hash == "#/data" || hash.starts_with("#/data?") || hash.starts_with("#/data/") {
+        return Route::Data;
     }
     match hash.strip_prefix("#/jobs") {
         Some(rest) => match rest.strip_prefix('/') {

@@ -13,6 +13,7 @@ use whet_shared::preview::{
 use whet_shared::JobConfig;
 
 use crate::dataset::{self, Conversation, LoadedDataset, Role};
+use crate::hub::ModelFiles;
 use crate::rng::SplitMix64;
 use crate::train::data::{
     load_options, rows_training_think_opener, split_reasoning, truncate, ChatTokenizer,
@@ -26,7 +27,8 @@ pub fn preview(config: &JobConfig, rows_shown: usize) -> anyhow::Result<DatasetP
     if sft.dataset.is_empty() {
         anyhow::bail!("--dataset is required: the preview renders its rows (a local .jsonl file, a folder or a hub id)");
     }
-    let settings = DataSettings::resolve(config)?;
+    // The tokenizer is all a preview needs of a hub model: no weights are downloaded.
+    let settings = DataSettings::resolve(config, ModelFiles::WithoutWeights)?;
     // Unreadable rows are listed rather than fatal, whatever --strict says (its warning says
     // what training will do with them).
     let mut options = load_options(sft);

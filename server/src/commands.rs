@@ -289,7 +289,8 @@ impl Commands {
                 field,
                 "whet_failed",
                 message.clone(),
-                message,
+                // whet speaks English only: its message, introduced in Chinese.
+                format!("whet 报错：{message}"),
             )
             .with_fix(
                 "correct the field named in the message and try again",

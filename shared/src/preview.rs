@@ -90,7 +90,8 @@ pub struct PreviewToken {
     pub id: u32,
     /// The token's share of the rendered text; the texts of a row's tokens join to its text.
     pub text: String,
-    /// It is a label: the model is trained to predict it.
+    /// It is a label: the model is trained to predict it. For a cut token, or a token of a
+    /// dropped row, the label it would have had (`num_trained` counts neither).
     pub trained: bool,
     /// truncation_strategy `left`/`right` cuts it off (a `delete` drops the whole row).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

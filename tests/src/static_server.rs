@@ -74,9 +74,16 @@ async fn respond(
     let target = head.split_whitespace().nth(1).unwrap_or("/");
     let path = target.split(['?', '#']).next().unwrap_or("/").to_string();
     if let (Some(api), true) = (&api, path.starts_with("/api/")) {
+        let query = target
+            .split('#')
+            .next()
+            .and_then(|t| t.split_once('?'))
+            .map(|(_, q)| q.to_string())
+            .unwrap_or_default();
         let request = ApiRequest {
             method,
             path,
+            query,
             authorization: header("authorization"),
             body,
         };
@@ -142,18 +149,24 @@ impl StaticServer {
 pub struct ApiRequest {
     pub method: String,
     pub path: String,
+    /// What follows `?` in the request's target, if anything.
+    pub query: String,
     pub authorization: Option<String>,
     pub body: String,
 }
 
 /// A stand-in for whet-server's API (DESIGN §4) with one job whose event stream sends
 /// `metrics` records in logging.jsonl's form: enough to test the studio's side of the contract
-/// (health, shares, submit with a bearer token, jobs list, SSE job view, cancel).
+/// (health, shares, submit with a bearer token, jobs list, SSE job view, cancel, the dataset
+/// preview).
 pub struct FakeApi {
     pub token: String,
     /// Every API request received, in order.
     pub requests: Mutex<Vec<ApiRequest>>,
     shares: Mutex<Vec<String>>,
+    /// The `DatasetPreview` JSON that `POST /api/datasets/preview` answers (its `rows` cut to the
+    /// `?rows=N` asked for); a config without a `dataset` gets a 422 instead, as from the server.
+    preview: Mutex<Option<String>>,
     /// Answers a test set with `answer_with`, tried before the built-in routes.
     canned: Mutex<Vec<Canned>>,
 }
@@ -185,6 +198,7 @@ impl FakeApi {
             requests: Mutex::new(Vec::new()),
             shares: Mutex::new(Vec::new()),
             canned: Mutex::new(Vec::new()),
+            preview: Mutex::new(None),
         })
     }
 
@@ -210,6 +224,45 @@ impl FakeApi {
             [only] => Some(canned[*only].clone()),
             [first, ..] => Some(canned.remove(*first)),
         }
+    }
+
+    /// Sets the answer of `POST /api/datasets/preview` (a `DatasetPreview` as JSON).
+    pub fn set_preview(&self, json: String) {
+        *self.preview.lock().unwrap() = Some(json);
+    }
+
+    /// The preview's answer for a JobConfig body and a `rows=N` query.
+    fn preview_answer(&self, request: &ApiRequest) -> (&'static str, String) {
+        let config: serde_json::Value =
+            serde_json::from_str(&request.body).unwrap_or(serde_json::Value::Null);
+        let has_dataset = config["sft"]["dataset"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty());
+        if !has_dataset {
+            let diagnostics = serde_json::json!({"diagnostics": [{
+                "severity": "error", "field": "dataset", "code": "required",
+                "message_en": "--dataset is required", "message_zh": "必须设置 --dataset",
+                "fix": "add a dataset", "fix_zh": "添加数据集",
+            }]});
+            return ("422 Unprocessable Entity", diagnostics.to_string());
+        }
+        let Some(preview) = self.preview.lock().unwrap().clone() else {
+            return (
+                "500 Internal Server Error",
+                r#"{"error":"no preview set"}"#.into(),
+            );
+        };
+        let rows: usize = request
+            .query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("rows="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(5);
+        let mut preview: serde_json::Value = serde_json::from_str(&preview).expect("preview JSON");
+        if let Some(list) = preview["rows"].as_array_mut() {
+            list.truncate(rows);
+        }
+        ("200 OK", preview.to_string())
     }
 
     pub fn received(&self, method: &str, path: &str) -> Vec<ApiRequest> {
@@ -281,6 +334,10 @@ impl FakeApi {
             }
             ("POST", "/api/jobs") => {
                 send(stream, "201 Created", json, r#"{"id":1,"status":"queued"}"#).await
+            }
+            ("POST", "/api/datasets/preview") => {
+                let (status, answer) = self.preview_answer(&request);
+                send(stream, status, json, &answer).await
             }
             ("GET", "/api/jobs") => {
                 let answer = r#"{"jobs":[{"id":1,"status":"running","created_at":"2026-01-01T00:00:00Z","config":{"sft":{"model":"examples/tiny-qwen3"}}}]}"#;

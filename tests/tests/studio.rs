@@ -3,6 +3,11 @@
 //! chromedriver (`.ci/install-studio-tools`); each test says how when they are missing.
 
 use serde_json::{json, Value};
+use whet_shared::config::TruncationStrategy;
+use whet_shared::preview::{
+    self, BadRow, DatasetPreview, DatasetSummary, FormatCount, LengthDistribution, PreviewRow,
+    PreviewToken, RowOrigin, Truncation,
+};
 use whet_shared::{files, presets, share, JobConfig};
 use whet_tests::browser::Browser;
 use whet_tests::prerequisites::workspace_binary;
@@ -70,6 +75,8 @@ async fn seed_preset_gives_effective_batch_80() {
         page_config(&browser).await,
         presets::find("seed").unwrap().config()
     );
+    // No server: no Data tab.
+    assert_eq!(browser.count("#nav-data").await, 0);
     browser.screenshot("studio-editor.png").await;
     set_language(&browser, "zh").await;
     browser.screenshot("studio-editor-zh.png").await;
@@ -455,52 +462,82 @@ async fn with_a_backend_short_links_submit_and_the_live_job_view_work() {
     browser.close().await;
 }
 
+/// A whet-server on a free port running the real `whet`, serving app/dist, with its database
+/// and jobs in a fresh folder (removed on drop, with the server).
+struct WhetServer {
+    token: &'static str,
+    data: std::path::PathBuf,
+    child: tokio::process::Child,
+}
+
+impl WhetServer {
+    /// Starts it and opens its page in `browser`, in English.
+    async fn start(browser: &Browser) -> WhetServer {
+        let server_bin = workspace_binary("whet-server", "whet-server");
+        let whet_bin = workspace_binary("whet-engine", "whet");
+        let dist = app_dist();
+        let data = std::env::temp_dir().join(format!(
+            "whet-studio-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&data).unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let token = "studio-test-token";
+        let child = tokio::process::Command::new(server_bin)
+            .current_dir(whet_tests::workspace())
+            .env("WHET_TOKEN", token)
+            .args(["--bind", &format!("127.0.0.1:{port}")])
+            .args([
+                "--database-url",
+                &format!("sqlite://{}/whet.db", data.display()),
+            ])
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--static-dir")
+            .arg(&dist)
+            .arg("--whet-bin")
+            .arg(&whet_bin)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting whet-server");
+        let base = format!("http://127.0.0.1:{port}");
+        // The server answers /api/health once it is up.
+        browser
+            .until("whet-server to start", || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            })
+            .await;
+        browser.goto(&format!("{base}/")).await;
+        set_language(browser, "en").await;
+        WhetServer { token, data, child }
+    }
+}
+
+impl Drop for WhetServer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
 /// Submits the demo to a running whet-server and watches the loss chart fill.
 #[tokio::test(flavor = "multi_thread")]
 async fn demo_job_streams_loss_points_from_whet_server() {
-    let server_bin = workspace_binary("whet-server", "whet-server");
-    let whet_bin = workspace_binary("whet-engine", "whet");
-    let dist = app_dist();
-    let data = std::env::temp_dir().join(format!("whet-studio-test-{}", std::process::id()));
-    std::fs::create_dir_all(&data).unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let token = "studio-test-token";
-    let mut server = tokio::process::Command::new(server_bin)
-        .current_dir(whet_tests::workspace())
-        .env("WHET_TOKEN", token)
-        .args(["--bind", &format!("127.0.0.1:{port}")])
-        .args([
-            "--database-url",
-            &format!("sqlite://{}/whet.db", data.display()),
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--static-dir")
-        .arg(&dist)
-        .arg("--whet-bin")
-        .arg(&whet_bin)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("starting whet-server");
-    let base = format!("http://127.0.0.1:{port}");
     let browser = Browser::start().await;
-    // The server answers /api/health once it is up.
-    browser
-        .until("whet-server to start", || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(|_| ())
-        })
-        .await;
-    browser.goto(&format!("{base}/")).await;
-    set_language(&browser, "en").await;
+    let server = WhetServer::start(&browser).await;
     browser.wait_text("#submit-job").await;
     browser.click("button[data-preset=demo]").await;
-    browser.paste_into("#token", token).await;
+    browser.paste_into("#token", server.token).await;
     browser.click("#submit-job").await;
     browser.wait_text("#job-status").await;
     let points = browser
@@ -521,6 +558,413 @@ async fn demo_job_streams_loss_points_from_whet_server() {
     browser.screenshot("studio-job.png").await;
     browser.click("#cancel-job").await;
     browser.close().await;
-    let _ = server.kill().await;
-    let _ = std::fs::remove_dir_all(&data);
+    drop(server);
+}
+
+/// The texts of the tokens matching `css` inside the `index`-th (0-based) `.preview-row`, joined.
+async fn row_tokens(browser: &Browser, index: usize, css: &str) -> String {
+    browser
+        .js(
+            "const row = document.querySelectorAll('#preview-rowlist .preview-row')[arguments[0]]; \
+             return row ? Array.from(row.querySelectorAll(arguments[1])).map(t => t.textContent).join('') : null;",
+            vec![json!(index), json!(css)],
+        )
+        .await
+        .as_str()
+        .unwrap_or_else(|| panic!("no preview row {index}"))
+        .to_string()
+}
+
+/// An attribute of the first element matching `css`.
+async fn attribute(browser: &Browser, css: &str, name: &str) -> Option<String> {
+    browser
+        .js(
+            "const e = document.querySelector(arguments[0]); return e ? e.getAttribute(arguments[1]) : null;",
+            vec![json!(css), json!(name)],
+        )
+        .await
+        .as_str()
+        .map(String::from)
+}
+
+async fn wait_rows(browser: &Browser, rows: usize) {
+    browser
+        .until(&format!("{rows} preview row(s)"), || async {
+            (browser.count("#preview-rowlist .preview-row").await == rows).then_some(())
+        })
+        .await;
+}
+
+/// The Data tab on the demo against the real whet-server and `whet dataset preview`: the
+/// assistant's reasoning, answer and `<|im_end|>` take loss, the question does not, the think
+/// block is marked, the histogram has its bins, and the legend follows the language.
+#[tokio::test(flavor = "multi_thread")]
+async fn data_tab_previews_the_demo_through_whet_server() {
+    let browser = Browser::start().await;
+    let server = WhetServer::start(&browser).await;
+    // The empty config has no dataset: the server's 422 names the field.
+    browser.click("#nav-data").await;
+    browser
+        .wait_text("#preview-errors .diag.error[data-field=dataset]")
+        .await;
+    assert_eq!(
+        browser
+            .count("#preview-errors .diag[data-code=server_error]")
+            .await,
+        0
+    );
+    browser.click("#nav-editor").await;
+    browser.click("button[data-preset=demo]").await;
+    browser.click("#nav-data").await;
+    wait_rows(&browser, preview::DEFAULT_ROWS).await;
+    assert_eq!(browser.count("#preview-errors .diag").await, 0);
+
+    // The demo's first training row, as its data file has it.
+    let demo = std::fs::read_to_string(whet_tests::workspace().join("examples/demo/train.jsonl"))
+        .expect("the demo data");
+    let first: Value = serde_json::from_str(demo.lines().next().unwrap()).unwrap();
+    let messages = first["messages"].as_array().unwrap();
+    let said = |role: &str, key: &str| {
+        messages
+            .iter()
+            .find(|m| m["role"] == role)
+            .and_then(|m| m[key].as_str())
+            .unwrap_or_else(|| panic!("the demo row has no {role} {key}"))
+            .to_string()
+    };
+    let (question, answer) = (said("user", "content"), said("assistant", "content"));
+    let reasoning = said("assistant", "reasoning_content");
+
+    assert!(browser.count("#preview-rowlist span.tok.trained").await > 0);
+    assert!(
+        browser
+            .count("#preview-rowlist span.tok:not(.trained)")
+            .await
+            > 0
+    );
+    let origin = browser
+        .wait_text("#preview-rowlist .preview-row .origin")
+        .await;
+    assert!(origin.ends_with("train.jsonl"), "{origin}");
+    assert_eq!(
+        attribute(&browser, "#preview-rowlist .preview-row", "data-row")
+            .await
+            .as_deref(),
+        Some("1")
+    );
+    let trained = row_tokens(&browser, 0, "span.tok.trained").await;
+    let untrained = row_tokens(&browser, 0, "span.tok:not(.trained)").await;
+    assert!(trained.contains(&answer), "{trained:?}");
+    assert!(trained.contains(&reasoning), "{trained:?}");
+    assert!(trained.ends_with("<|im_end|>"), "{trained:?}");
+    assert!(untrained.contains(&question), "{untrained:?}");
+    assert!(untrained.contains("<|im_start|>user"), "{untrained:?}");
+    assert!(!trained.contains(&question), "{trained:?}");
+    // qwen3_thinking trains the think block: it is marked, and it takes loss.
+    let think = row_tokens(&browser, 0, "span.tok.think").await;
+    assert!(
+        think.starts_with("<think>") && think.ends_with("</think>"),
+        "{think:?}"
+    );
+    assert!(think.contains(&reasoning), "{think:?}");
+    assert!(
+        browser
+            .count("#preview-rowlist span.tok.think.trained")
+            .await
+            > 0
+    );
+    // Every token says its id.
+    let id = attribute(&browser, "#preview-rowlist span.tok", "title")
+        .await
+        .unwrap_or_default();
+    assert!(id.parse::<u32>().is_ok(), "{id:?}");
+
+    let bins: usize = attribute(&browser, "#length-histogram", "data-bins")
+        .await
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(0);
+    assert!(bins > 0);
+    assert_eq!(browser.count("#length-histogram rect.bar").await, bins);
+    assert_eq!(browser.count("#length-histogram line.max-length").await, 1);
+    assert!(browser
+        .wait_text("#preview-summary")
+        .await
+        .contains("qwen3_thinking"));
+    let datasets = browser.wait_text("#preview-datasets").await;
+    assert!(
+        datasets.contains("examples/demo/train.jsonl") && datasets.contains("messages 4000"),
+        "{datasets}"
+    );
+    browser.screenshot("studio-data.png").await;
+
+    // The rows count goes with the request.
+    browser.paste_into("#preview-rows", "2").await;
+    browser.click("#preview-run").await;
+    wait_rows(&browser, 2).await;
+
+    let legend_en = browser.wait_text("#preview-legend").await;
+    assert!(legend_en.contains("takes loss"), "{legend_en}");
+    set_language(&browser, "zh").await;
+    let legend_zh = browser.wait_text("#preview-legend").await;
+    assert_ne!(legend_zh, legend_en);
+    assert!(legend_zh.contains("计算损失"), "{legend_zh}");
+    assert!(browser.wait_text("#nav-data").await.contains("数据"));
+    browser.screenshot("studio-data-zh.png").await;
+    set_language(&browser, "en").await;
+    browser.close().await;
+    drop(server);
+}
+
+/// Tokens from `(text, trained, think)`; the last `cut` of them cut off.
+fn tokens(parts: &[(&str, bool, bool)], cut: usize) -> Vec<PreviewToken> {
+    let keep = parts.len() - cut;
+    parts
+        .iter()
+        .enumerate()
+        .map(|(i, &(text, trained, think))| PreviewToken {
+            id: 100 + i as u32,
+            text: text.to_string(),
+            trained,
+            cut: i >= keep,
+            think,
+        })
+        .collect()
+}
+
+/// A preview with one row that fits and one cut on the right, warnings, and an unreadable row.
+fn fake_preview() -> DatasetPreview {
+    let reply: &[(&str, bool, bool)] = &[
+        ("<|im_start|>", false, false),
+        ("user", false, false),
+        ("\n", false, false),
+        ("What is 1 + 2?", false, false),
+        ("<|im_end|>", false, false),
+        ("\n", false, false),
+        ("<|im_start|>", false, false),
+        ("assistant", false, false),
+        ("\n", false, false),
+        ("<think>", true, true),
+        ("\n1+2=3\n", true, true),
+        ("</think>", true, true),
+        ("\n\n", true, false),
+        ("3", true, false),
+        ("<|im_end|>", true, false),
+    ];
+    let mut long = reply.to_vec();
+    long.extend([
+        ("\n", false, false),
+        ("<|im_start|>", false, false),
+        ("user", false, false),
+        ("\n", false, false),
+        ("more", false, false),
+    ]);
+    let origin = |row| RowOrigin {
+        spec: "train.jsonl".into(),
+        file: "data/train.jsonl".into(),
+        row,
+    };
+    let row = |row, tokens: Vec<PreviewToken>, truncation| PreviewRow {
+        origin: origin(row),
+        text: tokens.iter().map(|t| t.text.as_str()).collect(),
+        num_tokens: tokens.len() as u64,
+        num_trained: tokens.iter().filter(|t| t.trained && !t.cut).count() as u64,
+        tokens,
+        truncation,
+    };
+    let strategy = TruncationStrategy::Right;
+    DatasetPreview {
+        model: "examples/tiny-qwen3".into(),
+        template: "qwen3_thinking".into(),
+        max_length: 16,
+        truncation_strategy: strategy,
+        datasets: vec![
+            DatasetSummary {
+                spec: "train.jsonl".into(),
+                field: "dataset".into(),
+                rows: 100,
+                bad_rows: 1,
+                formats: vec![
+                    FormatCount {
+                        format: "messages".into(),
+                        rows: 98,
+                    },
+                    FormatCount {
+                        format: "alpaca".into(),
+                        rows: 2,
+                    },
+                ],
+            },
+            DatasetSummary {
+                spec: "val.jsonl".into(),
+                field: "val_dataset".into(),
+                rows: 10,
+                bad_rows: 0,
+                formats: vec![FormatCount {
+                    format: "messages".into(),
+                    rows: 10,
+                }],
+            },
+        ],
+        rows: vec![
+            row(1, tokens(reply, 0), Truncation::Fits),
+            row(2, tokens(&long, 4), Truncation::CutRight),
+        ],
+        lengths: LengthDistribution::new(&[15, 20, 12, 30], 100, 16, strategy),
+        bad_rows: vec![BadRow {
+            origin: origin(7),
+            error: "missing field `messages`".into(),
+        }],
+        diagnostics: vec![
+            preview::over_max_length(2, 4, 16, strategy),
+            preview::unreadable_rows(1, false),
+        ],
+    }
+}
+
+/// The Data tab against a stand-in server: what it posts (the editor's config, `?rows=N`), and
+/// every part of the answer drawn — summary, datasets, warnings, histogram, marked tokens, cut
+/// rows, unreadable rows — in both languages; a 422's diagnostics; no Data tab without a server.
+#[tokio::test(flavor = "multi_thread")]
+async fn data_tab_draws_every_part_of_a_preview() {
+    let api = FakeApi::new("secret-token");
+    let fake = fake_preview();
+    api.set_preview(serde_json::to_string(&fake).unwrap());
+    let server = StaticServer::start_with_api(app_dist(), api.clone()).await;
+    let browser = Browser::start().await;
+
+    // Opened directly on a config without a dataset: the server's 422 is shown.
+    browser.goto(&format!("{}/#/data", server.base_url)).await;
+    set_language(&browser, "en").await;
+    browser
+        .wait_text("#preview-errors .diag[data-code=required]")
+        .await;
+    assert_eq!(browser.count(".preview-row").await, 0);
+
+    browser.goto(&format!("{}/", server.base_url)).await;
+    browser.click("button[data-preset=demo]").await;
+    browser.click("#nav-data").await;
+    wait_rows(&browser, 2).await;
+    let posted = api.received("POST", "/api/datasets/preview");
+    let last = posted.last().unwrap();
+    assert_eq!(last.query, "rows=5");
+    let body: JobConfig = serde_json::from_str(&last.body).expect("JobConfig JSON");
+    assert_eq!(body, presets::find("demo").unwrap().config());
+    assert_eq!(browser.count("#preview-errors .diag").await, 0);
+
+    let summary = browser.wait_text("#preview-summary").await;
+    for part in ["examples/tiny-qwen3", "qwen3_thinking", "16", "right"] {
+        assert!(summary.contains(part), "{summary}");
+    }
+    let datasets = browser.wait_text("#preview-datasets").await;
+    assert!(datasets.contains("messages 98, alpaca 2"), "{datasets}");
+    assert_eq!(browser.count("#preview-datasets .dataset-row").await, 2);
+    assert_eq!(browser.count("#preview-datasets td.bad").await, 1);
+    assert_eq!(
+        browser
+            .count("#preview-warnings .diag[data-code=rows_over_max_length]")
+            .await,
+        1
+    );
+    assert_eq!(
+        browser
+            .count("#preview-warnings .diag[data-code=unreadable_rows]")
+            .await,
+        1
+    );
+
+    // The histogram: a bar per bin, max_length's line, the rows past it marked.
+    assert_eq!(
+        attribute(&browser, "#length-histogram", "data-bins").await,
+        Some(fake.lengths.bins.len().to_string())
+    );
+    assert_eq!(
+        attribute(&browser, "#length-histogram", "data-over").await,
+        Some("2".into())
+    );
+    assert_eq!(
+        browser.count("#length-histogram rect.bar").await,
+        fake.lengths.bins.len()
+    );
+    assert_eq!(browser.count("#length-histogram line.max-length").await, 1);
+    assert!(browser.count("#length-histogram rect.bar.over").await > 0);
+    assert_eq!(
+        browser.wait_text("#length-caption").await,
+        "4 of 100 rows measured; 2 longer than max_length (cut on the right)"
+    );
+
+    // The rows: origin, lengths, badges, and the tokens with their marks.
+    let head = browser
+        .wait_text("#preview-rowlist .preview-row .row-head")
+        .await;
+    for part in [
+        "data/train.jsonl",
+        "row 1",
+        "15 / 16 tokens",
+        "6 trained",
+        "fits",
+    ] {
+        assert!(head.contains(part), "{head}");
+    }
+    assert_eq!(
+        row_tokens(&browser, 0, "span.tok.trained").await,
+        "<think>\n1+2=3\n</think>\n\n3<|im_end|>"
+    );
+    assert_eq!(
+        row_tokens(&browser, 0, "span.tok.think").await,
+        "<think>\n1+2=3\n</think>"
+    );
+    assert!(row_tokens(&browser, 0, "span.tok:not(.trained)")
+        .await
+        .contains("What is 1 + 2?"));
+    // The whole text, whitespace and all (the line-break marks are not text).
+    assert_eq!(row_tokens(&browser, 0, "span.tok").await, fake.rows[0].text);
+    assert_eq!(
+        attribute(&browser, "#preview-rowlist span.tok", "title").await,
+        Some("100".into())
+    );
+    assert_eq!(
+        browser
+            .count("#preview-rowlist .preview-row[data-truncation=cut-right]")
+            .await,
+        1
+    );
+    assert_eq!(
+        row_tokens(&browser, 1, "span.tok.cut").await,
+        "<|im_start|>user\nmore"
+    );
+    assert!(browser
+        .wait_text("#preview-rowlist .preview-row[data-truncation=cut-right] .badge")
+        .await
+        .contains("cut right"));
+    assert_eq!(
+        browser.wait_text("#bad-rows").await,
+        "data/train.jsonl row 7: missing field `messages`"
+    );
+    browser.screenshot("studio-data-fake.png").await;
+
+    // Fewer rows: `?rows=1`.
+    browser.paste_into("#preview-rows", "1").await;
+    browser.click("#preview-run").await;
+    wait_rows(&browser, 1).await;
+    let posted = api.received("POST", "/api/datasets/preview");
+    assert_eq!(posted.last().unwrap().query, "rows=1");
+
+    // Chinese: the legend, the caption, the badges and the warnings.
+    let legend_en = browser.wait_text("#preview-legend").await;
+    set_language(&browser, "zh").await;
+    let legend_zh = browser.wait_text("#preview-legend").await;
+    assert_ne!(legend_en, legend_zh);
+    assert!(legend_zh.contains("计算损失"), "{legend_zh}");
+    assert!(browser
+        .wait_text("#length-caption")
+        .await
+        .contains("截掉结尾"));
+    assert!(browser
+        .wait_text("#preview-warnings")
+        .await
+        .contains("超过 max_length"));
+    assert!(browser.wait_text("#bad-rows").await.contains("第 7 行"));
+    browser.screenshot("studio-data-fake-zh.png").await;
+    set_language(&browser, "en").await;
+    browser.close().await;
 }

@@ -137,7 +137,7 @@ fn format_counts(counts: std::collections::BTreeMap<&'static str, u64>) -> Vec<F
             rows,
         })
         .collect();
-    formats.sort_by(|a, b| b.rows.cmp(&a.rows));
+    formats.sort_by_key(|f| std::cmp::Reverse(f.rows));
     formats
 }
 

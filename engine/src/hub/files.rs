@@ -19,6 +19,16 @@ impl RepoKind {
     }
 }
 
+/// How much of a model repository a caller needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFiles {
+    /// Config, tokenizer files and the safetensors weights: what training and inference load.
+    All,
+    /// Config and tokenizer files only: what rendering and tokenizing data needs (`whet dataset
+    /// preview` of a 60 GB model fetches a few MB).
+    WithoutWeights,
+}
+
 const MODEL_REQUIRED: &[&str] = &["config.json", "tokenizer.json"];
 /// Fetched when the repository has them: what transformers reads and the checkpoint writer
 /// copies (the tokenizer files besides tokenizer.json, and the generation config).
@@ -33,9 +43,13 @@ const WEIGHTS: &str = "model.safetensors";
 pub(super) const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
 
 /// The files to fetch first (the shards an index names come after it is read).
-pub(super) fn first_files(kind: RepoKind, listing: &[String]) -> Result<Vec<String>, String> {
+pub(super) fn first_files(
+    kind: RepoKind,
+    files: ModelFiles,
+    listing: &[String],
+) -> Result<Vec<String>, String> {
     match kind {
-        RepoKind::Model => model_first_files(listing),
+        RepoKind::Model => model_first_files(listing, files),
         RepoKind::Dataset => {
             let data: Vec<String> = listing
                 .iter()
@@ -51,12 +65,19 @@ pub(super) fn first_files(kind: RepoKind, listing: &[String]) -> Result<Vec<Stri
     }
 }
 
-fn model_first_files(listing: &[String]) -> Result<Vec<String>, String> {
+fn model_first_files(listing: &[String], files: ModelFiles) -> Result<Vec<String>, String> {
     let has = |name: &str| listing.iter().any(|f| f == name);
     if let Some(absent) = MODEL_REQUIRED.iter().find(|name| !has(name)) {
         return Err(format!(
             "the repository has no {absent}; whet needs config.json, tokenizer.json and safetensors weights"
         ));
+    }
+    let text = MODEL_REQUIRED
+        .iter()
+        .chain(model_optional().filter(|name| has(name)))
+        .map(|name| name.to_string());
+    if files == ModelFiles::WithoutWeights {
+        return Ok(text.collect());
     }
     let weights = if has(WEIGHTS_INDEX) {
         WEIGHTS_INDEX
@@ -67,12 +88,7 @@ fn model_first_files(listing: &[String]) -> Result<Vec<String>, String> {
             "the repository has neither {WEIGHTS} nor {WEIGHTS_INDEX}; whet reads safetensors weights only (convert *.bin weights with transformers' save_pretrained)"
         ));
     };
-    Ok(MODEL_REQUIRED
-        .iter()
-        .chain(model_optional().filter(|name| has(name)))
-        .map(|name| name.to_string())
-        .chain(std::iter::once(weights.to_string()))
-        .collect())
+    Ok(text.chain(std::iter::once(weights.to_string())).collect())
 }
 
 /// A listed path that stays inside the repository folder (no `..`, not absolute).
@@ -113,7 +129,7 @@ pub(super) fn shards_of_index(index: &Path) -> Result<Vec<String>, String> {
 }
 
 /// What `dir` lacks to be a complete copy; empty when it is complete.
-pub(super) fn missing(kind: RepoKind, dir: &Path) -> Vec<String> {
+pub(super) fn missing(kind: RepoKind, files: ModelFiles, dir: &Path) -> Vec<String> {
     match kind {
         RepoKind::Model => {
             let mut missing: Vec<String> = MODEL_REQUIRED
@@ -121,6 +137,9 @@ pub(super) fn missing(kind: RepoKind, dir: &Path) -> Vec<String> {
                 .filter(|name| !dir.join(name).is_file())
                 .map(|name| name.to_string())
                 .collect();
+            if files == ModelFiles::WithoutWeights {
+                return missing;
+            }
             if dir.join(WEIGHTS_INDEX).is_file() {
                 match shards_of_index(&dir.join(WEIGHTS_INDEX)) {
                     Ok(shards) => missing.extend(

@@ -14,6 +14,7 @@ use whet_shared::SftConfig;
 
 pub use whet_shared::dataset_spec::Hub;
 
+pub use files::ModelFiles;
 use files::RepoKind;
 
 /// Where and how hub downloads happen.
@@ -153,6 +154,8 @@ pub enum HubError {
 struct Target {
     hub: Hub,
     kind: RepoKind,
+    /// A model's files that are wanted (a dataset's data files are always all wanted).
+    files: ModelFiles,
     id: String,
     revision: String,
 }
@@ -177,6 +180,7 @@ impl Target {
         Ok(Target {
             hub,
             kind,
+            files: ModelFiles::All,
             id: id.to_string(),
             revision: revision
                 .filter(|r| !r.trim().is_empty())
@@ -293,16 +297,29 @@ fn check_id(hub: Hub, id: &str) -> Result<(), HubError> {
 
 /// The local folder `--model` names: an existing folder as it is, else the hub id fetched
 /// (or found in the cache) from the hub `use_hf` chooses, at `model_revision`.
-pub fn resolve_model_dir(model: &str, sft: &SftConfig) -> Result<PathBuf, HubError> {
+pub fn resolve_model_dir(
+    model: &str,
+    sft: &SftConfig,
+    files: ModelFiles,
+) -> Result<PathBuf, HubError> {
     let settings = HubSettings::from_env(sft.use_hf);
-    model_dir(model, sft.model_revision.as_deref(), &settings)
+    model_dir_with(model, sft.model_revision.as_deref(), &settings, files)
 }
 
-/// `resolve_model_dir` with explicit settings.
+/// `resolve_model_dir` with explicit settings, weights included.
 pub fn model_dir(
     model: &str,
     revision: Option<&str>,
     settings: &HubSettings,
+) -> Result<PathBuf, HubError> {
+    model_dir_with(model, revision, settings, ModelFiles::All)
+}
+
+fn model_dir_with(
+    model: &str,
+    revision: Option<&str>,
+    settings: &HubSettings,
+    files: ModelFiles,
 ) -> Result<PathBuf, HubError> {
     let path = Path::new(model);
     if path.is_dir() {
@@ -315,7 +332,8 @@ pub fn model_dir(
     if looks_like_path(model) {
         return Err(HubError::NoSuchFolder(model.to_string()));
     }
-    let target = Target::new(settings.hub_for(None), RepoKind::Model, model, revision)?;
+    let mut target = Target::new(settings.hub_for(None), RepoKind::Model, model, revision)?;
+    target.files = files;
     fetch(&target, settings)
 }
 
@@ -370,7 +388,7 @@ fn fetch(target: &Target, settings: &HubSettings) -> Result<PathBuf, HubError> {
         Ok(listing) => download(source.as_mut(), target, &listing),
         // As huggingface_hub does: a hub that cannot be reached still leaves the cache usable.
         Err(error @ HubError::Unreachable { .. }) => {
-            let Some(dir) = complete_cache(source.as_ref(), target.kind) else {
+            let Some(dir) = complete_cache(source.as_ref(), target) else {
                 return Err(error);
             };
             progress::line(&format!(
@@ -385,7 +403,7 @@ fn fetch(target: &Target, settings: &HubSettings) -> Result<PathBuf, HubError> {
 }
 
 fn offline_folder(source: &dyn Source, target: &Target) -> Result<PathBuf, HubError> {
-    complete_cache(source, target.kind).ok_or_else(|| HubError::NotCached {
+    complete_cache(source, target).ok_or_else(|| HubError::NotCached {
         hub: target.hub_cache_name(),
         target: target.to_string(),
         cache: source.cache_root().display().to_string(),
@@ -394,7 +412,7 @@ fn offline_folder(source: &dyn Source, target: &Target) -> Result<PathBuf, HubEr
             .map(|dir| {
                 format!(
                     " (it lacks {})",
-                    files::missing(target.kind, &dir).join(", ")
+                    files::missing(target.kind, target.files, &dir).join(", ")
                 )
             })
             .unwrap_or_default(),
@@ -408,7 +426,8 @@ fn download(
     target: &Target,
     listing: &[String],
 ) -> Result<PathBuf, HubError> {
-    let wanted = files::first_files(target.kind, listing).map_err(|m| target.repo_error(m))?;
+    let wanted =
+        files::first_files(target.kind, target.files, listing).map_err(|m| target.repo_error(m))?;
     progress::line(&format!(
         "Fetching {target} from {}: {} into {}",
         target.hub_name(),
@@ -432,7 +451,7 @@ fn download(
             source.fetch(shard)?;
         }
     }
-    let missing = files::missing(target.kind, &folder);
+    let missing = files::missing(target.kind, target.files, &folder);
     if !missing.is_empty() {
         return Err(target.repo_error(format!(
             "the download left {} without {}",
@@ -445,10 +464,10 @@ fn download(
 }
 
 /// The cached folder, when it holds everything the repository kind needs.
-fn complete_cache(source: &dyn Source, kind: RepoKind) -> Option<PathBuf> {
+fn complete_cache(source: &dyn Source, target: &Target) -> Option<PathBuf> {
     source
         .cached()
-        .filter(|dir| files::missing(kind, dir).is_empty())
+        .filter(|dir| files::missing(target.kind, target.files, dir).is_empty())
 }
 
 #[cfg(test)]

@@ -155,6 +155,71 @@ fn a_hugging_face_model_downloads_with_the_token_then_loads_offline() {
     );
 }
 
+/// A preview needs the tokenizer only: the weights stay on the hub until a run loads the model,
+/// on both hubs; the tokenizer-only copy then completes without fetching its files again.
+#[test]
+fn a_model_without_its_weights_fetches_only_the_config_and_tokenizer_files() {
+    for (name, server) in [
+        (
+            "hf",
+            TestServer::hugging_face(vec![TestRepo::new("someone/tiny-qwen3", model_files())]),
+        ),
+        (
+            "ms",
+            TestServer::modelscope(vec![TestRepo::new("someone/tiny-qwen3", model_files())]),
+        ),
+    ] {
+        let cache = temp_dir(&format!("{name}-text-only"));
+        let settings = match name {
+            "hf" => hf_settings(&server, &cache),
+            _ => modelscope_settings(&server, &cache),
+        };
+        let dir = model_dir_with(
+            "someone/tiny-qwen3",
+            None,
+            &settings,
+            ModelFiles::WithoutWeights,
+        )
+        .unwrap();
+        assert_eq!(
+            listing(&dir),
+            [
+                "config.json",
+                "generation_config.json",
+                "tokenizer.json",
+                "tokenizer_config.json"
+            ],
+            "{name}"
+        );
+        let fetched = |server: &TestServer, file: &str| {
+            server
+                .requests()
+                .iter()
+                .filter(|r| r.path.contains(file))
+                .count()
+        };
+        assert_eq!(fetched(&server, "model.safetensors"), 0, "{name}");
+        // Offline, the text-only copy is complete for a preview but not for training.
+        assert_eq!(
+            model_dir_with(
+                "someone/tiny-qwen3",
+                None,
+                &offline(&settings),
+                ModelFiles::WithoutWeights
+            )
+            .unwrap(),
+            dir
+        );
+        assert!(model_dir("someone/tiny-qwen3", None, &offline(&settings)).is_err());
+        let full = model_dir("someone/tiny-qwen3", None, &settings).unwrap();
+        assert!(
+            listing(&full).contains(&"model.safetensors".to_string()),
+            "{name}"
+        );
+        assert_loads(&full);
+    }
+}
+
 #[test]
 fn a_sharded_model_at_a_revision_downloads_every_shard() {
     let server = TestServer::hugging_face(vec![TestRepo::new(

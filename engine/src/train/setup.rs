@@ -17,6 +17,7 @@ use super::data::{self, ChatTokenizer, PreparedData, RenderOptions, Template};
 use super::metrics::float;
 use super::plan::Plan;
 use super::progress::Console;
+use crate::hub::ModelFiles;
 use crate::model::adapter::read_adapter_config;
 use crate::model::{
     Architecture, LoraOptions, Model, ModelConfig, ModelOptions, Trainable, WeightSource,
@@ -189,12 +190,13 @@ pub struct DataSettings {
 }
 
 impl DataSettings {
-    pub fn resolve(config: &JobConfig) -> anyhow::Result<Self> {
+    /// `files`: a hub model's weights are fetched only when the caller loads the model.
+    pub fn resolve(config: &JobConfig, files: ModelFiles) -> anyhow::Result<Self> {
         let sft = &config.sft;
         let model_id = sft.model.clone().context(
             "--model is required: a local model folder or a hub id such as Qwen/Qwen3-0.6B",
         )?;
-        let model_dir = crate::hub::resolve_model_dir(&model_id, sft)?;
+        let model_dir = crate::hub::resolve_model_dir(&model_id, sft, files)?;
         let model_config = ModelConfig::from_model_dir(&model_dir)?;
         let config_text = std::fs::read_to_string(model_dir.join("config.json"))?;
         let facts = ModelFacts::from_config_json(&model_id, &config_text).ok();
@@ -265,7 +267,7 @@ impl Setup {
             tokenizer,
             max_length,
             render,
-        } = DataSettings::resolve(config)?;
+        } = DataSettings::resolve(config, ModelFiles::All)?;
         let dtype = sft
             .torch_dtype
             .map(crate::dtype::to_candle)
