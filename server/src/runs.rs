@@ -59,7 +59,23 @@ pub fn checkpoints(run_dir: &Path) -> Vec<CheckpointInfo> {
         })
         .collect();
     found.sort_by_key(|c| c.step);
+    // Each checkpoint's trainer_state.json named the best as it stood then: the newest knows.
+    let best = found
+        .last()
+        .and_then(|newest| best_of(Path::new(&newest.path)));
+    for checkpoint in &mut found {
+        checkpoint.best = best.as_deref() == Some(checkpoint.name.as_str());
+    }
     found
+}
+
+/// The folder name of the best checkpoint `checkpoint`'s trainer_state.json names.
+fn best_of(checkpoint: &Path) -> Option<String> {
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(checkpoint.join("trainer_state.json")).ok()?)
+            .ok()?;
+    let best = state["best_model_checkpoint"].as_str()?;
+    Some(Path::new(best).file_name()?.to_string_lossy().into_owned())
 }
 
 /// The checkpoint named `name` (a folder name, never a path), or the latest.
@@ -84,9 +100,6 @@ fn describe(path: &Path, name: String, step: u64) -> CheckpointInfo {
             }
         }
     }
-    let best = state["best_model_checkpoint"]
-        .as_str()
-        .is_some_and(|best| Path::new(best).file_name() == Some(name.as_ref()));
     let kind = if path.join("adapter_config.json").is_file() {
         "adapter"
     } else {
@@ -98,7 +111,7 @@ fn describe(path: &Path, name: String, step: u64) -> CheckpointInfo {
         path: path.display().to_string(),
         kind: kind.to_string(),
         size_bytes: folder_size(path),
-        best,
+        best: false,
         metrics,
     }
 }
@@ -132,11 +145,13 @@ mod tests {
             std::fs::create_dir_all(dir).unwrap();
             std::fs::write(dir.join("logging.jsonl"), "{}\n").unwrap();
         }
-        let state = json!({"best_model_checkpoint": new.join("checkpoint-10").display().to_string(),
-            "log_history": [{"step": 10, "loss": 1.5}, {"step": 10, "eval_loss": 1.25}, {"step": 20, "loss": 1.0}]});
+        let history = json!([{"step": 10, "loss": 1.5}, {"step": 10, "eval_loss": 1.25}, {"step": 20, "loss": 1.0}]);
+        // Each thought itself best when it was saved: the newest state's word counts.
         for step in [20, 10] {
             let dir = new.join(format!("checkpoint-{step}"));
             std::fs::create_dir_all(&dir).unwrap();
+            let best = dir.display().to_string();
+            let state = json!({"best_model_checkpoint": best, "log_history": history});
             std::fs::write(dir.join("trainer_state.json"), state.to_string()).unwrap();
             std::fs::write(dir.join("model.safetensors"), vec![0u8; 1000]).unwrap();
         }
@@ -149,7 +164,7 @@ mod tests {
         assert_eq!(names, ["checkpoint-10", "checkpoint-20"]);
         assert_eq!(found[0].metrics["eval_loss"], 1.25);
         assert_eq!(found[0].metrics["loss"], 1.5);
-        assert!(found[0].best && !found[1].best);
+        assert!(!found[0].best && found[1].best);
         assert_eq!(
             (found[0].kind.as_str(), found[1].kind.as_str()),
             ("full", "adapter")
