@@ -7,7 +7,6 @@ mod common;
 
 use common::{TestServer, TOKEN};
 use serde_json::{json, Value};
-use std::path::PathBuf;
 
 async fn chat(s: &TestServer, id: i64, body: &Value) -> reqwest::Response {
     s.client
@@ -187,17 +186,8 @@ async fn bad_chat_requests_are_refused_before_anything_runs() {
 /// answered by the base with the adapter, and by the base alone.
 #[tokio::test]
 async fn real_whet_infer_streams_the_reply_of_a_demo_checkpoint() {
-    let whet = common::prerequisites::whet_binary().display().to_string();
-    let examples = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples"))
-        .canonicalize()
-        .unwrap();
-    let s = TestServer::start(&[
-        "--whet-bin",
-        &whet,
-        "--allow-read",
-        &examples.display().to_string(),
-    ])
-    .await;
+    let examples = common::examples();
+    let s = common::real_server(&[&examples]).await;
     let at = |p: &str| examples.join(p).display().to_string();
     let config = json!({"sft": {"model": at("tiny-qwen3"), "dataset": [at("demo/train.jsonl#64")],
         "template": "qwen3_thinking", "max_length": 64, "max_steps": 2, "save_steps": 2,

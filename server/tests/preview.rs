@@ -3,20 +3,11 @@
 
 mod common;
 
-use common::TestServer;
+use common::{examples, TestServer};
 use serde_json::{json, Value};
-use std::path::PathBuf;
-
-fn examples() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples"))
-        .canonicalize()
-        .unwrap()
-}
 
 async fn server() -> TestServer {
-    let whet = common::prerequisites::whet_binary().display().to_string();
-    let examples = examples().display().to_string();
-    TestServer::start(&["--whet-bin", &whet, "--allow-read", &examples]).await
+    common::real_server(&[&examples()]).await
 }
 
 fn demo() -> Value {

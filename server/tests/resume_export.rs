@@ -101,25 +101,14 @@ async fn metrics_resume_and_export_follow_the_rules() {
 /// checkpoints 2 and 4; resumed from 2 it logs steps 3 and 4; its last checkpoint merges.
 #[tokio::test]
 async fn real_whet_resumes_from_a_checkpoint_and_merges_an_adapter() {
-    let whet = common::prerequisites::whet_binary().display().to_string();
     let fixture = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../shared/fixtures/hf-reference"
     ))
     .canonicalize()
     .unwrap();
-    let examples = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples"))
-        .canonicalize()
-        .unwrap();
-    let s = TestServer::start(&[
-        "--whet-bin",
-        &whet,
-        "--allow-read",
-        &fixture.display().to_string(),
-        "--allow-read",
-        &examples.display().to_string(),
-    ])
-    .await;
+    let examples = common::examples();
+    let s = common::real_server(&[&fixture, &examples]).await;
     let config = json!({"sft": {"model": fixture.display().to_string(),
         "dataset": [examples.join("demo/train.jsonl#32").display().to_string()],
         "tuner_type": "lora", "max_length": 64, "max_steps": 4, "save_steps": 2, "logging_steps": 1,

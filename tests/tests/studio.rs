@@ -10,8 +10,8 @@ use whet_shared::preview::{
 };
 use whet_shared::{files, presets, share, JobConfig};
 use whet_tests::browser::Browser;
-use whet_tests::prerequisites::workspace_binary;
 use whet_tests::static_server::{FakeApi, StaticServer};
+use whet_tests::whet_server::WhetServer;
 use whet_tests::{app_dist, artifacts_dir};
 
 /// A browser on the studio served from app/dist, in English.
@@ -462,82 +462,22 @@ async fn with_a_backend_short_links_submit_and_the_live_job_view_work() {
     browser.close().await;
 }
 
-/// A whet-server on a free port running the real `whet`, serving app/dist, with its database
-/// and jobs in a fresh folder (removed on drop, with the server).
-struct WhetServer {
-    token: &'static str,
-    data: std::path::PathBuf,
-    child: tokio::process::Child,
-}
-
-impl WhetServer {
-    /// Starts it and opens its page in `browser`, in English.
-    async fn start(browser: &Browser) -> WhetServer {
-        let server_bin = workspace_binary("whet-server", "whet-server");
-        let whet_bin = workspace_binary("whet-engine", "whet");
-        let dist = app_dist();
-        let data = std::env::temp_dir().join(format!(
-            "whet-studio-test-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&data).unwrap();
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let token = "studio-test-token";
-        let child = tokio::process::Command::new(server_bin)
-            .current_dir(whet_tests::workspace())
-            .env("WHET_TOKEN", token)
-            .args(["--bind", &format!("127.0.0.1:{port}")])
-            .args([
-                "--database-url",
-                &format!("sqlite://{}/whet.db", data.display()),
-            ])
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--static-dir")
-            .arg(&dist)
-            .arg("--whet-bin")
-            .arg(&whet_bin)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("starting whet-server");
-        let base = format!("http://127.0.0.1:{port}");
-        // The server answers /api/health once it is up.
-        browser
-            .until("whet-server to start", || async {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .ok()
-                    .map(|_| ())
-            })
-            .await;
-        browser.goto(&format!("{base}/")).await;
-        set_language(browser, "en").await;
-        WhetServer { token, data, child }
-    }
-}
-
-impl Drop for WhetServer {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = std::fs::remove_dir_all(&self.data);
-    }
+/// A real whet-server (`whet_tests::whet_server`) with its page open in `browser`, in English.
+async fn open_whet_server(browser: &Browser) -> WhetServer {
+    let server = WhetServer::start("studio-test-token").await;
+    browser.goto(&format!("{}/", server.base_url)).await;
+    set_language(browser, "en").await;
+    server
 }
 
 /// Submits the demo to a running whet-server and watches the loss chart fill.
 #[tokio::test(flavor = "multi_thread")]
 async fn demo_job_streams_loss_points_from_whet_server() {
     let browser = Browser::start().await;
-    let server = WhetServer::start(&browser).await;
+    let server = open_whet_server(&browser).await;
     browser.wait_text("#submit-job").await;
     browser.click("button[data-preset=demo]").await;
-    browser.paste_into("#token", server.token).await;
+    browser.paste_into("#token", &server.token).await;
     browser.click("#submit-job").await;
     browser.wait_text("#job-status").await;
     let points = browser
@@ -601,7 +541,7 @@ async fn wait_rows(browser: &Browser, rows: usize) {
 #[tokio::test(flavor = "multi_thread")]
 async fn data_tab_previews_the_demo_through_whet_server() {
     let browser = Browser::start().await;
-    let server = WhetServer::start(&browser).await;
+    let server = open_whet_server(&browser).await;
     // The empty config has no dataset: the server's 422 names the field.
     browser.click("#nav-data").await;
     browser

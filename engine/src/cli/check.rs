@@ -1,6 +1,5 @@
 //! `whet check`: validate a config and print what it will do.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
@@ -8,7 +7,7 @@ use whet_shared::memory::{params_text, trainable_percent};
 use whet_shared::report::FailedReport;
 use whet_shared::{check, gpus, CheckReport, SftConfig};
 
-use super::input::{check_context, load_job, JobInput};
+use super::input::{check_context, load_job, JobArgs};
 
 pub const AFTER_HELP: &str =
     "Flags are ms-swift's (`whet check --model Qwen/Qwen3-8B --dataset data.jsonl ...`), \
@@ -18,22 +17,14 @@ Exit codes: 0 no errors, 1 errors, 2 usage.";
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Read a training script (torchrun / swift sft / whet sft); `-` reads standard input.
-    #[arg(long = "from-shell", value_name = "FILE")]
-    pub from_shell: Option<PathBuf>,
     /// Print the report as JSON (what POST /api/check answers).
     #[arg(long)]
     pub json: bool,
     /// Judge memory against this GPU (h100-80, a100-40, rtx4090-24, ...).
     #[arg(long, value_name = "ID", default_value = "h100-80")]
     pub gpu: String,
-    /// ms-swift flags, and `--config FILE`.
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "FLAGS"
-    )]
-    pub flags: Vec<String>,
+    #[command(flatten)]
+    pub job: JobArgs,
 }
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
@@ -46,11 +37,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(2));
     };
-    let input = JobInput {
-        command: "whet check",
-        from_shell: args.from_shell,
-        flags: args.flags,
-    };
+    let input = args.job.input("whet check");
     let config = match load_job(&input) {
         Ok(config) => config,
         Err(diagnostics) => {

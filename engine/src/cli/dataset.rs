@@ -2,14 +2,13 @@
 //! see them (`crate::preview`); `--json` prints what `POST /api/datasets/preview` answers.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use whet_shared::preview::{DatasetPreview, PreviewRow, Truncation, DEFAULT_ROWS};
 use whet_shared::report::FailedReport;
 
-use super::input::{load_job, JobInput};
+use super::input::{load_job, JobArgs};
 
 #[derive(Debug, Args)]
 pub struct DatasetArgs {
@@ -34,22 +33,14 @@ pub const MAX_ROWS: usize = 200;
 
 #[derive(Debug, Args)]
 pub struct PreviewArgs {
-    /// Read a training script (torchrun / swift sft / whet sft); `-` reads standard input.
-    #[arg(long = "from-shell", value_name = "FILE")]
-    pub from_shell: Option<PathBuf>,
     /// Rows rendered in full (1 to 200).
     #[arg(long, default_value_t = DEFAULT_ROWS as u64, value_parser = clap::value_parser!(u64).range(1..=MAX_ROWS as u64))]
     pub rows: u64,
     /// Print the preview as JSON (what POST /api/datasets/preview answers).
     #[arg(long)]
     pub json: bool,
-    /// ms-swift flags, and `--config FILE`.
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "FLAGS"
-    )]
-    pub flags: Vec<String>,
+    #[command(flatten)]
+    pub job: JobArgs,
 }
 
 pub fn run(args: DatasetArgs) -> anyhow::Result<ExitCode> {
@@ -59,11 +50,7 @@ pub fn run(args: DatasetArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn preview(args: PreviewArgs) -> anyhow::Result<ExitCode> {
-    let input = JobInput {
-        command: "whet dataset preview",
-        from_shell: args.from_shell,
-        flags: args.flags,
-    };
+    let input = args.job.input("whet dataset preview");
     let config = match load_job(&input) {
         Ok(config) => config,
         Err(diagnostics) => {

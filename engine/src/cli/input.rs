@@ -42,6 +42,32 @@ fn unreadable(path: &Path, message: String) -> Diagnostics {
     .into()
 }
 
+/// The job on a subcommand's command line: an optional script, then ms-swift flags (with
+/// `--config FILE`) to the end of the line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobArgs {
+    /// Read a training script (torchrun / swift sft / whet sft); `-` reads standard input.
+    #[arg(long = "from-shell", value_name = "FILE")]
+    pub from_shell: Option<PathBuf>,
+    /// ms-swift flags, and `--config FILE`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "FLAGS"
+    )]
+    pub flags: Vec<String>,
+}
+
+impl JobArgs {
+    pub fn input(self, command: &'static str) -> JobInput {
+        JobInput {
+            command,
+            from_shell: self.from_shell,
+            flags: self.flags,
+        }
+    }
+}
+
 /// Parses the job: the script first (if any), then the config files and flags on top.
 pub fn load_job(input: &JobInput) -> Result<JobConfig, Diagnostics> {
     let mut config = JobConfig::default();

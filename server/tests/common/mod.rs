@@ -152,6 +152,27 @@ pub async fn status_json(r: reqwest::Response) -> (u16, Value) {
 
 /// A job config the test double understands: `behaviour` is e.g. `steps=3 pause=0 exit=0`
 /// (`ignore_term=1` ignores SIGTERM). It travels in the `system` field.
+/// The repository's examples/ folder (the demo's model and data).
+pub fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .canonicalize()
+        .unwrap()
+}
+
+/// A test server that runs the real `whet` (built when needed) and lets jobs read `readable`.
+pub async fn real_server(readable: &[&Path]) -> TestServer {
+    let mut args = vec![
+        "--whet-bin".to_string(),
+        prerequisites::whet_binary().display().to_string(),
+    ];
+    for folder in readable {
+        args.extend(["--allow-read".to_string(), folder.display().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    TestServer::start(&args).await
+}
+
 pub fn fake_job(behaviour: &str) -> Value {
     json!({"sft": {"model": "Qwen/Qwen3-0.6B", "dataset": ["AI-ModelScope/alpaca-gpt4-data-en#100"],
                    "system": format!("fake: {behaviour}")}})
