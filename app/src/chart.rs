@@ -27,7 +27,7 @@ pub fn short(x: f64) -> String {
 }
 
 /// The drawing box: data bounds mapped to SVG coordinates.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 pub struct Frame {
     pub x0: f64,
     pub x1: f64,
@@ -82,6 +82,17 @@ impl Frame {
     }
 }
 
+/// The plot's background and its axis bounds, for a chart's frame.
+fn axes(frame: impl Fn() -> Frame + Copy + Send + Sync + 'static) -> impl IntoView {
+    view! {
+        <rect class="plot-bg" x=LEFT y=TOP width=WIDTH - LEFT - RIGHT height=HEIGHT - TOP - BOTTOM />
+        <text class="axis" x=LEFT - 4.0 y=TOP + 8.0 text-anchor="end">{move || short(frame().y1)}</text>
+        <text class="axis" x=LEFT - 4.0 y=HEIGHT - BOTTOM text-anchor="end">{move || short(frame().y0)}</text>
+        <text class="axis" x=LEFT y=HEIGHT - 4.0>{move || short(frame().x0)}</text>
+        <text class="axis" x=WIDTH - RIGHT y=HEIGHT - 4.0 text-anchor="end">{move || short(frame().x1)}</text>
+    }
+}
+
 /// A line chart of one or two series (`main`, and `extra` drawn dashed with dots, e.g. eval loss).
 #[component]
 pub fn LineChart(
@@ -96,13 +107,9 @@ pub fn LineChart(
     let extra = extra.unwrap_or_else(|| Signal::stored(Vec::new()));
     let frame = Memo::new(move |_| {
         let (main, extra) = (main.get(), extra.get());
-        let f = Frame::fit(&[&main, &extra], from_zero);
-        (f.x0, f.x1, f.y0, f.y1)
+        Frame::fit(&[&main, &extra], from_zero)
     });
-    let frame = move || {
-        let (x0, x1, y0, y1) = frame.get();
-        Frame { x0, x1, y0, y1 }
-    };
+    let frame = move || frame.get();
     view! {
         <figure class="chart">
             <figcaption>{move || title.get()}</figcaption>
@@ -112,11 +119,7 @@ pub fn LineChart(
                 data-points=move || main.with(Vec::len).to_string()
                 role="img"
             >
-                <rect class="plot-bg" x=LEFT y=TOP width=WIDTH - LEFT - RIGHT height=HEIGHT - TOP - BOTTOM />
-                <text class="axis" x=LEFT - 4.0 y=TOP + 8.0 text-anchor="end">{move || short(frame().y1)}</text>
-                <text class="axis" x=LEFT - 4.0 y=HEIGHT - BOTTOM text-anchor="end">{move || short(frame().y0)}</text>
-                <text class="axis" x=LEFT y=HEIGHT - 4.0>{move || short(frame().x0)}</text>
-                <text class="axis" x=WIDTH - RIGHT y=HEIGHT - 4.0 text-anchor="end">{move || short(frame().x1)}</text>
+                {axes(frame)}
                 <polyline class="line" points=move || main.with(|p| frame().polyline(p)) />
                 <polyline class="line extra" points=move || extra.with(|p| frame().polyline(p)) />
                 {move || {
@@ -176,13 +179,9 @@ pub fn MultiChart(
     let frame = Memo::new(move |_| {
         let drawn = drawn.get();
         let all: Vec<&[(f64, f64)]> = drawn.iter().map(|s| s.points.as_slice()).collect();
-        let f = Frame::fit(&all, from_zero);
-        (f.x0, f.x1, f.y0, f.y1)
+        Frame::fit(&all, from_zero)
     });
-    let frame = move || {
-        let (x0, x1, y0, y1) = frame.get();
-        Frame { x0, x1, y0, y1 }
-    };
+    let frame = move || frame.get();
     view! {
         <figure class="chart">
             <figcaption>{move || title.get()}</figcaption>
@@ -192,11 +191,7 @@ pub fn MultiChart(
                 data-series=move || drawn.with(Vec::len).to_string()
                 role="img"
             >
-                <rect class="plot-bg" x=LEFT y=TOP width=WIDTH - LEFT - RIGHT height=HEIGHT - TOP - BOTTOM />
-                <text class="axis" x=LEFT - 4.0 y=TOP + 8.0 text-anchor="end">{move || short(frame().y1)}</text>
-                <text class="axis" x=LEFT - 4.0 y=HEIGHT - BOTTOM text-anchor="end">{move || short(frame().y0)}</text>
-                <text class="axis" x=LEFT y=HEIGHT - 4.0>{move || short(frame().x0)}</text>
-                <text class="axis" x=WIDTH - RIGHT y=HEIGHT - 4.0 text-anchor="end">{move || short(frame().x1)}</text>
+                {axes(frame)}
                 {move || {
                     let f = frame();
                     drawn

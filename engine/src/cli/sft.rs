@@ -2,14 +2,14 @@
 //! recipe in `crate::train`.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Args;
 use whet_shared::{validate_with, JobConfig};
 use whet_store::RankEnv;
 
-use super::input::{check_context, load_job, JobInput};
+use super::input::{check_context, load_job, JobArgs, JobInput};
 use crate::device;
 use crate::launch::{self, LaunchPlan};
 use crate::sync::Group;
@@ -34,16 +34,8 @@ Exit codes: 0 trained, 1 invalid config or training failure (of any rank), 2 usa
 
 #[derive(Debug, Args)]
 pub struct SftArgs {
-    /// Read a training script (torchrun / swift sft / whet sft); `-` reads standard input.
-    #[arg(long = "from-shell", value_name = "FILE")]
-    pub from_shell: Option<PathBuf>,
-    /// ms-swift flags, and `--config FILE`.
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "FLAGS"
-    )]
-    pub flags: Vec<String>,
+    #[command(flatten)]
+    pub job: JobArgs,
 }
 
 /// The launcher's environment, as torch and ms-swift read it, where the config is silent.
@@ -106,11 +98,7 @@ fn reads_standard_input(input: &JobInput) -> bool {
 }
 
 pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
-    let input = JobInput {
-        command: "whet sft",
-        from_shell: args.from_shell,
-        flags: args.flags,
-    };
+    let input = args.job.input("whet sft");
     let mut config = match load_job(&input) {
         Ok(config) => config,
         Err(diagnostics) => {
