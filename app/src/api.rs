@@ -71,6 +71,23 @@ pub async fn text_of(response: &Response) -> String {
     }
 }
 
+/// Sends a request and reads a 2xx answer as `T`; anything else (another status, a body that
+/// is not a `T`, no server) as the diagnostics that say why.
+pub async fn request_json<T: serde::de::DeserializeOwned>(
+    method: &str,
+    url: &str,
+    body: Option<String>,
+    token: Option<String>,
+) -> Result<T, Vec<Diagnostic>> {
+    match request(method, url, body, token).await {
+        Ok((status, text)) if (200..300).contains(&status) => {
+            serde_json::from_str(&text).map_err(|_| diagnostics_of(status, &text))
+        }
+        Ok((status, text)) => Err(diagnostics_of(status, &text)),
+        Err(e) => Err(unreachable(e)),
+    }
+}
+
 /// Sets `studio.backend` when /api/health answers `{"status": "ok"}`.
 pub fn detect_backend(studio: Studio) {
     let protocol = window().location().protocol().unwrap_or_default();

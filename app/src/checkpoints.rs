@@ -37,20 +37,12 @@ pub fn human_bytes(bytes: u64) -> String {
 pub fn load(id: String, into: RwSignal<Vec<CheckpointInfo>>, errors: RwSignal<Vec<Diagnostic>>) {
     spawn_local(async move {
         let url = format!("/api/jobs/{id}/checkpoints");
-        match api::request("GET", &url, None, None).await {
-            Ok((200, body)) => match serde_json::from_str::<CheckpointList>(&body) {
-                Ok(list) => {
-                    let _ = into.try_set(list.checkpoints);
-                }
-                Err(_) => {
-                    let _ = errors.try_set(api::diagnostics_of(200, &body));
-                }
-            },
-            Ok((code, body)) => {
-                let _ = errors.try_set(api::diagnostics_of(code, &body));
+        match api::request_json::<CheckpointList>("GET", &url, None, None).await {
+            Ok(list) => {
+                let _ = into.try_set(list.checkpoints);
             }
-            Err(e) => {
-                let _ = errors.try_set(api::unreachable(e));
+            Err(diagnostics) => {
+                let _ = errors.try_set(diagnostics);
             }
         }
     });
@@ -100,20 +92,13 @@ pub fn CheckpointsPanel(
         let token = studio.token.get_untracked();
         busy.set(true);
         spawn_local(async move {
-            let result = api::request("POST", &url, Some(choice()), Some(token)).await;
+            let result =
+                api::request_json::<JobCreated>("POST", &url, Some(choice()), Some(token)).await;
             let _ = busy.try_set(false);
             match result {
-                Ok((200 | 201, body)) => match serde_json::from_str::<JobCreated>(&body) {
-                    Ok(created) => route::go(&format!("#/jobs/{}", created.id)),
-                    Err(_) => {
-                        let _ = errors.try_set(api::diagnostics_of(201, &body));
-                    }
-                },
-                Ok((code, body)) => {
-                    let _ = errors.try_set(api::diagnostics_of(code, &body));
-                }
-                Err(e) => {
-                    let _ = errors.try_set(api::unreachable(e));
+                Ok(created) => route::go(&format!("#/jobs/{}", created.id)),
+                Err(diagnostics) => {
+                    let _ = errors.try_set(diagnostics);
                 }
             }
         });
@@ -124,23 +109,16 @@ pub fn CheckpointsPanel(
         busy.set(true);
         exported.set(None);
         spawn_local(async move {
-            let result = api::request("POST", &url, Some(choice()), Some(token)).await;
+            let result =
+                api::request_json::<ExportAnswer>("POST", &url, Some(choice()), Some(token)).await;
             let _ = busy.try_set(false);
             match result {
-                Ok((200, body)) => match serde_json::from_str::<ExportAnswer>(&body) {
-                    Ok(answer) => {
-                        let _ = exported.try_set(Some(answer));
-                        let _ = errors.try_set(Vec::new());
-                    }
-                    Err(_) => {
-                        let _ = errors.try_set(api::diagnostics_of(200, &body));
-                    }
-                },
-                Ok((code, body)) => {
-                    let _ = errors.try_set(api::diagnostics_of(code, &body));
+                Ok(answer) => {
+                    let _ = exported.try_set(Some(answer));
+                    let _ = errors.try_set(Vec::new());
                 }
-                Err(e) => {
-                    let _ = errors.try_set(api::unreachable(e));
+                Err(diagnostics) => {
+                    let _ = errors.try_set(diagnostics);
                 }
             }
         });

@@ -56,21 +56,13 @@ pub fn JobList() -> impl IntoView {
     };
     let load = move || {
         spawn_local(async move {
-            match api::request("GET", "/api/jobs", None, None).await {
-                Ok((200, body)) => match serde_json::from_str::<JobList>(&body) {
-                    Ok(list) => {
-                        let _ = rows.try_set(job_rows(list));
-                        let _ = errors.try_set(Vec::new());
-                    }
-                    Err(_) => {
-                        let _ = errors.try_set(api::diagnostics_of(200, &body));
-                    }
-                },
-                Ok((status, body)) => {
-                    let _ = errors.try_set(api::diagnostics_of(status, &body));
+            match api::request_json::<JobList>("GET", "/api/jobs", None, None).await {
+                Ok(list) => {
+                    let _ = rows.try_set(job_rows(list));
+                    let _ = errors.try_set(Vec::new());
                 }
-                Err(e) => {
-                    let _ = errors.try_set(api::unreachable(e));
+                Err(diagnostics) => {
+                    let _ = errors.try_set(diagnostics);
                 }
             }
         })
