@@ -338,7 +338,7 @@ struct LayerRecord {
 ///
 /// Each layer's input is a leaf, so the loss's backward stops at the last layer; then each layer
 /// is differentiated on its own, from the top, by injecting the upstream gradient `g` through
-/// the surrogate `sum(out * g)` (whose gradient with respect to `out` is exactly `g`). The plain
+/// a surrogate scalar whose gradient with respect to `out` is exactly `g` (`ops::seeded`). The plain
 /// path keeps every layer's graph; gradient checkpointing keeps only the layer inputs and
 /// recomputes each layer just before its backward.
 pub fn backward(
@@ -418,9 +418,9 @@ pub fn backward(
             Some(kept) => kept,
             None => layer.forward(record.input.as_tensor(), &ctx)?,
         };
-        let mut surrogate = (out * &upstream)?.sum_all()?;
+        let mut surrogate = ops::seeded(&out, &upstream)?;
         if let (Some(logits), Some(g)) = (logits, &router_upstream[i]) {
-            surrogate = (surrogate + (logits * g)?.sum_all()?)?;
+            surrogate = (surrogate + ops::seeded(&logits, g)?)?;
         }
         let store = surrogate.backward()?;
         grads.add_from_store(params, params.layer(i), &store)?;
@@ -435,7 +435,7 @@ pub fn backward(
 
     if !embeddings.is_empty() {
         hooks.gather(embeddings.clone())?;
-        let store = (embedded * &upstream)?.sum_all()?.backward()?;
+        let store = ops::seeded(&embedded, &upstream)?.backward()?;
         hooks.release(embeddings.clone())?;
         grads.add_from_store(params, embeddings, &store)?;
     }

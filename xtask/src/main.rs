@@ -1,8 +1,9 @@
 //! Developer tasks, in Rust rather than shell scripts.
 //!
-//! * `cargo xtask test`   — everything CI checks: `cargo fmt --check`, clippy with warnings
-//!   denied, whet-shared for wasm32, the studio's release build (the browser tests drive it),
-//!   then the whole test suite, then the CUDA build (toolchain from PyPI) and its GPU-free tests.
+//! * `cargo xtask test`   — everything CI checks: `cargo fmt --check`, the studio's release
+//!   build (whet-app and whet-shared for wasm32; the browser tests drive it), the whole test
+//!   suite, then the CUDA build (toolchain from PyPI) and its GPU-free tests; every build of
+//!   workspace crates runs clippy's lints with warnings denied.
 //! * `cargo xtask app`    — builds the studio (app/ → app/dist) with Trunk, offline.
 //! * `cargo xtask studio` — builds and starts the studio with its backend on the embedded
 //!   defaults (SQLite, the demo preset).
@@ -31,7 +32,7 @@ fn main() -> ExitCode {
         "demo-data" => demo_data::write(
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo"),
         ),
-        "app" => app(),
+        "app" => app(Lints::Off),
         "cuda-toolchain" => cuda::print_toolchain(),
         "gpu-bundle" => gpu_bundle::write(),
         "cpu-sitting" => cpu_sitting::run(&std::env::args().skip(2).collect::<Vec<_>>()),
@@ -121,26 +122,56 @@ fn ensure_wasm_target() -> Result<()> {
     }
 }
 
-/// The whole suite: formatting and lints first (cheap), then whet-shared for wasm32 (the
-/// browser and the server must judge configs with the same code), the studio, and every test.
+/// The whole suite: formatting first (cheap), then the studio, every test and the CUDA build,
+/// each build linting the workspace crates it compiles.
 /// A test that lacks an optional tool says SKIPPED; `.ci/run` sets WHET_REQUIRE_ALL=1 so that
 /// in CI it fails instead.
 fn test() -> Result<()> {
     ensure_studio_tools()?;
     cargo(&["fmt", "--all", "--check"])?;
-    lint()?;
-    cargo(&[
-        "build",
-        "-p",
-        "whet-shared",
-        "--target",
-        "wasm32-unknown-unknown",
-    ])?;
-    app()?;
+    // Trunk's build of whet-app also builds whet-shared for wasm32 (the browser and the server
+    // must judge configs with the same code) and lints both for that target.
+    app(Lints::Denied)?;
     // whet-app only runs in the browser: Trunk has just built it for wasm32 and the browser
     // tests in tests/ drive that build, so a native build of it would test nothing.
-    cargo(&["test", "--workspace", "--exclude", "whet-app"])?;
+    cargo_linted(&["test", "--workspace", "--exclude", "whet-app"])?;
     cuda_tests()
+}
+
+/// Whether a build also runs clippy over the workspace's crates, warnings denied.
+#[derive(Clone, Copy, PartialEq)]
+enum Lints {
+    Denied,
+    Off,
+}
+
+/// clippy-driver is rustc with clippy's lints; `cargo clippy` runs it as the workspace
+/// members' compiler (RUSTC_WORKSPACE_WRAPPER) under `cargo check`. Running it so under the
+/// real build lints every crate the build compiles without checking all the dependencies a
+/// second time (a fresh machine's `cargo clippy --all-targets` took 15 minutes of a 56-minute
+/// CI). The arguments travel in CLIPPY_ARGS, separated as cargo-clippy separates them.
+fn with_lints(command: &mut Command) -> Result<&mut Command> {
+    let cargo_path = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let driver = std::path::Path::new(&cargo_path).with_file_name("clippy-driver");
+    if !driver.exists() {
+        bail!(
+            "{} is missing: install clippy (`rustup component add clippy`)",
+            driver.display()
+        );
+    }
+    Ok(command.env("RUSTC_WORKSPACE_WRAPPER", driver).env(
+        "CLIPPY_ARGS",
+        "-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__",
+    ))
+}
+
+/// `cargo ARGS` with clippy's lints denied on every workspace crate it compiles.
+fn cargo_linted(args: &[&str]) -> Result<()> {
+    eprintln!(
+        "+ cargo {} (clippy-driver for the workspace, -D warnings)",
+        args.join(" ")
+    );
+    run(with_lints(Command::new(env!("CARGO")).args(args))?)
 }
 
 /// The CUDA build and the tests that need no GPU, against it: the toolchain from PyPI
@@ -160,43 +191,21 @@ fn cuda_tests() -> Result<()> {
         "--test",
         "cuda_build",
     ];
-    eprintln!("+ cargo {} (CUDA toolchain, stub driver)", args.join(" "));
-    run(Command::new(env!("CARGO"))
+    eprintln!(
+        "+ cargo {} (CUDA toolchain, stub driver; clippy-driver, -D warnings)",
+        args.join(" ")
+    );
+    run(with_lints(&mut Command::new(env!("CARGO")))?
         .args(args)
         .envs(toolchain.build_env())
         .env("LD_LIBRARY_PATH", toolchain.stub_run_library_path())
         .env("WHET_CUDA_STUB_DRIVER", "1"))
 }
 
-/// Clippy with warnings as errors on every target: natively for all but whet-app, which builds
-/// only for the browser and is linted there.
-fn lint() -> Result<()> {
-    cargo(&[
-        "clippy",
-        "--workspace",
-        "--exclude",
-        "whet-app",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ])?;
-    cargo(&[
-        "clippy",
-        "-p",
-        "whet-app",
-        "--target",
-        "wasm32-unknown-unknown",
-        "--",
-        "-D",
-        "warnings",
-    ])
-}
-
 /// Builds the studio with `trunk build --release` from the workspace root (Trunk.toml), with
 /// npm's wasm-opt (app/node_modules/.bin) first on PATH. Trunk runs offline: the tools must be
 /// installed already (`.ci/install-studio-tools`).
-fn app() -> Result<()> {
+fn app(lints: Lints) -> Result<()> {
     ensure_wasm_target()?;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let tools = root.join("app/node_modules/.bin");
@@ -205,11 +214,20 @@ fn app() -> Result<()> {
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     let path = std::env::join_paths(std::iter::once(tools).chain(std::env::split_paths(&path)))?;
-    eprintln!("+ trunk build --release");
-    let status = Command::new("trunk")
+    let mut trunk = Command::new("trunk");
+    trunk
         .args(["build", "--release"])
         .current_dir(&root)
-        .env("PATH", path)
+        .env("PATH", path);
+    if lints == Lints::Denied {
+        eprintln!(
+            "+ trunk build --release (clippy-driver for whet-app and whet-shared, -D warnings)"
+        );
+        with_lints(&mut trunk)?;
+    } else {
+        eprintln!("+ trunk build --release");
+    }
+    let status = trunk
         .status()
         .context("running trunk: install it with `.ci/install-studio-tools`")?;
     if !status.success() {
@@ -226,7 +244,7 @@ fn studio() -> Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     ensure_studio_tools()?;
     if !root.join("app/dist/index.html").exists() {
-        app()?;
+        app(Lints::Off)?;
     }
     cargo(&[
         "build",

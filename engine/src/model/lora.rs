@@ -47,7 +47,7 @@ impl LoraPair {
             }
             _ => x.clone(),
         };
-        x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scaling
+        crate::ops::linear(&crate::ops::linear(&x, &a)?, &b)? * self.scaling
     }
 }
 

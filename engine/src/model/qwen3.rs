@@ -135,24 +135,22 @@ impl Linear {
     /// `dropout_seed`: the micro-batch's LoRA dropout seed while training.
     pub fn forward_with(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         let weight = self.weight.for_compute(x.dtype())?;
-        let (out_dim, in_dim) = weight.dims2()?;
-        let mut out_shape = x.dims().to_vec();
-        let rows = x.elem_count() / in_dim;
-        *out_shape
-            .last_mut()
-            .expect("linear input has a feature dim") = out_dim;
-        // (…, in) -> (rows, in) x (in, out) -> (…, out)
-        let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
+        let y = ops::linear(x, &weight)?;
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(&bias.for_compute(x.dtype())?)?,
             None => y,
         };
-        let y = match &self.lora {
+        match &self.lora {
             // W x + scaling * B (A dropout(x))
-            Some(lora) => (y + lora.delta(&x.reshape((rows, in_dim))?, dropout_seed)?)?,
-            None => y,
-        };
-        y.reshape(out_shape)
+            Some(lora) => {
+                let in_dim = weight.dim(1)?;
+                let rows = x.elem_count() / in_dim;
+                let delta = lora.delta(&x.reshape((rows, in_dim))?, dropout_seed)?;
+                let shape = y.shape().clone();
+                y + delta.reshape(shape)?
+            }
+            None => Ok(y),
+        }
     }
 }
 
@@ -247,13 +245,13 @@ impl Attention {
     }
 
     /// Projects to (batch, heads, seq, head_dim), normalising each head first when the model has
-    /// a q/k norm.
+    /// a q/k norm, and rotating it by `rotary` when given.
     fn heads(
         &self,
-        proj: &Linear,
-        norm: Option<&Param>,
+        (proj, norm): (&Linear, Option<&Param>),
         x: &Tensor,
         heads: usize,
+        rotary: Option<&ops::RotaryEmbedding>,
         dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -264,20 +262,16 @@ impl Attention {
             Some(w) => ops::rms_norm(&h, &w.for_compute(h.dtype())?, self.rms_norm_eps)?,
             None => h,
         };
-        // (b, t, heads, hd) -> (b, heads, t, hd)
-        h.transpose(1, 2)?.contiguous()
+        ops::split_heads(&h, rotary)
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
         let (nh, nkv) = (self.num_heads, self.num_kv_heads);
         let seed = ctx.lora_dropout_seed;
-        let q =
-            ctx.rotary
-                .apply(&self.heads(&self.q_proj, self.q_norm.as_ref(), x, nh, seed)?)?;
-        let k =
-            ctx.rotary
-                .apply(&self.heads(&self.k_proj, self.k_norm.as_ref(), x, nkv, seed)?)?;
-        let v = self.heads(&self.v_proj, None, x, nkv, seed)?;
+        let rotary = Some(&ctx.rotary);
+        let q = self.heads((&self.q_proj, self.q_norm.as_ref()), x, nh, rotary, seed)?;
+        let k = self.heads((&self.k_proj, self.k_norm.as_ref()), x, nkv, rotary, seed)?;
+        let v = self.heads((&self.v_proj, None), x, nkv, None, seed)?;
         // (b, t, nh * hd)
         let attended = ops::causal_attention(&q, &k, &v, &ctx.attention_mask)?;
         self.o_proj.forward_with(&attended, seed)
@@ -300,14 +294,14 @@ impl Attention {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let group = nh / nkv;
         let q = rotary.apply_at(
-            &self.heads(&self.q_proj, self.q_norm.as_ref(), x, nh, None)?,
+            &self.heads((&self.q_proj, self.q_norm.as_ref()), x, nh, None, None)?,
             offset,
         )?;
         let k_new = rotary.apply_at(
-            &self.heads(&self.k_proj, self.k_norm.as_ref(), x, nkv, None)?,
+            &self.heads((&self.k_proj, self.k_norm.as_ref()), x, nkv, None, None)?,
             offset,
         )?;
-        let v_new = self.heads(&self.v_proj, None, x, nkv, None)?;
+        let v_new = self.heads((&self.v_proj, None), x, nkv, None, None)?;
         let (k, v) = match slot.take() {
             Some((k_old, v_old)) => (
                 Tensor::cat(&[&k_old, &k_new], 2)?,
@@ -507,6 +501,28 @@ impl SparseMoeBlock {
         })
     }
 
+    /// The experts' weights stacked for [`ops::moe_experts`]: (gate and up of each expert,
+    /// down of each), when the experts run as one op — on the CPU, without adapters.
+    fn banks(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        let plain = self.experts.iter().all(|e| {
+            [&e.gate_proj, &e.up_proj, &e.down_proj]
+                .iter()
+                .all(|l| l.lora.is_none() && l.bias.is_none())
+        });
+        if !plain || !ops::moe_experts_fused(x) {
+            return Ok(None);
+        }
+        let dtype = x.dtype();
+        let mut gate_up = Vec::with_capacity(2 * self.experts.len());
+        let mut down = Vec::with_capacity(self.experts.len());
+        for expert in &self.experts {
+            gate_up.push(expert.gate_proj.weight.for_compute(dtype)?);
+            gate_up.push(expert.up_proj.weight.for_compute(dtype)?);
+            down.push(expert.down_proj.weight.for_compute(dtype)?);
+        }
+        Ok(Some((Tensor::cat(&gate_up, 0)?, Tensor::cat(&down, 0)?)))
+    }
+
     /// Returns the block's output (b, t, hidden) and the router logits (b * t, num_experts).
     pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<(Tensor, Tensor)> {
         let (b, t, hidden) = x.dims3()?;
@@ -526,20 +542,32 @@ impl SparseMoeBlock {
         // The tokens gathered once in expert order, so each expert reads a contiguous block of
         // rows and the weighted outputs go back in one index_add.
         let groups = picks_by_expert(&chosen, self.experts.len())?;
-        let sorted = x.index_select(&groups.rows, 0)?;
-        let mut outputs = Vec::with_capacity(self.experts.len());
         let mut untouched = Vec::new();
-        let mut at = 0;
-        for (expert, &count) in self.experts.iter().zip(&groups.counts) {
-            if count == 0 {
-                untouched.extend(expert.zero_touching_weights()?);
-                continue;
+        let picked = match self.banks(&x)? {
+            Some((gate_up, down)) => {
+                let experts = ops::ExpertRows {
+                    rows: groups.rows.to_vec1::<u32>()?.into(),
+                    counts: groups.counts.clone(),
+                };
+                ops::moe_experts(&x, &gate_up, &down, experts)?
             }
-            outputs.push(expert.forward(&sorted.narrow(0, at, count)?, dropout_seed)?);
-            at += count;
-        }
-        let weighted = Tensor::cat(&outputs, 0)?
-            .broadcast_mul(&weights.index_select(&groups.slots, 0)?.unsqueeze(1)?)?;
+            None => {
+                let sorted = x.index_select(&groups.rows, 0)?;
+                let mut outputs = Vec::with_capacity(self.experts.len());
+                let mut at = 0;
+                for (expert, &count) in self.experts.iter().zip(&groups.counts) {
+                    if count == 0 {
+                        untouched.extend(expert.zero_touching_weights()?);
+                        continue;
+                    }
+                    outputs.push(expert.forward(&sorted.narrow(0, at, count)?, dropout_seed)?);
+                    at += count;
+                }
+                Tensor::cat(&outputs, 0)?
+            }
+        };
+        let weighted =
+            picked.broadcast_mul(&weights.index_select(&groups.slots, 0)?.unsqueeze(1)?)?;
         // index_add, not scatter_add: candle's scatter_add backward breaks for partial indices.
         let mut out = Tensor::zeros((rows, hidden), x.dtype(), x.device())?.index_add(
             &groups.rows,

@@ -18,7 +18,7 @@ fn rows_per_block(row_len: usize) -> usize {
 
 /// `f(first_row, block)` over the row blocks of `out`, in parallel when there is more than one;
 /// returns each block's result in block order.
-fn map_row_blocks<T: Send, R: Send>(
+pub(super) fn map_row_blocks<T: Send, R: Send>(
     out: &mut [T],
     row_len: usize,
     f: impl Fn(usize, &mut [T]) -> R + Sync,
@@ -94,6 +94,7 @@ macro_rules! by_tensor_dtype {
         }
     };
 }
+pub(super) use {by_dtype, by_tensor_dtype};
 
 /// `weight * x / sqrt(mean(x²) + eps)` over the last dimension (see [`super::rms_norm`]).
 pub struct RmsNorm {
@@ -205,27 +206,18 @@ impl Rotary {
     /// `y = x ∘ cos + rotate_half(x) ∘ sin`, or with `transpose` its adjoint
     /// `dx = dy ∘ cos + rotate_halfᵀ(dy ∘ sin)`, the backward pass.
     fn rotate<T: Real>(x: &[T], cos: &[T], sin: &[T], dim: usize, transpose: bool) -> Vec<T> {
-        let (seq, half) = (cos.len() / dim, dim / 2);
+        let seq = cos.len() / dim;
         let mut y = vec![T::zero(); x.len()];
         map_row_blocks(&mut y, dim, |first, block| {
             for (r, out) in block.chunks_mut(dim).enumerate() {
                 let row = first + r;
                 let at = (row % seq) * dim;
-                let (x, c, s) = (
+                rotate_row(
                     &x[row * dim..(row + 1) * dim],
-                    &cos[at..at + dim],
-                    &sin[at..at + dim],
+                    (&cos[at..at + dim], &sin[at..at + dim]),
+                    out,
+                    transpose,
                 );
-                for j in 0..half {
-                    let (lo, hi) = (j, j + half);
-                    if transpose {
-                        out[lo] = x[lo] * c[lo] + x[hi] * s[hi];
-                        out[hi] = x[hi] * c[hi] - x[lo] * s[lo];
-                    } else {
-                        out[lo] = x[lo] * c[lo] - x[hi] * s[lo];
-                        out[hi] = x[hi] * c[hi] + x[lo] * s[hi];
-                    }
-                }
             }
         });
         y
@@ -252,6 +244,22 @@ impl Rotary {
                 x.device()
             )
         ))
+    }
+}
+
+/// One row's rotate-half rotation by its position's (cos, sin) rows, or with `transpose` its
+/// adjoint (the backward pass).
+pub(super) fn rotate_row<T: Real>(x: &[T], (c, s): (&[T], &[T]), out: &mut [T], transpose: bool) {
+    let half = x.len() / 2;
+    for j in 0..half {
+        let (lo, hi) = (j, j + half);
+        if transpose {
+            out[lo] = x[lo] * c[lo] + x[hi] * s[hi];
+            out[hi] = x[hi] * c[hi] - x[lo] * s[lo];
+        } else {
+            out[lo] = x[lo] * c[lo] - x[hi] * s[lo];
+            out[hi] = x[hi] * c[hi] + x[lo] * s[hi];
+        }
     }
 }
 

@@ -12,9 +12,15 @@ use candle_core::{DType, Device, Result, Tensor, WithDType, D};
 mod attention;
 mod fused;
 mod head_loss;
+mod heads;
+mod linear;
+mod moe;
+mod upstream;
 
 pub use attention::{causal_attention, AttentionMask, CausalAttention};
 pub use head_loss::fused_head_loss;
+pub use moe::ExpertRows;
+pub use upstream::seeded;
 
 /// Whether the CPU runs the fused ops (on by default); off, every op takes its composed form,
 /// which `whet bench train --fused false` measures against.
@@ -84,6 +90,64 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     silu(gate)? * up
 }
 
+/// `x Wᵀ` for x (…, in) and W (out, in): on the CPU in f32/f64 one op ([`linear::Linear`]),
+/// elsewhere candle's matmul.
+pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if fused_on(x) && weight.dtype() == x.dtype() {
+        return x
+            .contiguous()?
+            .apply_op2(&weight.contiguous()?, linear::Linear);
+    }
+    let (out_dim, in_dim) = weight.dims2()?;
+    let mut out_shape = x.dims().to_vec();
+    *out_shape
+        .last_mut()
+        .expect("linear input has a feature dim") = out_dim;
+    // (…, in) -> (rows, in) x (in, out) -> (…, out)
+    x.reshape((x.elem_count() / in_dim, in_dim))?
+        .matmul(&weight.t()?)?
+        .reshape(out_shape)
+}
+
+/// Whether [`moe_experts`] runs as one op for tokens `x` (else compose the experts).
+pub fn moe_experts_fused(x: &Tensor) -> bool {
+    fused_on(x)
+}
+
+/// Every pick's SwiGLU expert output (picks, hidden), experts in order, for token rows x
+/// (rows, hidden), the experts' gate and up weights stacked (experts · 2 · inter, hidden: each
+/// expert's gate rows, then its up rows) and their down weights stacked (experts · hidden,
+/// inter). CPU f32/f64 only (see [`moe_experts_fused`]).
+pub fn moe_experts(
+    x: &Tensor,
+    gate_up: &Tensor,
+    down: &Tensor,
+    experts: ExpertRows,
+) -> Result<Tensor> {
+    let (hidden, inter) = (x.dim(1)?, down.dim(1)?);
+    x.contiguous()?.apply_op3(
+        &gate_up.contiguous()?,
+        &down.contiguous()?,
+        moe::MoeExperts::new(experts, hidden, inter),
+    )
+}
+
+/// x (batch, seq, heads, head_dim) -> (batch, heads, seq, head_dim), contiguous, rotated by
+/// `rotary`'s tables at positions `0..seq` when given: on the CPU in f32/f64 one op, elsewhere a
+/// transpose, a copy and [`apply_rotary`].
+pub fn split_heads(x: &Tensor, rotary: Option<&RotaryEmbedding>) -> Result<Tensor> {
+    let seq = x.dim(1)?;
+    if fused_on(x) {
+        let rotary = rotary.map(|r| r.tables_at(0, seq, x.dtype())).transpose()?;
+        return x.contiguous()?.apply_op1(heads::SplitHeads { rotary });
+    }
+    let heads = x.transpose(1, 2)?.contiguous()?;
+    match rotary {
+        Some(rotary) => rotary.apply(&heads),
+        None => Ok(heads),
+    }
+}
+
 /// Softmax over the last dimension. The max subtracted for stability is detached: the result
 /// does not depend on it, so neither does the gradient.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -132,6 +196,13 @@ impl RotaryEmbedding {
             cos: Tensor::from_vec(cos, (max_positions, head_dim), device)?,
             sin: Tensor::from_vec(sin, (max_positions, head_dim), device)?,
         })
+    }
+
+    /// The (seq, head_dim) cos and sin rows of positions `offset..offset + seq`, contiguous, in
+    /// `dtype`.
+    pub fn tables_at(&self, offset: usize, seq: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let table = |t: &Tensor| t.narrow(0, offset, seq)?.to_dtype(dtype)?.contiguous();
+        Ok((table(&self.cos)?, table(&self.sin)?))
     }
 
     /// The whole (max_positions, head_dim) cos and sin tables in `dtype`.
