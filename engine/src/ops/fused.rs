@@ -297,7 +297,7 @@ impl SwiGlu {
         map_row_blocks(&mut y, 1, |first, block| {
             for (i, o) in block.iter_mut().enumerate() {
                 let g = gate[first + i];
-                *o = g / (T::one() + (-g).exp()) * up[first + i];
+                *o = g / (T::one() + (-g).fast_exp()) * up[first + i];
             }
         });
         y
@@ -312,7 +312,7 @@ impl SwiGlu {
         let work = |first: usize, dg: &mut [T], du: &mut [T]| {
             for i in 0..dg.len() {
                 let (g, u, d) = (gate[first + i], up[first + i], dy[first + i]);
-                let s = (T::one() + (-g).exp()).recip();
+                let s = (T::one() + (-g).fast_exp()).recip();
                 dg[i] = d * u * s * (T::one() + g * (T::one() - s));
                 du[i] = d * g * s;
             }

@@ -210,7 +210,7 @@ impl MoeExperts {
                 let mut act = vec![T::zero(); if want_banks { count * i } else { 0 }];
                 for k in 0..count * i {
                     let (gk, uk, d) = (ge[k], ue[k], dact[k]);
-                    let s = (T::one() + (-gk).exp()).recip();
+                    let s = (T::one() + (-gk).fast_exp()).recip();
                     dg[k] = d * uk * s * (T::one() + gk * (T::one() - s));
                     du[k] = d * gk * s;
                     if want_banks {
@@ -291,7 +291,7 @@ impl MoeExperts {
 }
 
 fn swish<T: Real>(g: T) -> T {
-    g / (T::one() + (-g).exp())
+    g / (T::one() + (-g).fast_exp())
 }
 
 /// Experts run in parallel, so each expert's products stay on one thread unless there are
