@@ -1,5 +1,5 @@
 // whet's training kernels: the CUDA forms of the engine's fused CPU ops, with the same
-// semantics (engine/src/cuda.rs launches them; each op's Rust doc says what it computes).
+// semantics (engine/src/cuda/mod.rs launches them; each op's Rust doc says what it computes).
 // Where the CPU result is bit-exact f32 arithmetic (AdamW, NF4 dequantization), the kernels
 // use the _rn intrinsics so that nvcc cannot contract a multiply and an add into one FMA.
 
@@ -135,6 +135,22 @@ CROSS_ENTROPY(f16, __half)
 // null (a parameter without a gradient updates as if it were zero); `has_decay` says whether
 // the param is first multiplied by `decay`.
 
+// One element's update; the single-tensor and the multi-tensor kernels both run it.
+__device__ __forceinline__ void adamw_element(float g, float& p, float& m, float& v, int has_decay,
+                                              float decay, float one_minus_beta1, float beta2,
+                                              float one_minus_beta2, float bias_correction2_sqrt,
+                                              float eps, float neg_step_size) {
+    if (has_decay) p = __fadd_rn(__fmul_rn(p, decay), 0.0f);
+    const float m0 = m, v0 = v;
+    m = __fadd_rn(m0, __fadd_rn(__fmul_rn(__fsub_rn(g, m0), one_minus_beta1), 0.0f));
+    v = __fadd_rn(__fadd_rn(__fmul_rn(v0, beta2), 0.0f),
+                  __fadd_rn(__fmul_rn(__fmul_rn(g, g), one_minus_beta2), 0.0f));
+    const float denom =
+        __fadd_rn(__fmul_rn(__fdiv_rn(__fsqrt_rn(v), bias_correction2_sqrt), 1.0f), eps);
+    const float update = __fadd_rn(__fmul_rn(__fdiv_rn(m, denom), neg_step_size), 0.0f);
+    p = __fadd_rn(p, update);
+}
+
 extern "C" __global__ void adamw_f32(const float* param, const float* grad, const float* exp_avg,
                                      const float* exp_avg_sq, size_t n, int has_decay,
                                      float decay, float one_minus_beta1, float beta2,
@@ -142,19 +158,43 @@ extern "C" __global__ void adamw_f32(const float* param, const float* grad, cons
                                      float eps, float neg_step_size, float* out) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
-        const float g = grad ? grad[i] : 0.0f;
-        float p = param[i];
-        if (has_decay) p = __fadd_rn(__fmul_rn(p, decay), 0.0f);
-        const float m0 = exp_avg[i], v0 = exp_avg_sq[i];
-        const float m = __fadd_rn(m0, __fadd_rn(__fmul_rn(__fsub_rn(g, m0), one_minus_beta1), 0.0f));
-        const float v = __fadd_rn(__fadd_rn(__fmul_rn(v0, beta2), 0.0f),
-                                  __fadd_rn(__fmul_rn(__fmul_rn(g, g), one_minus_beta2), 0.0f));
-        const float denom =
-            __fadd_rn(__fmul_rn(__fdiv_rn(__fsqrt_rn(v), bias_correction2_sqrt), 1.0f), eps);
-        const float update = __fadd_rn(__fmul_rn(__fdiv_rn(m, denom), neg_step_size), 0.0f);
-        out[i] = __fadd_rn(p, update);
+        float p = param[i], m = exp_avg[i], v = exp_avg_sq[i];
+        adamw_element(grad ? grad[i] : 0.0f, p, m, v, has_decay, decay, one_minus_beta1, beta2,
+                      one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size);
+        out[i] = p;
         out[n + i] = m;
         out[2 * n + i] = v;
+    }
+}
+
+// Many tensors in one launch (cuda::adamw_multi): block b updates chunk b, `chunks[b]` =
+// (tensor, first element), CHUNK elements or up to the tensor's end, in place. `tensors[t]` holds
+// tensor t's device pointers and size; a null grad updates as a zero gradient.
+struct AdamWTensor {
+    float* param;
+    const float* grad;
+    float* exp_avg;
+    float* exp_avg_sq;
+    uint64_t n;
+    uint64_t has_decay;
+};
+
+extern "C" __global__ void adamw_multi_f32(const AdamWTensor* tensors, const uint64_t* chunks,
+                                           uint64_t chunk, float decay, float one_minus_beta1,
+                                           float beta2, float one_minus_beta2,
+                                           float bias_correction2_sqrt, float eps,
+                                           float neg_step_size) {
+    const AdamWTensor t = tensors[chunks[2 * blockIdx.x]];
+    const uint64_t first = chunks[2 * blockIdx.x + 1];
+    const uint64_t end = min(t.n, first + chunk);
+    for (uint64_t i = first + threadIdx.x; i < end; i += blockDim.x) {
+        float p = t.param[i], m = t.exp_avg[i], v = t.exp_avg_sq[i];
+        adamw_element(t.grad ? t.grad[i] : 0.0f, p, m, v, (int)t.has_decay, decay,
+                      one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps,
+                      neg_step_size);
+        t.param[i] = p;
+        t.exp_avg[i] = m;
+        t.exp_avg_sq[i] = v;
     }
 }
 
@@ -186,6 +226,24 @@ extern "C" __global__ void sum_f64(const double* x, size_t n, double* out) {
     for (size_t i = threadIdx.x; i < n; i += blockDim.x) s += x[i];
     s = block_reduce<double, false>(s);
     if (threadIdx.x == 0) out[0] = s;
+}
+
+// The squares of many f32 tensors in one launch (cuda::sum_of_squares_multi): block b sums
+// chunk b (`chunks[b]` = (tensor, first element), as adamw_multi_f32) into partial[b]; sum_f64
+// then adds the partials, in chunk order, so the result repeats exactly.
+extern "C" __global__ void sum_of_squares_multi_f32(const uint64_t* pointers, const uint64_t* sizes,
+                                                    const uint64_t* chunks, uint64_t chunk,
+                                                    double* partial) {
+    const uint64_t t = chunks[2 * blockIdx.x], first = chunks[2 * blockIdx.x + 1];
+    const float* x = (const float*)pointers[t];
+    const uint64_t end = min(sizes[t], first + chunk);
+    double s = 0.0;
+    for (uint64_t i = first + threadIdx.x; i < end; i += blockDim.x) {
+        const double v = (double)x[i];
+        s += v * v;
+    }
+    s = block_reduce<double, false>(s);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
 // ---------------------------------------------------------------------------------------------

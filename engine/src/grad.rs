@@ -139,6 +139,11 @@ impl Gradients {
     /// The sum of squared gradient elements inside `range` of the flat space, in f64 (missing
     /// gradients count as zero), summed parameter by parameter in order.
     pub fn sum_of_squares(&self, range: Range<usize>) -> Result<f64> {
+        if crate::cuda::kernels_enabled() {
+            if let Some(sum) = self.sum_of_squares_in_one_launch(range.clone())? {
+                return Ok(sum);
+            }
+        }
         let mut sum = 0f64;
         // On a GPU the per-parameter sums stay there and are read back once, at the end.
         let mut on_device: Option<Tensor> = None;
@@ -166,6 +171,30 @@ impl Gradients {
             sum += device_sum.to_scalar::<f64>()?;
         }
         Ok(sum)
+    }
+
+    /// [`Gradients::sum_of_squares`] as one multi-tensor launch, when every gradient in the
+    /// range is f32 on a GPU (whet's CUDA kernels on); None otherwise.
+    fn sum_of_squares_in_one_launch(&self, range: Range<usize>) -> Result<Option<f64>> {
+        let mut parts = Vec::new();
+        for piece in self.layout.pieces(range) {
+            let Some(grad) = &self.grads[piece.param] else {
+                continue;
+            };
+            if grad.dtype() != DType::F32 || !grad.device().is_cuda() {
+                return Ok(None);
+            }
+            let flat = grad.flatten_all()?;
+            parts.push(
+                flat.narrow(0, piece.within.start, piece.within.len())?
+                    .contiguous()?,
+            );
+        }
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        match crate::cuda::sum_of_squares_multi(&refs)? {
+            Some(sum) => Ok(Some(sum.to_scalar::<f64>()?)),
+            None => Ok(None),
+        }
     }
 
     pub fn layout(&self) -> &FlatLayout {

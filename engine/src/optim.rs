@@ -202,6 +202,17 @@ impl AdamW {
         let bias_correction1 = 1.0 - beta1.powi(self.step as i32);
         let bias_correction2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
         let step_size = lr / bias_correction1;
+        let shared = StepConstants {
+            decay: (weight_decay != 0.0).then_some(1.0 - lr * weight_decay),
+            beta1,
+            beta2,
+            eps,
+            bias_correction2_sqrt,
+            step_size,
+        };
+        if crate::cuda::kernels_enabled() && self.step_in_one_launch(grads, &shared)? {
+            return Ok(());
+        }
         let layout = self.layout.clone();
         for piece in layout.pieces(self.range.clone()) {
             debug_assert_eq!(grads.name(piece.param), self.params[piece.param].0);
@@ -217,6 +228,56 @@ impl AdamW {
             self.update_piece(&piece, grads.get(piece.param), &constants)?;
         }
         Ok(())
+    }
+
+    /// The whole step as one multi-tensor launch that updates every piece in place, when the
+    /// parameters, their gradients and the moments are f32 on one GPU and there is no flat
+    /// master (whet's CUDA kernels on); false, having changed nothing, otherwise. The same
+    /// arithmetic as the per-piece kernel, element for element.
+    fn step_in_one_launch(&self, grads: &Gradients, c: &StepConstants) -> Result<bool> {
+        let device = self.exp_avg.device();
+        if !self.fused || !device.is_cuda() || self.flat_master.is_some() {
+            return Ok(false);
+        }
+        let mut pieces = Vec::new();
+        for piece in self.layout.pieces(self.range.clone()) {
+            let var = &self.params[piece.param].1;
+            let grad = grads.get(piece.param);
+            let on_device = |t: &Tensor| t.dtype() == DType::F32 && t.device().same_device(device);
+            if !on_device(var.as_tensor())
+                || !var.is_contiguous()
+                || grad.is_some_and(|g| !on_device(g))
+            {
+                return Ok(false);
+            }
+            let len = piece.within.len();
+            let param = var
+                .as_tensor()
+                .flatten_all()?
+                .narrow(0, piece.within.start, len)?;
+            let grad = grad
+                .map(|g| {
+                    g.flatten_all()?
+                        .narrow(0, piece.within.start, len)?
+                        .contiguous()
+                })
+                .transpose()?;
+            let m = self.exp_avg.narrow(0, piece.at, len)?;
+            let v = self.exp_avg_sq.narrow(0, piece.at, len)?;
+            let decay = self.decays[piece.param] && c.decay.is_some();
+            pieces.push((param, grad, m, v, decay));
+        }
+        let tensors: Vec<crate::cuda::AdamWTensors> = pieces
+            .iter()
+            .map(|(param, grad, m, v, decay)| crate::cuda::AdamWTensors {
+                param,
+                grad: grad.as_ref(),
+                exp_avg: m,
+                exp_avg_sq: v,
+                decay: *decay,
+            })
+            .collect();
+        Ok(crate::cuda::adamw_multi(&tensors, &c.rounded())?.is_some())
     }
 
     /// Updates one parameter's elements `piece.within` and their moments.

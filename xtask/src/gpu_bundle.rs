@@ -1,7 +1,8 @@
 //! `cargo xtask gpu-bundle`: a folder that checks whet on a GPU machine with no network and no
 //! cargo — one H100/H200, PyTorch with its CUDA 13 wheels, transformers. It holds the release
-//! `whet` and the `hf_parity` test binary built with `--features cuda` (stripped,
-//! xz-compressed: run.sh unpacks them with Python's lzma), the reference fixtures, the demo,
+//! `whet`, the `hf_parity` test binary and the `cuda_kernels` kernel check built with
+//! `--features cuda` (stripped, xz-compressed: run.sh unpacks them with Python's lzma), the
+//! reference fixtures, the demo,
 //! `torch_train_bench.py` and `run.sh` (xtask/gpu-bundle/run.sh, which says what it runs).
 //! The parity checks are the cargo tests themselves, run on the GPU through
 //! `WHET_TEST_DEVICE` / `WHET_TEST_DTYPE`, so they stay the one source of truth.
@@ -23,6 +24,9 @@ const SIZE_LIMIT: u64 = 64 * 1024 * 1024;
 /// The test binary the bundle ships (engine/tests/hf_parity.rs).
 const PARITY_TEST: &str = "hf_parity";
 
+/// The kernel check the bundle runs first (engine/tests/cuda_kernels.rs).
+const KERNEL_CHECK: &str = "cuda_kernels";
+
 pub fn write() -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let root = root.canonicalize()?;
@@ -30,7 +34,7 @@ pub fn write() -> Result<()> {
     let bundle = root.join("target/gpu-bundle");
     let toolchain = cuda::ensure_toolchain()?;
 
-    let (whet, parity) = build(&root, &toolchain)?;
+    let (whet, parity, kernels) = build(&root, &toolchain)?;
 
     if bundle.exists() {
         std::fs::remove_dir_all(&bundle)
@@ -38,7 +42,11 @@ pub fn write() -> Result<()> {
     }
     let bin = bundle.join("bin");
     std::fs::create_dir_all(&bin)?;
-    for (built, name) in [(&whet, "whet"), (&parity, PARITY_TEST)] {
+    for (built, name) in [
+        (&whet, "whet"),
+        (&parity, PARITY_TEST),
+        (&kernels, KERNEL_CHECK),
+    ] {
         pack_binary(built, &bin.join(format!("{name}.xz")))?;
     }
     copy_dir(
@@ -77,10 +85,11 @@ pub fn write() -> Result<()> {
     Ok(())
 }
 
-/// `cargo test --release --features cuda --no-run --test hf_parity` with the toolchain's
-/// environment: one build that makes both the test binary and (for the tests) `whet` itself,
-/// so the release libraries are compiled once. Returns (whet, hf_parity) as cargo reports them.
-fn build(root: &Path, toolchain: &cuda::Toolchain) -> Result<(PathBuf, PathBuf)> {
+/// `cargo test --release --features cuda --no-run --test hf_parity --test cuda_kernels` with
+/// the toolchain's environment: one build that makes the test binaries and (for the tests)
+/// `whet` itself, so the release libraries are compiled once. Returns (whet, hf_parity,
+/// cuda_kernels) as cargo reports them.
+fn build(root: &Path, toolchain: &cuda::Toolchain) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let args = [
         "test",
         "--release",
@@ -91,6 +100,8 @@ fn build(root: &Path, toolchain: &cuda::Toolchain) -> Result<(PathBuf, PathBuf)>
         "--no-run",
         "--test",
         PARITY_TEST,
+        "--test",
+        KERNEL_CHECK,
         "--message-format",
         "json-render-diagnostics",
     ];
@@ -102,7 +113,7 @@ fn build(root: &Path, toolchain: &cuda::Toolchain) -> Result<(PathBuf, PathBuf)>
         .stdout(Stdio::piped())
         .spawn()
         .context("running cargo test --no-run")?;
-    let (mut whet, mut parity) = (None, None);
+    let (mut whet, mut parity, mut kernels) = (None, None, None);
     let stdout = child.stdout.take().context("cargo's stdout")?;
     for line in std::io::BufReader::new(stdout).lines() {
         let message: serde_json::Value = serde_json::from_str(&line?).unwrap_or_default();
@@ -115,6 +126,7 @@ fn build(root: &Path, toolchain: &cuda::Toolchain) -> Result<(PathBuf, PathBuf)>
         match name {
             "whet" => whet = Some(PathBuf::from(executable)),
             PARITY_TEST => parity = Some(PathBuf::from(executable)),
+            KERNEL_CHECK => kernels = Some(PathBuf::from(executable)),
             _ => {}
         }
     }
@@ -125,6 +137,7 @@ fn build(root: &Path, toolchain: &cuda::Toolchain) -> Result<(PathBuf, PathBuf)>
     Ok((
         whet.context("cargo built no `whet` executable")?,
         parity.context("cargo built no hf_parity test executable")?,
+        kernels.context("cargo built no cuda_kernels executable")?,
     ))
 }
 

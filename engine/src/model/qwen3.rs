@@ -538,6 +538,9 @@ impl SparseMoeBlock {
         };
         // (rows, k) -> (rows * k): entry row * k + slot is the weight of that token's slot-th pick.
         let weights = weights.to_dtype(x.dtype())?.flatten_all()?;
+        if let Some(out) = self.grouped_experts(&x, &chosen, &weights)? {
+            return Ok((out.reshape((b, t, hidden))?, router_logits));
+        }
 
         // The tokens gathered once in expert order, so each expert reads a contiguous block of
         // rows and the weighted outputs go back in one index_add.
@@ -578,6 +581,63 @@ impl SparseMoeBlock {
             out = out.broadcast_add(&zero.to_dtype(x.dtype())?)?;
         }
         Ok((out.reshape((b, t, hidden))?, router_logits))
+    }
+}
+
+impl SparseMoeBlock {
+    /// The experts through whet's grouped kernels (GPU, kernels on, plain experts: no LoRA, no
+    /// bias, not quantized): the picks grouped on the device, each projection one grouped
+    /// matmul over the stacked expert weights, nothing read back. None where it does not apply.
+    fn grouped_experts(
+        &self,
+        x: &Tensor,
+        chosen: &Tensor,
+        weights: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let plain = |l: &Linear| {
+            l.lora.is_none() && l.bias.is_none() && !matches!(l.weight, Param::Quantized(_))
+        };
+        let applies = x.device().is_cuda()
+            && crate::cuda::kernels_enabled()
+            && self
+                .experts
+                .iter()
+                .all(|e| plain(&e.gate_proj) && plain(&e.up_proj) && plain(&e.down_proj));
+        if !applies {
+            return Ok(None);
+        }
+        let Some(groups) = crate::cuda::moe_groups(chosen, self.experts.len())? else {
+            return Ok(None);
+        };
+        // (experts, out, in) in the compute dtype; the stack's backward hands each expert its
+        // slice of the grouped weight gradient.
+        let stacked = |pick: fn(&Mlp) -> &Linear| -> Result<Tensor> {
+            let each = self
+                .experts
+                .iter()
+                .map(|e| pick(e).weight.for_compute(x.dtype()))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::stack(&each, 0)
+        };
+        let sorted = x.index_select(&groups.rows, 0)?;
+        let project = |input: &Tensor, pick: fn(&Mlp) -> &Linear| -> Result<Option<Tensor>> {
+            crate::cuda::grouped_matmul(input, &stacked(pick)?, &groups)
+        };
+        let (Some(gate), Some(up)) = (
+            project(&sorted, |e| &e.gate_proj)?,
+            project(&sorted, |e| &e.up_proj)?,
+        ) else {
+            return Ok(None);
+        };
+        let Some(down) = project(&ops::swiglu(&gate, &up)?, |e| &e.down_proj)? else {
+            return Ok(None);
+        };
+        let weighted =
+            down.broadcast_mul(&weights.index_select(&groups.slots, 0)?.unsqueeze(1)?)?;
+        let (rows, hidden) = x.dims2()?;
+        Tensor::zeros((rows, hidden), x.dtype(), x.device())?
+            .index_add(&groups.rows, &weighted, 0)
+            .map(Some)
     }
 }
 
@@ -638,8 +698,15 @@ impl DecoderLayer {
     /// Returns the layer output and, for a sparse layer, its router logits.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardContext) -> Result<(Tensor, Option<Tensor>)> {
         let normed = self.norm(&self.input_layernorm, x)?;
-        let x = (x + self.self_attn.forward(&normed, ctx)?)?;
-        let normed = self.norm(&self.post_attention_layernorm, &x)?;
+        let attended = self.self_attn.forward(&normed, ctx)?;
+        let (x, normed) = ops::add_rms_norm(
+            x,
+            &attended,
+            &self
+                .post_attention_layernorm
+                .for_compute(attended.dtype())?,
+            self.rms_norm_eps,
+        )?;
         let (mlp_out, router_logits) = match &self.mlp {
             FeedForward::Dense(mlp) => (mlp.forward(&normed, ctx.lora_dropout_seed)?, None),
             FeedForward::Sparse(moe) => {
@@ -836,18 +903,13 @@ impl Model {
 
     /// Token embeddings (batch, seq) u32 -> (batch, seq, hidden) in the compute dtype.
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
-        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        // Select rows of the stored table first, then cast only those.
+        input_ids.dims2()?;
         let table = match &self.embed_tokens {
             Param::Trainable(var) => var.as_tensor().clone(),
             Param::Frozen(tensor) => tensor.clone(),
             Param::Quantized(quantized) => quantized.dequantize(self.options.compute_dtype)?,
         };
-        let x = table
-            .index_select(&ids, 0)?
-            .to_dtype(self.options.compute_dtype)?;
-        x.reshape((b, t, self.config.hidden_size))
+        ops::embedding(&table, input_ids, self.options.compute_dtype)
     }
 
     /// Final norm and output projection: (batch, seq, hidden) -> (batch, seq, vocab).
@@ -856,17 +918,16 @@ impl Model {
     }
 
     /// The head's share of the loss for hidden states `x` (batch, seq, hidden) and `labels`
-    /// (batch, seq): on the CPU one fused op that never holds the whole logits
-    /// ([`ops::fused_head_loss`]), elsewhere the logits and then the loss. `with_grad` false
-    /// (evaluation) computes no gradients.
+    /// (batch, seq), after the final norm ([`ops::head_loss`]: fused on the CPU, in chunks by
+    /// whet's kernel on a GPU when the kernels are on, else the logits and then the loss).
+    /// `with_grad` false (evaluation) computes no gradients.
     pub fn head_loss(&self, x: &Tensor, labels: &Tensor, with_grad: bool) -> Result<ops::HeadLoss> {
         let normed = self.final_norm(x)?;
-        let projection = self.output_projection();
-        let weight = projection.weight.for_compute(normed.dtype())?;
-        if let Some(loss) = ops::fused_head_loss(&normed, &weight, labels, with_grad)? {
-            return Ok(loss);
-        }
-        ops::head_loss_from_logits(&projection.forward(&normed)?, labels)
+        let weight = self
+            .output_projection()
+            .weight
+            .for_compute(normed.dtype())?;
+        ops::head_loss(&normed, &weight, labels, with_grad)
     }
 
     fn final_norm(&self, x: &Tensor) -> Result<Tensor> {

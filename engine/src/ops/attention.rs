@@ -25,6 +25,8 @@ pub struct AttentionMask {
     real_keys: Arc<OnceLock<Arc<[bool]>>>,
     /// The composed form's (batch, 1, seq, seq) bias.
     bias: Arc<OnceLock<Tensor>>,
+    /// The CUDA kernel's (batch, seq) u8 real-key mask, on the device.
+    device_real_keys: Arc<OnceLock<Tensor>>,
 }
 
 impl AttentionMask {
@@ -35,7 +37,16 @@ impl AttentionMask {
             attention_mask: attention_mask.clone(),
             real_keys: Arc::default(),
             bias: Arc::default(),
+            device_real_keys: Arc::default(),
         })
+    }
+
+    fn device_real_keys(&self) -> Result<&Tensor> {
+        if let Some(real) = self.device_real_keys.get() {
+            return Ok(real);
+        }
+        let real = self.attention_mask.to_dtype(DType::F32)?.ne(0f32)?;
+        Ok(self.device_real_keys.get_or_init(|| real))
     }
 
     fn real_keys(&self) -> Result<Arc<[bool]>> {
@@ -78,6 +89,11 @@ pub fn causal_attention(
         return q
             .contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
+    if super::kernels_on(q) {
+        if let Some(out) = crate::cuda::attention(q, k, v, mask.device_real_keys()?)? {
+            return Ok(out);
+        }
     }
     causal_attention_composed(q, k, v, mask.bias()?, scale)
 }

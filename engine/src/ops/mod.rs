@@ -41,6 +41,13 @@ fn fused_on(x: &Tensor) -> bool {
     fused() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
+/// Whether `x` may go through whet's CUDA kernels: on a GPU, with `WHET_CUDA_KERNELS=1`
+/// ([`crate::cuda::kernels_enabled`]). The kernel itself still declines a dtype or shape it
+/// does not take, and the composed form runs.
+fn kernels_on(x: &Tensor) -> bool {
+    x.device().is_cuda() && crate::cuda::kernels_enabled()
+}
+
 /// The label value that contributes nothing to the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
 
@@ -62,7 +69,30 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
             .contiguous()?
             .apply_op2(&weight.contiguous()?, fused::RmsNorm { eps });
     }
+    if kernels_on(x) {
+        if let Some(y) = crate::cuda::rms_norm(x, weight, eps)? {
+            return Ok(y);
+        }
+    }
     rms_norm_composed(x, weight, eps)
+}
+
+/// The residual add and the RMSNorm after it: `(x + residual, rms_norm(x + residual))`, one
+/// kernel with its backward on a GPU when the kernels are on.
+pub fn add_rms_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    if kernels_on(x) {
+        if let Some(both) = crate::cuda::add_rms_norm(x, residual, weight, eps)? {
+            return Ok(both);
+        }
+    }
+    let sum = (x + residual)?;
+    let normed = rms_norm(&sum, weight, eps)?;
+    Ok((sum, normed))
 }
 
 /// [`rms_norm`] from differentiable candle ops (any device and dtype).
@@ -86,6 +116,11 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         return gate
             .contiguous()?
             .apply_op2(&up.contiguous()?, fused::SwiGlu);
+    }
+    if kernels_on(gate) {
+        if let Some(y) = crate::cuda::swiglu(gate, up)? {
+            return Ok(y);
+        }
     }
     silu(gate)? * up
 }
@@ -235,6 +270,11 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         };
         return x.contiguous()?.apply_op1(op);
     }
+    if kernels_on(x) {
+        if let Some(y) = crate::cuda::rope(x, cos, sin)? {
+            return Ok(y);
+        }
+    }
     apply_rotary_composed(x, cos, sin)
 }
 
@@ -245,6 +285,21 @@ fn apply_rotary_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tenso
     let x2 = x.narrow(D::Minus1, half, half)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Rows `ids` (any shape, integer) of `table` (vocab, hidden), cast to `dtype`: (ids…, hidden).
+/// On a GPU with the kernels on, one gather whose backward adds rows with atomics.
+pub fn embedding(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+    let mut shape = ids.dims().to_vec();
+    shape.push(table.dim(1)?);
+    if kernels_on(table) {
+        if let Some(rows) = crate::cuda::embedding(table, ids, dtype)? {
+            return rows.reshape(shape);
+        }
+    }
+    let ids = ids.to_dtype(DType::U32)?.flatten_all()?;
+    // Select rows of the stored table first, then cast only those.
+    table.index_select(&ids, 0)?.to_dtype(dtype)?.reshape(shape)
 }
 
 /// The additive attention bias for causal attention with key padding: 0 where query `i` may see
@@ -348,18 +403,7 @@ pub fn head_loss_from_logits(logits: &Tensor, labels: &Tensor) -> Result<HeadLos
 /// they are, the sums in f32 — f64 for f64 logits), the shifted targets built on the device.
 fn cuda_cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<CrossEntropySum> {
     let (batch, seq, vocab) = logits.dims3()?;
-    let labels = labels.to_dtype(DType::I64)?;
-    // Row (b, t) predicts labels[b, t + 1]; the last position of each sequence predicts nothing.
-    let ignored = Tensor::full(IGNORE_INDEX, (batch, 1), labels.device())?;
-    let targets =
-        Tensor::cat(&[&labels.narrow(1, 1, seq.saturating_sub(1))?, &ignored], 1)?.flatten_all()?;
-    // One read back: the label count (the loss's denominator) and the largest label.
-    let labelled = targets.ge(0i64)?.to_dtype(DType::I64)?.sum_all()?;
-    let stats = Tensor::stack(&[labelled, targets.max(0)?], 0)?.to_vec1::<i64>()?;
-    let (num_tokens, largest) = (stats[0] as usize, stats[1]);
-    if largest >= vocab as i64 {
-        candle_core::bail!("label {largest} is outside the vocabulary of {vocab} tokens");
-    }
+    let (targets, num_tokens) = device_shifted_targets(labels, vocab)?;
     let rows = logits.reshape((batch * seq, vocab))?;
     let per_row = crate::cuda::cross_entropy_rows(&rows, &targets)?
         .expect("a CUDA tensor runs the CUDA kernel");
@@ -367,6 +411,90 @@ fn cuda_cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<CrossEntro
         sum: per_row.sum_all()?,
         num_tokens,
     })
+}
+
+/// [`shifted_targets`] built on the labels' device, flattened to (batch · seq,) i64, and how
+/// many are labelled: one read back (the count and the largest label), none of the labels.
+fn device_shifted_targets(labels: &Tensor, vocab: usize) -> Result<(Tensor, usize)> {
+    let (batch, seq) = labels.dims2()?;
+    let labels = labels.to_dtype(DType::I64)?;
+    // Row (b, t) predicts labels[b, t + 1]; the last position of each sequence predicts nothing.
+    let ignored = Tensor::full(IGNORE_INDEX, (batch, 1), labels.device())?;
+    let targets =
+        Tensor::cat(&[&labels.narrow(1, 1, seq.saturating_sub(1))?, &ignored], 1)?.flatten_all()?;
+    let labelled = targets.ge(0i64)?.to_dtype(DType::I64)?.sum_all()?;
+    let stats = Tensor::stack(&[labelled, targets.max(0)?], 0)?.to_vec1::<i64>()?;
+    let (num_tokens, largest) = (stats[0] as usize, stats[1]);
+    if largest >= vocab as i64 {
+        candle_core::bail!("label {largest} is outside the vocabulary of {vocab} tokens");
+    }
+    Ok((targets, num_tokens))
+}
+
+/// The head's loss for hidden states `x` (batch, seq, hidden) after the final norm, the
+/// output projection `weight` (vocab, hidden) in x's dtype, and `labels` (batch, seq) not
+/// shifted: on the CPU one fused op ([`fused_head_loss`]), on a GPU with the kernels on the
+/// projection and the loss a chunk of rows at a time ([`crate::cuda::head_loss`]), else the
+/// logits and then the loss. `with_grad` false (evaluation) computes no gradients.
+pub fn head_loss(
+    x: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+    with_grad: bool,
+) -> Result<HeadLoss> {
+    if let Some(loss) = fused_head_loss(x, weight, labels, with_grad)? {
+        return Ok(loss);
+    }
+    if kernels_on(x) {
+        if let Some(loss) = cuda_head_loss(x, weight, labels, with_grad)? {
+            return Ok(loss);
+        }
+    }
+    // (batch, seq, hidden) -> (rows, hidden) x (hidden, vocab) -> (batch, seq, vocab), as the
+    // model's linears compute it.
+    let (batch, seq, hidden) = x.dims3()?;
+    let logits = x
+        .reshape((batch * seq, hidden))?
+        .matmul(&weight.t()?)?
+        .reshape((batch, seq, weight.dim(0)?))?;
+    head_loss_from_logits(&logits, labels)
+}
+
+/// [`head_loss`] through whet's CUDA kernel: the metrics from its per-row argmax hits, read
+/// back as two counts.
+fn cuda_head_loss(
+    x: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+    with_grad: bool,
+) -> Result<Option<HeadLoss>> {
+    let (batch, seq, hidden) = x.dims3()?;
+    let (targets, num_tokens) = device_shifted_targets(labels, weight.dim(0)?)?;
+    let rows = x.reshape((batch * seq, hidden))?;
+    let Some(loss) = crate::cuda::head_loss(&rows, weight, &targets, with_grad)? else {
+        return Ok(None);
+    };
+    // A row is exact when it has labels and no labelled position is missed.
+    let labelled = targets
+        .ge(0i64)?
+        .to_dtype(DType::U32)?
+        .reshape((batch, seq))?;
+    let hits = loss.correct.to_dtype(DType::U32)?.reshape((batch, seq))?;
+    let missed = (&labelled - &hits)?.sum(1)?;
+    let exact = missed
+        .eq(0u32)?
+        .to_dtype(DType::U32)?
+        .mul(&labelled.sum(1)?.gt(0u32)?.to_dtype(DType::U32)?)?
+        .sum_all()?;
+    let counts = Tensor::stack(&[hits.sum_all()?, exact], 0)?.to_vec1::<u32>()?;
+    Ok(Some(HeadLoss {
+        ce: CrossEntropySum {
+            sum: loss.sum,
+            num_tokens,
+        },
+        num_correct_tokens: counts[0] as usize,
+        num_exact_rows: counts[1] as usize,
+    }))
 }
 
 /// The composed form of [`causal_lm_cross_entropy_sum`], from differentiable candle ops; it

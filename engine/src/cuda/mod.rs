@@ -115,12 +115,12 @@ mod imp {
         include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
     }
 
-    fn wrap(e: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {
+    pub(super) fn wrap(e: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {
         candle_core::Error::wrap(e)
     }
 
     /// `name` from `module`, loaded once per device.
-    fn function(dev: &CudaDevice, module: &Module, name: &str) -> Result<CudaFunction> {
+    pub(super) fn function(dev: &CudaDevice, module: &Module, name: &str) -> Result<CudaFunction> {
         type Loaded = HashMap<(DeviceId, &'static str), Arc<CudaModule>>;
         static MODULES: OnceLock<Mutex<Loaded>> = OnceLock::new();
         let mut modules = MODULES
@@ -143,14 +143,19 @@ mod imp {
         loaded.load_function(name).map_err(wrap)
     }
 
-    fn train(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    pub(super) fn train(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
         function(dev, &compiled::TRAIN, name)
     }
 
-    const THREADS: u32 = 256;
+    /// A kernel of kernels/fused.cu.
+    pub(super) fn fused(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+        function(dev, &compiled::FUSED, name)
+    }
+
+    pub(super) const THREADS: u32 = 256;
 
     /// A grid-stride launch over `n` elements.
-    fn elementwise(n: usize) -> LaunchConfig {
+    pub(super) fn elementwise(n: usize) -> LaunchConfig {
         let blocks = n.div_ceil(THREADS as usize).clamp(1, 4096) as u32;
         LaunchConfig {
             grid_dim: (blocks, 1, 1),
@@ -170,14 +175,14 @@ mod imp {
     }
 
     /// The CUDA storage of `tensor`, or None when it is not on a GPU.
-    fn on_gpu(tensor: &Tensor) -> Option<CudaDevice> {
+    pub(super) fn on_gpu(tensor: &Tensor) -> Option<CudaDevice> {
         match tensor.device() {
             candle_core::Device::Cuda(dev) => Some(dev.clone()),
             _ => None,
         }
     }
 
-    fn wrap_tensor<T: CudaDType>(
+    pub(super) fn wrap_tensor<T: CudaDType>(
         slice: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
         dev: &CudaDevice,
         shape: impl Into<Shape>,
@@ -705,3 +710,6 @@ mod imp {
 }
 
 pub use imp::*;
+
+mod fused;
+pub use fused::*;
