@@ -450,14 +450,7 @@ pub fn head_loss(
             return Ok(loss);
         }
     }
-    // (batch, seq, hidden) -> (rows, hidden) x (hidden, vocab) -> (batch, seq, vocab), as the
-    // model's linears compute it.
-    let (batch, seq, hidden) = x.dims3()?;
-    let logits = x
-        .reshape((batch * seq, hidden))?
-        .matmul(&weight.t()?)?
-        .reshape((batch, seq, weight.dim(0)?))?;
-    head_loss_from_logits(&logits, labels)
+    head_loss_from_logits(&linear(x, weight)?, labels)
 }
 
 /// [`head_loss`] through whet's CUDA kernel: the metrics from its per-row argmax hits, read
