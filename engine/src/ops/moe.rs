@@ -158,7 +158,7 @@ impl MoeExperts {
         dy: &[T],
         want_dx: bool,
         want_banks: bool,
-    ) -> (Option<Vec<T>>, Option<(Vec<T>, Vec<T>)>) {
+    ) -> ExpertGrads<T> {
         let (h, i, picks) = (self.hidden, self.inter, self.experts.picks());
         let experts = self.experts.counts.len();
         // Each pick's input gradient, in pick order; summed into token rows below.
@@ -289,6 +289,9 @@ impl MoeExperts {
         (dx, want_banks.then_some((dgu, dd)))
     }
 }
+
+/// (dx, (d gate/up bank, d down bank)) of [`MoeExperts::backward`], each when asked for.
+type ExpertGrads<T> = (Option<Vec<T>>, Option<(Vec<T>, Vec<T>)>);
 
 fn swish<T: Real>(g: T) -> T {
     g / (T::one() + (-g).fast_exp())
