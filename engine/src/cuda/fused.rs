@@ -340,38 +340,24 @@ mod imp {
         log_sum_exp: Mutex<Option<Tensor>>,
     }
 
-    #[derive(Clone, Copy)]
-    struct AttentionDims {
-        batch: usize,
-        heads: usize,
-        kv_heads: usize,
-        seq: usize,
-        head_dim: usize,
+    /// The CPU op's attention dimensions (the same shape checks), limited to the head sizes
+    /// the kernel is built for.
+    struct AttentionDims(crate::ops::AttentionDims);
+
+    impl std::ops::Deref for AttentionDims {
+        type Target = crate::ops::AttentionDims;
+        fn deref(&self) -> &Self::Target {
+            &self.0
+        }
     }
 
     impl AttentionDims {
         fn of(q: &Shape, k: &Shape, v: &Shape, real_keys: &Shape) -> Result<Self> {
-            let (batch, heads, seq, head_dim) = q.dims4()?;
-            let kv_heads = k.dims4()?.1;
-            if k.dims() != [batch, kv_heads, seq, head_dim] || v.dims() != k.dims() {
-                candle_core::bail!("attention: q {q:?}, k {k:?}, v {v:?} do not fit together");
+            let d = crate::ops::AttentionDims::of(q, k, v, real_keys.elem_count())?;
+            if !matches!(d.head_dim, 64 | 128) {
+                candle_core::bail!("attention kernel: head_dim {} (64 or 128)", d.head_dim);
             }
-            if kv_heads == 0 || heads % kv_heads != 0 {
-                candle_core::bail!("attention: {heads} query heads over {kv_heads} kv heads");
-            }
-            if real_keys.dims() != [batch, seq] {
-                candle_core::bail!("attention: a key mask {real_keys:?} for {batch}x{seq} keys");
-            }
-            if !matches!(head_dim, 64 | 128) {
-                candle_core::bail!("attention kernel: head_dim {head_dim} (64 or 128)");
-            }
-            Ok(Self {
-                batch,
-                heads,
-                kv_heads,
-                seq,
-                head_dim,
-            })
+            Ok(Self(d))
         }
 
         fn config(&self, heads: usize) -> LaunchConfig {

@@ -211,18 +211,20 @@ impl CausalAttention {
     }
 }
 
-/// The dimensions of one call, read off the operands' layouts.
+/// The dimensions of one attention call, read off the operands' layouts (the CPU op's and the
+/// CUDA kernel's).
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    batch: usize,
-    heads: usize,
-    kv_heads: usize,
-    seq: usize,
-    head_dim: usize,
+pub(crate) struct Dims {
+    pub(crate) batch: usize,
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) seq: usize,
+    pub(crate) head_dim: usize,
 }
 
 impl Dims {
-    fn of(q: &Shape, k: &Shape, v: &Shape, real_keys: usize) -> Result<Self> {
+    /// Checks that q, k, v and a key mask of `real_keys` entries fit together.
+    pub(crate) fn of(q: &Shape, k: &Shape, v: &Shape, real_keys: usize) -> Result<Self> {
         let (batch, heads, seq, head_dim) = q.dims4()?;
         let kv_heads = k.dims4()?.1;
         if k.dims() != [batch, kv_heads, seq, head_dim] || v.dims() != k.dims() {

@@ -17,6 +17,8 @@ mod linear;
 mod moe;
 mod upstream;
 
+#[cfg(feature = "cuda")]
+pub(crate) use attention::Dims as AttentionDims;
 pub use attention::{causal_attention, AttentionMask, CausalAttention};
 pub use head_loss::fused_head_loss;
 pub use moe::ExpertRows;
