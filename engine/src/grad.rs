@@ -9,7 +9,7 @@
 //! load-balancing loss times its coefficient.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
@@ -84,11 +84,19 @@ pub struct LossReport {
 
 /// Gradients of a model's trainable parameters, by position in
 /// [`Model::trainable_parameters`]; `None` where no gradient reached a parameter.
+///
+/// [`Gradients::scale`] is lazy: the factor is kept beside the unscaled gradients, and a
+/// scaled gradient is computed the first time [`Gradients::get`] asks for it. The CPU AdamW
+/// step reads the unscaled ones and multiplies as it goes, so clipping costs no pass of its own.
 #[derive(Debug, Clone)]
 pub struct Gradients {
     names: Arc<[String]>,
     layout: Arc<FlatLayout>,
     grads: Vec<Option<Tensor>>,
+    /// The factor `scale` asked for, not yet multiplied into `grads`.
+    factor: Option<f32>,
+    /// `grads[i] * factor`, once read.
+    scaled: Vec<OnceLock<Tensor>>,
 }
 
 impl Gradients {
@@ -98,10 +106,13 @@ impl Gradients {
             names: params.names().clone(),
             layout: params.layout().clone(),
             grads: vec![None; params.len()],
+            factor: None,
+            scaled: vec![OnceLock::new(); params.len()],
         }
     }
 
     fn add(&mut self, index: usize, grad: Tensor) -> Result<()> {
+        self.apply_scale()?;
         let slot = &mut self.grads[index];
         *slot = Some(match slot.take() {
             Some(existing) => (existing + grad)?,
@@ -126,11 +137,29 @@ impl Gradients {
         Ok(())
     }
 
-    /// Multiplies every gradient by `factor`.
-    pub fn scale(&mut self, factor: f64) -> Result<()> {
-        for grad in &mut self.grads {
+    /// Multiplies every gradient by `factor` (rounded to f32), lazily: see [`Gradients`].
+    pub fn scale(&mut self, factor: f32) -> Result<()> {
+        self.apply_scale()?;
+        self.factor = Some(factor);
+        Ok(())
+    }
+
+    /// `g * factor` as candle computes it (`affine(factor, 0)` in g's dtype).
+    fn scaled_by(grad: &Tensor, factor: f32) -> Result<Tensor> {
+        grad * f64::from(factor)
+    }
+
+    /// Multiplies a pending factor into every gradient now.
+    fn apply_scale(&mut self) -> Result<()> {
+        let Some(factor) = self.factor.take() else {
+            return Ok(());
+        };
+        for (grad, scaled) in self.grads.iter_mut().zip(&mut self.scaled) {
             if let Some(g) = grad.take() {
-                *grad = Some((g * factor)?);
+                *grad = Some(match scaled.take() {
+                    Some(done) => done,
+                    None => Self::scaled_by(&g, factor)?,
+                });
             }
         }
         Ok(())
@@ -148,7 +177,7 @@ impl Gradients {
         // On a GPU the per-parameter sums stay there and are read back once, at the end.
         let mut on_device: Option<Tensor> = None;
         for piece in self.layout.pieces(range) {
-            let Some(grad) = &self.grads[piece.param] else {
+            let Some(grad) = self.try_get(piece.param)? else {
                 continue;
             };
             let flat = grad.flatten_all()?;
@@ -214,8 +243,34 @@ impl Gradients {
         self.grads.iter().filter(|g| g.is_some()).count()
     }
 
+    /// The gradient at `index`, scaled (computed here the first time after a `scale`).
+    ///
+    /// # Panics
+    /// If that multiplication fails, which only an out-of-memory device does.
     pub fn get(&self, index: usize) -> Option<&Tensor> {
-        self.grads.get(index).and_then(Option::as_ref)
+        self.try_get(index).expect("scaling a gradient")
+    }
+
+    fn try_get(&self, index: usize) -> Result<Option<&Tensor>> {
+        let Some(grad) = self.grads.get(index).and_then(Option::as_ref) else {
+            return Ok(None);
+        };
+        let Some(factor) = self.factor else {
+            return Ok(Some(grad));
+        };
+        let scaled = &self.scaled[index];
+        if scaled.get().is_none() {
+            // Another thread may win the race; both computed the same tensor.
+            let _ = scaled.set(Self::scaled_by(grad, factor)?);
+        }
+        Ok(scaled.get())
+    }
+
+    /// The gradient at `index` before a pending [`Gradients::scale`], and that factor: for a
+    /// reader that multiplies as it goes. `g * factor + 0.0` in f32 is what `get` returns for
+    /// an f32 gradient.
+    pub fn unscaled(&self, index: usize) -> (Option<&Tensor>, Option<f32>) {
+        (self.grads.get(index).and_then(Option::as_ref), self.factor)
     }
 
     pub fn get_by_name(&self, name: &str) -> Option<&Tensor> {
@@ -231,12 +286,13 @@ impl Gradients {
     pub fn iter(&self) -> impl Iterator<Item = (&str, Option<&Tensor>)> {
         self.names
             .iter()
-            .zip(&self.grads)
-            .map(|(n, g)| (n.as_str(), g.as_ref()))
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), self.get(i)))
     }
 
-    /// Replaces the gradient at `index`.
+    /// Replaces the gradient at `index` (the unscaled one, if a `scale` is pending).
     pub fn set(&mut self, index: usize, grad: Option<Tensor>) {
+        self.scaled[index].take();
         self.grads[index] = grad;
     }
 }

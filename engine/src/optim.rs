@@ -225,7 +225,7 @@ impl AdamW {
                 bias_correction2_sqrt,
                 step_size,
             };
-            self.update_piece(&piece, grads.get(piece.param), &constants)?;
+            self.update_piece(&piece, grads.unscaled(piece.param), &constants)?;
         }
         Ok(())
     }
@@ -280,11 +280,12 @@ impl AdamW {
         Ok(crate::cuda::adamw_multi(&tensors, &c.rounded())?.is_some())
     }
 
-    /// Updates one parameter's elements `piece.within` and their moments.
+    /// Updates one parameter's elements `piece.within` and their moments, from its gradient
+    /// times `factor` (clipping's, when pending).
     fn update_piece(
         &mut self,
         piece: &Piece,
-        grad: Option<&Tensor>,
+        (grad, factor): (Option<&Tensor>, Option<f32>),
         c: &StepConstants,
     ) -> Result<()> {
         let var = self.params[piece.param].1.clone();
@@ -316,13 +317,19 @@ impl AdamW {
         // On the host the fused update writes param and the moments in place: param is a view
         // of the variable (or of the flat master), or, with offloaded moments, a host copy of
         // a device parameter that is copied back below.
-        let updated_on_host = self.fused && fused_cpu_update(&param, grad.as_ref(), &m, &v, c)?;
+        let updated_on_host =
+            self.fused && fused_cpu_update(&param, grad.as_ref(), factor, &m, &v, c)?;
         if updated_on_host && flat_param.device().is_cpu() {
             return Ok(());
         }
         let new_param = if updated_on_host {
             param
         } else {
+            // Elementwise, so scaling the piece is scaling the whole gradient and cutting it.
+            let grad = match factor {
+                Some(factor) => grad.map(|g| g * f64::from(factor)).transpose()?,
+                None => grad,
+            };
             let fused = match (self.fused, param.device().is_cuda()) {
                 (true, true) => crate::cuda::adamw(&param, grad.as_ref(), &m, &v, &c.rounded())?,
                 _ => None,
@@ -505,6 +512,7 @@ fn tensor_update(
 fn fused_cpu_update(
     param: &Tensor,
     grad: Option<&Tensor>,
+    grad_factor: Option<f32>,
     m: &Tensor,
     v: &Tensor,
     c: &StepConstants,
@@ -530,6 +538,7 @@ fn fused_cpu_update(
     } = c.rounded();
     let k = AdamWLanes {
         decay,
+        grad_factor,
         one_minus_b1,
         b2,
         one_minus_b2,
@@ -578,6 +587,9 @@ fn fused_cpu_update(
 /// The rounded step constants of [`fused_cpu_update`].
 struct AdamWLanes {
     decay: Option<f32>,
+    /// Clipping's factor, multiplied into each gradient element as `g * f + 0.0` (candle's
+    /// `affine(f, 0)`, which an eager scale would have run).
+    grad_factor: Option<f32>,
     one_minus_b1: f32,
     b2: f32,
     one_minus_b2: f32,
@@ -609,11 +621,15 @@ impl AdamWLanes {
     #[inline(always)]
     fn lanes(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: Option<&[f32]>) {
         let pmv = p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut());
-        match g {
-            Some(g) => pmv
+        match (g, self.grad_factor) {
+            (Some(g), None) => pmv
                 .zip(g)
                 .for_each(|(((p, m), v), &g)| self.element(p, m, v, g)),
-            None => pmv.for_each(|((p, m), v)| self.element(p, m, v, 0.0)),
+            (Some(g), Some(f)) => pmv
+                .zip(g)
+                .for_each(|(((p, m), v), &g)| self.element(p, m, v, g * f + 0.0)),
+            // A missing gradient scaled is still zero.
+            (None, _) => pmv.for_each(|((p, m), v)| self.element(p, m, v, 0.0)),
         }
     }
 
@@ -699,7 +715,7 @@ pub fn clip_grad_norm(
     // torch computes the coefficient in float32; multiplying by a clamped 1.0 changes nothing.
     let coef = ((max_norm as f32) / (norm as f32 + 1e-6)).min(1.0);
     if coef < 1.0 {
-        grads.scale(coef as f64)?;
+        grads.scale(coef)?;
     }
     Ok(norm)
 }
@@ -826,6 +842,9 @@ mod tests {
         let mut fused = AdamW::new(&fused_params, config).unwrap();
         let mut plain = AdamW::new(&plain_params, config).unwrap();
         plain.fused = false;
+        // A third copy gets clipping's factor multiplied in beforehand, as candle would.
+        let eager_params = make_params();
+        let mut eager = AdamW::new(&eager_params, config).unwrap();
         for step in 0..4u64 {
             let mut grads = Gradients::empty(&fused_params);
             let g: Vec<f32> = values(150_000, 10 + step)
@@ -842,9 +861,22 @@ mod tests {
                 1,
                 Some(Tensor::new(&[1e-9f32, -3.0, 0.0], &Device::Cpu).unwrap()),
             );
+            let mut eager_grads = grads.clone();
+            // Odd steps clip (lazily for the first two, already multiplied for the third).
+            if step % 2 == 1 {
+                let factor = 0.37f32;
+                grads.scale(factor).unwrap();
+                for i in 0..2 {
+                    let g = eager_grads.get(i).unwrap() * f64::from(factor);
+                    eager_grads.set(i, Some(g.unwrap()));
+                }
+            }
             fused.step(&grads, 1e-3 * (step + 1) as f64).unwrap();
             plain.step(&grads, 1e-3 * (step + 1) as f64).unwrap();
-            for ((name, a), (_, b)) in fused_params.as_slice().iter().zip(plain_params.as_slice()) {
+            eager.step(&eager_grads, 1e-3 * (step + 1) as f64).unwrap();
+            let pairs = fused_params.as_slice().iter().zip(plain_params.as_slice());
+            let eager_pairs = fused_params.as_slice().iter().zip(eager_params.as_slice());
+            for ((name, a), (_, b)) in pairs.chain(eager_pairs) {
                 let (a, b): (Vec<f32>, Vec<f32>) = (
                     a.flatten_all().unwrap().to_vec1().unwrap(),
                     b.flatten_all().unwrap().to_vec1().unwrap(),
@@ -855,6 +887,8 @@ mod tests {
             for (x, y) in [
                 (&fused.exp_avg, &plain.exp_avg),
                 (&fused.exp_avg_sq, &plain.exp_avg_sq),
+                (&fused.exp_avg, &eager.exp_avg),
+                (&fused.exp_avg_sq, &eager.exp_avg_sq),
             ] {
                 let (x, y): (Vec<f32>, Vec<f32>) = (x.to_vec1().unwrap(), y.to_vec1().unwrap());
                 assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
