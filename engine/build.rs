@@ -9,31 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Links Debian's single-threaded OpenBLAS statically (the fused ops' f32 products on CPUs
-/// without AVX-512; engine/src/ops/blas.rs), so the binary needs no BLAS where it runs.
-/// `WHET_OPENBLAS_LIB_DIR` names another folder holding a single-threaded `libopenblas.a`.
-fn link_openblas() {
-    println!("cargo::rerun-if-env-changed=WHET_OPENBLAS_LIB_DIR");
-    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").expect("cargo sets the target arch");
-    let dir = std::env::var_os("WHET_OPENBLAS_LIB_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(format!("/usr/lib/{arch}-linux-gnu/openblas-serial")));
-    if !dir.join("libopenblas.a").exists() {
-        panic!(
-            "{}/libopenblas.a is missing: install Debian's libopenblas-serial-dev \
-             (`apt-get install libopenblas-serial-dev`), or set WHET_OPENBLAS_LIB_DIR to a \
-             folder with a single-threaded (USE_THREAD=0, USE_LOCKING=1) libopenblas.a",
-            dir.display()
-        );
-    }
-    println!("cargo::rustc-link-search=native={}", dir.display());
-    println!("cargo::rustc-link-lib=static=openblas");
-}
-
 fn main() {
     println!("cargo::rerun-if-changed=kernels");
     println!("cargo::rerun-if-env-changed=WHET_CUDA_ARCHS");
-    link_openblas();
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }

@@ -286,9 +286,8 @@ pub struct BenchReport {
     /// The CPU threads of candle's matmuls and whet's fused ops (RAYON_NUM_THREADS, else every
     /// core).
     pub threads: usize,
-    /// The CPU matmul kernels (`gemm (AVX-512)`, `OpenBLAS 0.3.21 ... (Zen); gemm (AVX2+FMA)
-    /// for candle's own`, ...).
-    pub matmul: String,
+    /// The CPU matmul kernel (`gemm (AVX-512)`, ...).
+    pub matmul: &'static str,
     /// Whether the fused CPU ops ran (`--fused`); they never run on a GPU.
     pub fused_ops: bool,
     /// The compute dtype's torch name (`float32`, `bfloat16`, `float16`).

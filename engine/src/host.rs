@@ -36,41 +36,23 @@ pub fn on_one_thread_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-/// Whether the `gemm` crate runs its AVX-512 kernels here: pulp's x86-v4 level (enabled in
-/// this crate's manifest), picked at run time.
-pub fn gemm_has_avx512() -> bool {
+/// The matrix-multiply kernel candle's CPU backend runs here: the `gemm` crate picks AVX-512
+/// (x86-v4, enabled in this crate's manifest) or AVX2+FMA at run time.
+pub fn matmul_kernel() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f")
+        // pulp's x86-v4 level, which gemm's AVX-512 kernels need.
+        if std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512cd")
             && std::is_x86_feature_detected!("avx512dq")
             && std::is_x86_feature_detected!("avx512vl")
+        {
+            return "gemm (AVX-512)";
+        }
+        if std::is_x86_feature_detected!("fma") {
+            return "gemm (AVX2+FMA)";
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// The matrix-multiply kernels of the CPU training step: the fused ops' f32 products (through
-/// OpenBLAS or the `gemm` crate, [`crate::ops::Matmul`]) and candle's own matmuls (`gemm`).
-pub fn matmul_kernel() -> String {
-    #[cfg(target_arch = "x86_64")]
-    let fma = std::is_x86_feature_detected!("fma");
-    #[cfg(not(target_arch = "x86_64"))]
-    let fma = false;
-    let gemm = match (gemm_has_avx512(), fma) {
-        (true, _) => "gemm (AVX-512)",
-        (false, true) => "gemm (AVX2+FMA)",
-        (false, false) => "gemm (portable)",
-    };
-    if crate::ops::openblas_on() {
-        format!(
-            "{}; {gemm} for candle's own",
-            crate::ops::openblas_version()
-        )
-    } else {
-        gemm.to_string()
-    }
+    "gemm (portable)"
 }

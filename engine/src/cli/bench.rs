@@ -68,10 +68,6 @@ pub struct TrainBenchArgs {
     /// measured against).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub fused: bool,
-    /// The fused ops' f32 products: auto (OpenBLAS on CPUs without AVX-512, else the gemm
-    /// crate), gemm or openblas.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub matmul: crate::ops::Matmul,
     /// Ranks on this machine (gloo), each with --batch sequences per step, as `whet sft`'s;
     /// every rank prints its own report (with its peak RSS).
     #[arg(long = "nproc_per_node", default_value_t = 1)]
@@ -119,7 +115,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         ZeroStage::Zero0
     };
     crate::ops::set_fused(train.fused);
-    crate::ops::set_matmul(train.matmul);
     let preset = train.size.preset();
     let report = run_train_bench(
         &BenchOptions {

@@ -133,47 +133,11 @@ pub trait Real: WithDType + num_traits::Float + num_traits::NumAssign + Send + S
     /// `e^self` as the fused ops' softmaxes and sigmoids take it: for f32 an inlined
     /// polynomial the compiler vectorises (see [`exp_f32`]), for f64 libm's.
     fn fast_exp(self) -> Self;
-
-    /// [`gemm_into`] through a BLAS, where one serves this type; false, having done nothing,
-    /// otherwise (then the `gemm` crate computes it).
-    ///
-    /// # Safety
-    /// As [`gemm_into`].
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn blas_gemm(
-        _dims: (usize, usize, usize),
-        _dst: (*mut Self, usize),
-        _accumulate: bool,
-        _a: (*const Self, usize, usize),
-        _b: (*const Self, usize, usize),
-        _alpha: Self,
-        _parallelism: gemm::Parallelism,
-    ) -> bool {
-        false
-    }
 }
 impl Real for f32 {
     #[inline(always)]
     fn fast_exp(self) -> Self {
         exp_f32(self)
-    }
-
-    unsafe fn blas_gemm(
-        dims: (usize, usize, usize),
-        dst: (*mut f32, usize),
-        accumulate: bool,
-        a: (*const f32, usize, usize),
-        b: (*const f32, usize, usize),
-        alpha: f32,
-        parallelism: gemm::Parallelism,
-    ) -> bool {
-        let threads = match parallelism {
-            gemm::Parallelism::Rayon(0) => rayon::current_num_threads(),
-            gemm::Parallelism::Rayon(threads) => threads,
-            _ => 1,
-        };
-        super::blas::openblas_on()
-            && super::blas::sgemm(dims, dst, accumulate, a, b, alpha, threads)
     }
 }
 impl Real for f64 {
@@ -364,17 +328,6 @@ pub(super) unsafe fn gemm_into<T: Real>(
                 std::slice::from_raw_parts_mut(dst.add(r * dst_rs), n).fill(T::zero());
             }
         }
-        return;
-    }
-    if T::blas_gemm(
-        (m, n, k),
-        (dst, dst_rs),
-        accumulate,
-        (a, a_rs, a_cs),
-        (b, b_rs, b_cs),
-        alpha,
-        parallelism,
-    ) {
         return;
     }
     gemm::gemm(

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Device, Result, Tensor, WithDType, D};
 
 mod attention;
-mod blas;
 mod fused;
 mod head_loss;
 mod heads;
@@ -21,7 +20,6 @@ mod upstream;
 #[cfg(feature = "cuda")]
 pub(crate) use attention::Dims as AttentionDims;
 pub use attention::{causal_attention, AttentionMask, CausalAttention};
-pub use blas::{openblas_on, openblas_version, set_matmul, Matmul};
 pub use head_loss::fused_head_loss;
 pub use moe::ExpertRows;
 pub use upstream::seeded;
