@@ -475,7 +475,7 @@ pub fn run_train_bench(opts: &BenchOptions, group: &Group) -> anyhow::Result<Ben
         gradient_checkpointing: opts.gradient_checkpointing,
         device: if device.is_cpu() { "cpu" } else { "cuda" },
         device_name: crate::device::device_name(device),
-        threads: candle_core::utils::get_num_threads(),
+        threads: crate::host::cpu_threads(),
         matmul: crate::host::matmul_kernel(),
         fused_ops: crate::ops::fused() && device.is_cpu(),
         dtype: crate::dtype::torch_name(opts.compute_dtype),

@@ -36,6 +36,14 @@ pub fn on_one_thread_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// The threads whet's CPU products and fused ops split their work into: candle's count
+/// (RAYON_NUM_THREADS, else the physical cores), read once. candle works it out anew on every
+/// call, parsing /proc/cpuinfo each time, which was about 5 % of a `tiny` step.
+pub fn cpu_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
+
 /// The matrix-multiply kernel candle's CPU backend runs here: the `gemm` crate picks AVX-512
 /// (x86-v4, enabled in this crate's manifest) or AVX2+FMA at run time.
 pub fn matmul_kernel() -> &'static str {

@@ -555,7 +555,7 @@ fn fused_cpu_update(
                     // Tasks on rayon's pool (the matmuls' too) only pay off for large tensors.
                     let chunk = p
                         .len()
-                        .div_ceil(candle_core::utils::get_num_threads().max(1))
+                        .div_ceil(crate::host::cpu_threads().max(1))
                         .max(PARALLEL_MIN_ELEMENTS);
                     if chunk >= p.len() {
                         update(p, m, v, g);

@@ -353,6 +353,43 @@ pub(super) unsafe fn gemm_into<T: Real>(
     );
 }
 
+/// The largest of `xs` (NaNs ignored, as `Float::max` does; -inf when empty), in eight lanes
+/// so the loop vectorises: max is exact, so the order does not change the result.
+pub(super) fn max_of<T: Real>(xs: &[T]) -> T {
+    let mut lanes = [T::neg_infinity(); 8];
+    let mut chunks = xs.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = num_traits::Float::max(*lane, x);
+        }
+    }
+    let max = num_traits::Float::max;
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(T::neg_infinity(), |m, &x| max(m, x));
+    lanes.into_iter().fold(rest, max)
+}
+
+/// `xs[j] = e^(xs[j] − shift)` in place, and their sum, in eight lanes (fixed order) so both
+/// the exponentials and the adds vectorise.
+fn exp_sum<T: Real>(xs: &mut [T], shift: T) -> T {
+    let mut lanes = [T::zero(); 8];
+    let mut chunks = xs.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        for (lane, x) in lanes.iter_mut().zip(chunk) {
+            *x = (*x - shift).fast_exp();
+            *lane += *x;
+        }
+    }
+    let mut rest = T::zero();
+    for x in chunks.into_remainder() {
+        *x = (*x - shift).fast_exp();
+        rest += *x;
+    }
+    lanes.into_iter().fold(rest, |sum, lane| sum + lane)
+}
+
 impl CausalAttention {
     fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T], d: Dims) -> (Vec<T>, Vec<f64>) {
         let (t, hd, group) = (d.seq, d.head_dim, d.group());
@@ -385,17 +422,31 @@ impl CausalAttention {
                     );
                 }
                 let mut unseeing = Vec::new();
+                // Without padding among these keys, row i sees exactly keys 0..=i: then the
+                // loops run branch-free over that prefix (and vectorise), with the same sums.
+                let unpadded = real[..keys].iter().all(|&r| r);
                 for (r, row) in probs.chunks_mut(keys).enumerate() {
                     let i = rows.start + r;
                     let seen = |j: usize| j <= i && real[j];
-                    let max = (0..keys)
-                        .filter(|&j| seen(j))
-                        .map(|j| row[j])
-                        .fold(T::neg_infinity(), num_traits::Float::max);
+                    let max = if unpadded {
+                        max_of(&row[..=i])
+                    } else {
+                        (0..keys)
+                            .filter(|&j| seen(j))
+                            .map(|j| row[j])
+                            .fold(T::neg_infinity(), num_traits::Float::max)
+                    };
                     let row_lse = if max == T::neg_infinity() {
                         row.fill(T::zero());
                         unseeing.push(i);
                         f64::INFINITY
+                    } else if unpadded {
+                        let (live, hidden) = row.split_at_mut(i + 1);
+                        hidden.fill(T::zero());
+                        let sum = exp_sum(live, max);
+                        let inv = sum.recip();
+                        live.iter_mut().for_each(|p| *p *= inv);
+                        max.to_f64() + sum.to_f64().ln()
                     } else {
                         let mut sum = T::zero();
                         for (j, p) in row.iter_mut().enumerate() {
@@ -499,6 +550,7 @@ impl CausalAttention {
                                 scale,
                             );
                         }
+                        let unpadded = real[..keys].iter().all(|&r| r);
                         for (r, row) in probs.chunks_mut(keys).enumerate() {
                             let i = rows.start + r;
                             let row_lse = lse[bh * t + i];
@@ -507,6 +559,12 @@ impl CausalAttention {
                                 continue;
                             }
                             let row_lse = T::from_f64(row_lse);
+                            if unpadded {
+                                let (live, hidden) = row.split_at_mut(i + 1);
+                                hidden.fill(T::zero());
+                                live.iter_mut().for_each(|p| *p = (*p - row_lse).fast_exp());
+                                continue;
+                            }
                             for (j, p) in row.iter_mut().enumerate() {
                                 *p = if j <= i && real[j] {
                                     (*p - row_lse).fast_exp()
@@ -673,6 +731,23 @@ impl CustomOp3 for CausalAttention {
 #[cfg(test)]
 mod exp_tests {
     use super::exp_f32;
+
+    #[test]
+    fn the_lane_max_is_the_ordered_fold() {
+        let values: Vec<f32> = (0..37)
+            .map(|i| match i % 11 {
+                3 => f32::NAN,
+                7 => f32::NEG_INFINITY,
+                _ => ((i * 7919) % 101) as f32 - 50.0,
+            })
+            .collect();
+        for end in 0..values.len() {
+            let xs = &values[..end];
+            let folded = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            assert_eq!(super::max_of(xs).to_bits(), folded.to_bits(), "first {end}");
+        }
+        assert_eq!(super::max_of(&[f32::NAN; 9]), f32::NEG_INFINITY);
+    }
 
     #[test]
     fn the_fast_exp_is_within_two_ulp_of_libm_and_saturates() {

@@ -42,7 +42,7 @@ unsafe fn matmul<T: Real>(
     a: (*const T, usize, usize),
     b: (*const T, usize, usize),
 ) {
-    let threads = gemm::Parallelism::Rayon(candle_core::utils::get_num_threads());
+    let threads = gemm::Parallelism::Rayon(crate::host::cpu_threads());
     gemm_into(dims, (dst, dims.1), accumulate, a, b, T::one(), threads)
 }
 
@@ -50,11 +50,14 @@ unsafe fn matmul<T: Real>(
 /// the loss's gradient `softmax(row) − onehot(target)` in place. One exponential per logit,
 /// in a loop of its own so that it vectorises; the sum runs in eight f64 lanes, in a fixed order.
 fn into_loss_gradient<T: Real>(row: &mut [T], target: usize) -> (f64, usize) {
-    let (argmax, max) =
-        row.iter().enumerate().fold(
-            (0, T::neg_infinity()),
-            |(i, m), (j, &v)| if v > m { (j, v) } else { (i, m) },
-        );
+    // The max in lanes, then its first position: two loops that vectorise, where one
+    // compare-and-select fold over the row would not.
+    let max = super::attention::max_of(row);
+    let argmax = if max == T::neg_infinity() {
+        0
+    } else {
+        row.iter().position(|&v| v == max).unwrap_or(0)
+    };
     let logit = WithDType::to_f64(row[target]);
     row.iter_mut().for_each(|v| *v = (*v - max).fast_exp());
     let mut lanes = [0f64; 8];

@@ -22,7 +22,7 @@ fn product<T: Real>(
     (b, b_rs, b_cs): (&[T], usize, usize),
 ) -> Vec<T> {
     let mut dst = vec![T::zero(); m * n];
-    let threads = gemm::Parallelism::Rayon(candle_core::utils::get_num_threads());
+    let threads = gemm::Parallelism::Rayon(crate::host::cpu_threads());
     // SAFETY: a and b cover m × k and k × n with the given strides (the callers' shapes), and
     // dst is a fresh m × n buffer.
     unsafe {

@@ -612,7 +612,7 @@ where
 {
     use rayon::prelude::*;
     let rows = data.len() / row_len.max(1);
-    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+    let threads = crate::host::cpu_threads().clamp(1, rows.max(1));
     // Tasks only pay off for large blocks.
     let min_rows = (1usize << 18).div_ceil(work_per_row.max(1));
     let rows_per_block = rows.div_ceil(threads).max(min_rows).max(1);

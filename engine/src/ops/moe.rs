@@ -300,7 +300,7 @@ fn swish<T: Real>(g: T) -> T {
 /// Experts run in parallel, so each expert's products stay on one thread unless there are
 /// fewer experts than threads.
 fn inner_threads(experts: usize) -> gemm::Parallelism {
-    let threads = candle_core::utils::get_num_threads();
+    let threads = crate::host::cpu_threads();
     if experts >= threads {
         gemm::Parallelism::None
     } else {
