@@ -9,22 +9,31 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use super::attention::{gemm_into, Real};
 use super::fused::elements;
 use super::{CrossEntropySum, HeadLoss, IGNORE_INDEX};
 
-/// Rows of logits alive at a time: 128 x a 152k vocabulary is 78 MB in f32.
-const ROW_BLOCK: usize = 128;
+/// Logits alive at a time, in elements (64 MiB in f32): 512 rows of a 32k vocabulary, 110 of a
+/// 152k one. Fewer, taller blocks run the three products faster (skinny ones pack poorly) and
+/// add into dW fewer times.
+const LOGITS_PER_BLOCK: usize = 1 << 24;
+
+/// Rows of logits per block for a vocabulary.
+fn row_block(vocab: usize) -> usize {
+    (LOGITS_PER_BLOCK / vocab.max(1)).max(1)
+}
 
 /// `sum over labelled rows r of logsumexp(x_r Wᵀ) − (x_r Wᵀ)[target_r]` for x (rows, hidden)
 /// and W (vocab, hidden), with the argmax metrics on the side.
 struct HeadCrossEntropy {
     targets: Arc<[i64]>,
     with_grad: bool,
+    /// Rows of logits computed at a time.
+    row_block: usize,
     /// (dx, dW) for an upstream gradient of 1, from the forward pass.
-    grads: Mutex<Option<(Tensor, Tensor)>>,
+    grads: Mutex<Option<(CpuStorage, CpuStorage)>>,
     /// Whether each row's argmax is its target (false for unlabelled rows); shared with the
     /// caller, which reads it after the forward pass.
     correct: Arc<Mutex<Vec<bool>>>,
@@ -94,9 +103,9 @@ impl HeadCrossEntropy {
         let mut grads = self
             .with_grad
             .then(|| (vec![T::zero(); x.len()], vec![T::zero(); w.len()]));
-        let mut logits = vec![T::zero(); ROW_BLOCK.min(rows) * vocab];
-        for start in (0..rows).step_by(ROW_BLOCK) {
-            let n = ROW_BLOCK.min(rows - start);
+        let mut logits = vec![T::zero(); self.row_block.min(rows) * vocab];
+        for start in (0..rows).step_by(self.row_block) {
+            let n = self.row_block.min(rows - start);
             let logits = &mut logits[..n * vocab];
             let x_blk = &x[start * hidden..(start + n) * hidden];
             // SAFETY: logits is n × vocab; x_blk n × hidden; w vocab × hidden (read as Wᵀ).
@@ -178,28 +187,16 @@ impl CustomOp2 for HeadCrossEntropy {
                 self.targets.len()
             );
         }
-        let cpu = candle_core::Device::Cpu;
-        let (x_shape, w_shape) = (lx.shape(), lw.shape());
         let (loss, grads) = match sx {
             CpuStorage::F32(_) => {
                 let (loss, g) = self.run::<f32>(elements(sx, lx)?, elements(sw, lw)?, hidden);
-                let g = g.map(|(dx, dw)| -> Result<_> {
-                    Ok((
-                        Tensor::from_vec(dx, x_shape, &cpu)?,
-                        Tensor::from_vec(dw, w_shape, &cpu)?,
-                    ))
-                });
-                (CpuStorage::F32(vec![loss as f32]), g.transpose()?)
+                let g = g.map(|(dx, dw)| (CpuStorage::F32(dx), CpuStorage::F32(dw)));
+                (CpuStorage::F32(vec![loss as f32]), g)
             }
             CpuStorage::F64(_) => {
                 let (loss, g) = self.run::<f64>(elements(sx, lx)?, elements(sw, lw)?, hidden);
-                let g = g.map(|(dx, dw)| -> Result<_> {
-                    Ok((
-                        Tensor::from_vec(dx, x_shape, &cpu)?,
-                        Tensor::from_vec(dw, w_shape, &cpu)?,
-                    ))
-                });
-                (CpuStorage::F64(vec![loss]), g.transpose()?)
+                let g = g.map(|(dx, dw)| (CpuStorage::F64(dx), CpuStorage::F64(dw)));
+                (CpuStorage::F64(vec![loss]), g)
             }
             _ => candle_core::bail!("head-cross-entropy: operands must be f32 or f64"),
         };
@@ -209,19 +206,38 @@ impl CustomOp2 for HeadCrossEntropy {
 
     fn bwd(
         &self,
-        _x: &Tensor,
-        _w: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let Some((dx, dw)) = self.grads.lock().expect("not poisoned").take() else {
             candle_core::bail!("head-cross-entropy: backward of a forward without gradients");
         };
-        let upstream = grad_res.to_dtype(dx.dtype())?;
+        let upstream = grad_res.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         Ok((
-            Some(dx.broadcast_mul(&upstream)?),
-            Some(dw.broadcast_mul(&upstream)?),
+            Some(scaled(dx, upstream, x.shape())?),
+            Some(scaled(dw, upstream, w.shape())?),
         ))
+    }
+}
+
+/// A gradient for an upstream gradient of 1, times `upstream` (in its own dtype, as candle's
+/// `broadcast_mul` rounds it), in place and in parallel, as a tensor of `shape`.
+fn scaled(grad: CpuStorage, upstream: f64, shape: &Shape) -> Result<Tensor> {
+    fn scale<T: Real>(mut values: Vec<T>, by: T, shape: &Shape) -> Result<Tensor> {
+        use rayon::prelude::*;
+        if by != T::one() {
+            values
+                .par_chunks_mut(1 << 16)
+                .for_each(|chunk| chunk.iter_mut().for_each(|v| *v *= by));
+        }
+        Tensor::from_vec(values, shape, &candle_core::Device::Cpu)
+    }
+    match grad {
+        CpuStorage::F32(values) => scale(values, upstream as f32, shape),
+        CpuStorage::F64(values) => scale(values, upstream, shape),
+        _ => candle_core::bail!("head-cross-entropy: gradients are f32 or f64"),
     }
 }
 
@@ -235,6 +251,18 @@ pub fn fused_head_loss(
     labels: &Tensor,
     with_grad: bool,
 ) -> Result<Option<HeadLoss>> {
+    let row_block = row_block(weight.dim(0)?);
+    fused_head_loss_in_blocks(x, weight, labels, with_grad, row_block)
+}
+
+/// [`fused_head_loss`] with `row_block` rows of logits at a time.
+fn fused_head_loss_in_blocks(
+    x: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+    with_grad: bool,
+    row_block: usize,
+) -> Result<Option<HeadLoss>> {
     if !super::fused_on(x) || weight.dtype() != x.dtype() {
         return Ok(None);
     }
@@ -246,6 +274,7 @@ pub fn fused_head_loss(
     let op = HeadCrossEntropy {
         targets: targets.clone().into(),
         with_grad,
+        row_block,
         grads: Mutex::new(None),
         correct: correct.clone(),
     };
@@ -300,23 +329,29 @@ mod tests {
             };
             let x = var(batch * seq * hidden, &[batch, seq, hidden], 1);
             let w = var(vocab * hidden, &[vocab, hidden], 2);
-            let fused = fused_head_loss(&x, &w, &labels, true).unwrap().unwrap();
-            let logits = x.broadcast_matmul(&w.t().unwrap()).unwrap();
-            let reference = super::super::head_loss_from_logits(&logits, &labels).unwrap();
-            assert_eq!(fused.ce.num_tokens, reference.ce.num_tokens);
-            assert_eq!(fused.num_correct_tokens, reference.num_correct_tokens);
-            assert_eq!(fused.num_exact_rows, reference.num_exact_rows);
-            let scale = 0.37;
-            let gf = (&fused.ce.sum * scale).unwrap().backward().unwrap();
-            let gr = (&reference.ce.sum * scale).unwrap().backward().unwrap();
-            let tol = if dtype == DType::F64 { 1e-10 } else { 1e-5 };
-            assert!(
-                max_rel_diff(&fused.ce.sum, &reference.ce.sum) < tol,
-                "{dtype:?} loss"
-            );
-            for v in [&x, &w] {
-                let d = max_rel_diff(gf.get(v).unwrap(), gr.get(v).unwrap());
-                assert!(d < tol, "{dtype:?} gradient: {d}");
+            // 210 rows in blocks of 64 (three full blocks and a partial one), and in the one
+            // block this vocabulary gets by default.
+            for block in [64, row_block(vocab)] {
+                let fused = fused_head_loss_in_blocks(&x, &w, &labels, true, block)
+                    .unwrap()
+                    .unwrap();
+                let logits = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+                let reference = super::super::head_loss_from_logits(&logits, &labels).unwrap();
+                assert_eq!(fused.ce.num_tokens, reference.ce.num_tokens);
+                assert_eq!(fused.num_correct_tokens, reference.num_correct_tokens);
+                assert_eq!(fused.num_exact_rows, reference.num_exact_rows);
+                let scale = 0.37;
+                let gf = (&fused.ce.sum * scale).unwrap().backward().unwrap();
+                let gr = (&reference.ce.sum * scale).unwrap().backward().unwrap();
+                let tol = if dtype == DType::F64 { 1e-10 } else { 1e-5 };
+                assert!(
+                    max_rel_diff(&fused.ce.sum, &reference.ce.sum) < tol,
+                    "{dtype:?} loss, blocks of {block}"
+                );
+                for v in [&x, &w] {
+                    let d = max_rel_diff(gf.get(v).unwrap(), gr.get(v).unwrap());
+                    assert!(d < tol, "{dtype:?} gradient, blocks of {block}: {d}");
+                }
             }
         }
     }
