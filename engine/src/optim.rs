@@ -979,7 +979,8 @@ mod tests {
         assert!((norm - 5.0).abs() < 1e-9);
         let g: Vec<f32> = grads.get(0).unwrap().to_vec1().unwrap();
         assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6);
-        // The single-pass sum of squares is the tensor form's, bit for bit.
+        // The lane-parallel sum of squares agrees with the tensor form (one f64 chain) to
+        // rounding; it sums in another order, so not bit for bit.
         let values: Vec<f32> = crate::ops::tests::test_values(10_000, 5)
             .iter()
             .map(|&v| v as f32)
@@ -1007,6 +1008,9 @@ mod tests {
             .to_scalar::<f64>()
             .unwrap()
             .sqrt();
-        assert_eq!(fast.to_bits(), tensor_form.to_bits());
+        assert!(
+            (fast - tensor_form).abs() <= 1e-12 * tensor_form,
+            "{fast} vs {tensor_form}"
+        );
     }
 }
