@@ -553,8 +553,8 @@ pub fn backward(
 mod tests {
     use super::*;
 
-    /// Over several blocks and a tail: the lane sums agree with one f64 chain, and the
-    /// tensor entry point with the composed f64 form.
+    /// Over several blocks and a tail: the lane sums agree with one f64 chain, do not depend on
+    /// the thread count, and the tensor entry point agrees with the composed f64 form.
     #[test]
     fn the_squared_norm_in_lanes_matches_one_chain() {
         let n = 3 * (1 << 16) + 1000 + 7;
@@ -566,6 +566,15 @@ mod tests {
             .fold(0f64, |acc, &v| acc + f64::from(v) * f64::from(v));
         let lanes = squares_f32(&xs);
         assert!((lanes - chain).abs() <= 1e-12 * chain, "{lanes} vs {chain}");
+        // Bit for bit the same on any number of threads (exact resume across machines).
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let on_pool = pool.install(|| squares_f32(&xs));
+            assert_eq!(on_pool.to_bits(), lanes.to_bits(), "{threads} threads");
+        }
         let t = Tensor::from_vec(xs, n, &candle_core::Device::Cpu).unwrap();
         let composed = t
             .to_dtype(DType::F64)
