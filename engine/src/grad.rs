@@ -297,8 +297,8 @@ impl Gradients {
     }
 }
 
-/// `sum(x^2)` in f64: one pass over a contiguous f32 CPU tensor, else the tensor form (both
-/// add the same f64 squares in the same order).
+/// `sum(x^2)` in f64: [`squares_f32`] over a contiguous f32 CPU tensor, else the tensor form
+/// (the same f64 squares, added in another order: equal to rounding, not bit for bit).
 fn sum_of_squares(x: &Tensor) -> Result<f64> {
     if x.dtype() == DType::F32 && x.is_contiguous() {
         let squares = ops::with_cpu_slice(x, squares_f32)?;

@@ -15,7 +15,7 @@ use super::attention::{gemm_into, Real};
 use super::fused::elements;
 use super::{CrossEntropySum, HeadLoss, IGNORE_INDEX};
 
-/// Logits alive at a time, in elements (64 MiB in f32): 512 rows of a 32k vocabulary, 110 of a
+/// Logits alive at a time, in elements (64 MiB in f32): 524 rows of a 32k vocabulary, 110 of a
 /// 152k one. Fewer, taller blocks run the three products faster (skinny ones pack poorly) and
 /// add into dW fewer times.
 const LOGITS_PER_BLOCK: usize = 1 << 24;
