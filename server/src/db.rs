@@ -1,6 +1,7 @@
 //! Storage: jobs, their event history (log lines, metrics records, status changes) and shares,
 //! in SQLite or PostgreSQL through sqlx's `Any` driver. Plain runtime-checked `query`/`query_as`
-//! with `FromRow`; one portable migration set (`server/migrations`), applied at start.
+//! with `FromRow`; one portable migration set (`server/migrations`), embedded and applied at
+//! start.
 //!
 //! Job ids are assigned here, in submission order (the executor runs jobs in that order); this
 //! assumes one server owns the database, which the executor needs anyway.
@@ -9,8 +10,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
-use sqlx::any::AnyPoolOptions;
-use sqlx::{AnyPool, Executor, FromRow};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, Executor, FromRow, Row, SqlSafeStr};
 
 /// A job's status as stored (`jobs.status`): whet-shared's `JobStatus` names.
 pub mod status {
@@ -28,7 +30,7 @@ pub mod status {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobRow {
     pub id: i64,
     pub status: String,
@@ -45,18 +47,83 @@ pub struct JobRow {
     pub finished_at: Option<i64>,
 }
 
-#[derive(Debug, Clone, PartialEq, FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EventRow {
     pub seq: i64,
     pub kind: String,
     pub data: String,
 }
 
-#[derive(Debug, Clone, PartialEq, FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShareRow {
     pub id: String,
     pub config: String,
     pub created_at: i64,
+}
+
+// The rows by column name, as `#[derive(FromRow)]` would read them.
+impl FromRow<'_, AnyRow> for JobRow {
+    fn from_row(row: &AnyRow) -> sqlx::Result<Self> {
+        Ok(JobRow {
+            id: row.try_get("id")?,
+            status: row.try_get("status")?,
+            config: row.try_get("config")?,
+            devices: row.try_get("devices")?,
+            run_dir: row.try_get("run_dir")?,
+            exit_code: row.try_get("exit_code")?,
+            last_metrics: row.try_get("last_metrics")?,
+            created_at: row.try_get("created_at")?,
+            started_at: row.try_get("started_at")?,
+            finished_at: row.try_get("finished_at")?,
+        })
+    }
+}
+
+impl FromRow<'_, AnyRow> for EventRow {
+    fn from_row(row: &AnyRow) -> sqlx::Result<Self> {
+        Ok(EventRow {
+            seq: row.try_get("seq")?,
+            kind: row.try_get("kind")?,
+            data: row.try_get("data")?,
+        })
+    }
+}
+
+impl FromRow<'_, AnyRow> for ShareRow {
+    fn from_row(row: &AnyRow) -> sqlx::Result<Self> {
+        Ok(ShareRow {
+            id: row.try_get("id")?,
+            config: row.try_get("config")?,
+            created_at: row.try_get("created_at")?,
+        })
+    }
+}
+
+/// Every file of `server/migrations` as (version, description, SQL): what `sqlx::migrate!`
+/// would embed (a test checks the list against the folder).
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    20260101000000,
+    "init",
+    include_str!("../migrations/20260101000000_init.sql"),
+)];
+
+/// The migrations as sqlx's own folder reader makes them: version and description from the
+/// file name, the checksum of the SQL, a transaction unless the file opts out.
+fn migrator() -> Migrator {
+    Migrator::with_migrations(
+        MIGRATIONS
+            .iter()
+            .map(|&(version, description, sql)| {
+                Migration::new(
+                    version,
+                    description.into(),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    sql.starts_with("-- no-transaction"),
+                )
+            })
+            .collect(),
+    )
 }
 
 #[derive(Clone)]
@@ -110,7 +177,7 @@ impl Store {
             .connect(&url)
             .await
             .with_context(|| format!("connecting to the database `{}`", redact(&url)))?;
-        sqlx::migrate!("./migrations")
+        migrator()
             .run(&pool)
             .await
             .context("applying the database migrations")?;
@@ -342,6 +409,30 @@ pub fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// The embedded list is the folder as sqlx reads it (what `sqlx::migrate!` would embed):
+    /// the same versions, descriptions, kinds, checksums and transaction choices.
+    #[tokio::test]
+    async fn the_embedded_migrations_are_the_folder_as_sqlx_reads_it() {
+        let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let read = sqlx::migrate::Migrator::new(folder).await.unwrap();
+        let embedded = super::migrator();
+        let key = |m: &sqlx::migrate::Migration| {
+            (
+                m.version,
+                m.description.to_string(),
+                m.migration_type,
+                m.checksum.to_vec(),
+                m.no_tx,
+            )
+        };
+        let (read, embedded): (Vec<_>, Vec<_>) = (
+            read.iter().map(key).collect(),
+            embedded.iter().map(key).collect(),
+        );
+        assert!(!read.is_empty());
+        assert_eq!(embedded, read);
+    }
+
     #[test]
     fn redact_hides_passwords_only() {
         assert_eq!(
