@@ -37,6 +37,8 @@ fn profile_dir() -> PathBuf {
 /// A binary of another workspace package, built with `cargo build -p <package> --bin <bin>`
 /// into this test's target folder and profile the first time a test process asks for it, so it
 /// is never stale (a test can name only its own package's binaries with `CARGO_BIN_EXE_*`).
+/// Under `cargo xtask test` (CARGO_RESOLVER_FEATURE_UNIFICATION=workspace, inherited) this
+/// reuses the test build's dependencies; otherwise it may build some again with other features.
 pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
     let mut built = BUILT

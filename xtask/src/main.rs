@@ -165,13 +165,20 @@ fn with_lints(command: &mut Command) -> Result<&mut Command> {
     ))
 }
 
+/// Dependencies' features resolved for the whole workspace, whichever packages a command names.
+/// The binaries that tests build with `cargo build -p` (tests/src/prerequisites.rs) then reuse
+/// the test build's dependencies; resolved for their own package alone, they rebuilt candle-core,
+/// sqlx and the rest with other features, 7 minutes of a fresh CI. The test processes inherit it.
+const WORKSPACE_FEATURES: (&str, &str) = ("CARGO_RESOLVER_FEATURE_UNIFICATION", "workspace");
+
 /// `cargo ARGS` with clippy's lints denied on every workspace crate it compiles.
 fn cargo_linted(args: &[&str]) -> Result<()> {
     eprintln!(
         "+ cargo {} (clippy-driver for the workspace, -D warnings)",
         args.join(" ")
     );
-    run(with_lints(Command::new(env!("CARGO")).args(args))?)
+    run(with_lints(Command::new(env!("CARGO")).args(args))?
+        .env(WORKSPACE_FEATURES.0, WORKSPACE_FEATURES.1))
 }
 
 /// The CUDA build and the tests that need no GPU, against it: the toolchain from PyPI
@@ -199,7 +206,8 @@ fn cuda_tests() -> Result<()> {
         .args(args)
         .envs(toolchain.build_env())
         .env("LD_LIBRARY_PATH", toolchain.stub_run_library_path())
-        .env("WHET_CUDA_STUB_DRIVER", "1"))
+        .env("WHET_CUDA_STUB_DRIVER", "1")
+        .env(WORKSPACE_FEATURES.0, WORKSPACE_FEATURES.1))
 }
 
 /// Builds the studio with `trunk build --release` from the workspace root (Trunk.toml), with
