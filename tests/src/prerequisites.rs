@@ -62,7 +62,28 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
         other => args.extend(["--profile", other]),
     }
     let command = format!("cargo {}", args.join(" "));
-    let status = Command::new(env!("CARGO"))
+    let mut cargo = Command::new(env!("CARGO"));
+    // The variables cargo set for this test's package, which some build scripts watch (ring's
+    // reruns when CARGO_PKG_NAME changes): left in, each test package would rebuild ring and
+    // everything above it. `cargo xtask test` removes them from its own builds too.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_MANIFEST_LINKS",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "OUT_DIR",
+            ]
+            .contains(&&*key)
+        {
+            cargo.env_remove(&*key);
+        }
+    }
+    let status = cargo
         .args(&args)
         .arg("--target-dir")
         .arg(target_dir)
