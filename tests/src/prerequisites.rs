@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
+#[path = "cargo_env.rs"]
+mod cargo_env;
+
 /// The environment variable that turns every skip into a failure; `.ci/run` sets it, so CI runs
 /// every test.
 pub const REQUIRE_ALL: &str = "WHET_REQUIRE_ALL";
@@ -63,26 +66,8 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     }
     let command = format!("cargo {}", args.join(" "));
     let mut cargo = Command::new(env!("CARGO"));
-    // The variables cargo set for this test's package, which some build scripts watch (ring's
-    // reruns when CARGO_PKG_NAME changes): left in, each test package would rebuild ring and
-    // everything above it. `cargo xtask test` removes them from its own builds too.
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        if key.starts_with("CARGO_PKG_")
-            || [
-                "CARGO_MANIFEST_DIR",
-                "CARGO_MANIFEST_PATH",
-                "CARGO_MANIFEST_LINKS",
-                "CARGO_CRATE_NAME",
-                "CARGO_BIN_NAME",
-                "CARGO_PRIMARY_PACKAGE",
-                "OUT_DIR",
-            ]
-            .contains(&&*key)
-        {
-            cargo.env_remove(&*key);
-        }
-    }
+    // The same environment as xtask's builds, whatever package this test is in.
+    cargo_env::without_package_variables(&mut cargo);
     let status = cargo
         .args(&args)
         .arg("--target-dir")

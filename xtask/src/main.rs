@@ -15,6 +15,8 @@
 //! * `cargo xtask cpu-sitting [--runs N] [PRESET...]` — whet's CPU trainer against PyTorch +
 //!   transformers, alternated in one sitting; prints BENCHMARKS.md's table.
 
+#[path = "../../tests/src/cargo_env.rs"]
+mod cargo_env;
 mod cpu_sitting;
 mod cuda;
 mod demo_data;
@@ -53,28 +55,10 @@ fn main() -> ExitCode {
 }
 
 /// Runs `command`, failing with its status unless it succeeds. It runs without the variables
-/// `cargo run` set for xtask's own package, which some build scripts watch (ring's reruns when
-/// CARGO_PKG_NAME changes): the builds then see the environment that the builds tests start
-/// see (tests/src/prerequisites.rs removes the same names), and neither redoes ring and all
-/// above it.
+/// `cargo run` set for xtask's own package (tests/src/cargo_env.rs says why), as the tests'
+/// own cargo builds do.
 fn run(command: &mut Command) -> Result<()> {
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        if key.starts_with("CARGO_PKG_")
-            || [
-                "CARGO_MANIFEST_DIR",
-                "CARGO_MANIFEST_PATH",
-                "CARGO_MANIFEST_LINKS",
-                "CARGO_CRATE_NAME",
-                "CARGO_BIN_NAME",
-                "CARGO_PRIMARY_PACKAGE",
-                "OUT_DIR",
-            ]
-            .contains(&&*key)
-        {
-            command.env_remove(&*key);
-        }
-    }
+    cargo_env::without_package_variables(command);
     let status = command
         .status()
         .with_context(|| format!("running {command:?}"))?;
