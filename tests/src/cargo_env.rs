@@ -4,7 +4,7 @@
 //! (prerequisites.rs) both include this file by path and start cargo without them.
 
 /// Whether `name` is one of them.
-pub fn is_package_variable(name: &str) -> bool {
+fn is_package_variable(name: &str) -> bool {
     name.starts_with("CARGO_PKG_")
         || [
             "CARGO_MANIFEST_DIR",

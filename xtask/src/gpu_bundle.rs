@@ -106,7 +106,8 @@ fn build(root: &Path, toolchain: &cuda::Toolchain) -> Result<(PathBuf, PathBuf, 
         "json-render-diagnostics",
     ];
     eprintln!("+ cargo {}", args.join(" "));
-    let mut child = Command::new(env!("CARGO"))
+    let mut cargo = Command::new(env!("CARGO"));
+    let mut child = super::cargo_env::without_package_variables(&mut cargo)
         .args(args)
         .envs(toolchain.build_env())
         .current_dir(root)
